@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random checkpoints saved with transformers' own `save_pretrained`.
+
+Each model directory also gets a small byte-level BPE tokenizer trained here (no hub access)
+with ChatML special tokens and a chat template, so the whole engine path (tokenize, chat
+template, generate, detokenize) runs on CPU in well under a second per test.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Batch inference turns many prompts into many completions.",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "def add(a, b):\n    return a + b\n",
+    "Once upon a time there was a small language model that liked numbers 0123456789.",
+] * 20
+
+
+def build_tokenizer(vocab_size: int = 500):
+    """A byte-level BPE tokenizer (PreTrainedTokenizerFast) with <|im_start|>/<|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def save_tiny_model(path: Path, kind: str, *, seed: int = 0) -> Path:
+    """Save a tiny random HF model of `kind` (llama-gqa-untied, llama-gqa-tied, gpt2) + tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    if kind.startswith("llama"):
+        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512, rms_norm_eps=1e-5,
+                             tie_word_embeddings=kind.endswith("-tied"),
+                             bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        if "rope-llama3" in kind:
+            config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 128}
+        model = LlamaForCausalLM(config)
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=512,
+                            bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(kind)
+    # Random init is small; widen the weights so greedy decoding is not degenerate.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.2)
+    model.eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """kind -> directory, for every tiny architecture the engine supports."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    kinds = ["llama-gqa-untied", "llama-gqa-tied", "gpt2", "llama-rope-llama3-untied"]
+    return {kind: save_tiny_model(root / kind, kind) for kind in kinds}

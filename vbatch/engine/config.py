@@ -1,0 +1,79 @@
+"""Engine configuration: what to load, in which dtype, and the scheduling/memory limits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_CACHE_GB = 4.0
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
+@dataclass
+class EngineConfig:
+    """Everything one engine instance needs; `validate()` checks it before any work.
+
+    max_num_batched_tokens: token budget of one step (None: max(8192, max_model_len)).
+    kv_cache_memory_gb: the KV cache's fixed budget (None: 4 GiB on CPU, or 90% of free GPU
+    memory after the weights on CUDA); the cache never grows past it.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory_gb: float | None = None
+    block_size: int = 16
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    device: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError with an actionable message for an impossible setting."""
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            raise ValueError("kv_cache_memory_gb must be > 0")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
+            raise ValueError("tensor/pipeline parallelism is not available yet in this build "
+                             "(tensor_parallel_size and pipeline_parallel_size must be 1)")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`None` -> cuda if available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs whose matmuls run natively in bfloat16 (AMX or AVX512-BF16)."""
+    cpu = torch.cpu
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs that support it and on CPUs with AMX / AVX512-BF16, else float32.
+
+    Explicit names are honoured as given (float32 is the reference-exact setting).
+    """
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

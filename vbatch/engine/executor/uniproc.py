@@ -1,0 +1,18 @@
+"""The in-process executor: tp = pp = 1, the single worker lives in the engine's process."""
+from __future__ import annotations
+
+from vbatch.engine.executor.base import Executor
+from vbatch.engine.worker import Worker, WorkerSpec
+
+
+class UniProcExecutor(Executor):
+    """One worker, called directly (no processes, no torch.distributed)."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.worker = Worker(spec)
+
+    def collective_rpc(self, method: str, *args) -> list:
+        return [getattr(self.worker, method)(*args)]
+
+    def execute_model(self, seqs) -> list[int]:
+        return self.worker.execute_model(seqs)

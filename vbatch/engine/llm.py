@@ -1,0 +1,85 @@
+"""`vbatch.LLM`: the offline Python API, with vLLM's names."""
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+
+from vbatch.engine.config import EngineConfig
+from vbatch.engine.llm_engine import LLMEngine
+from vbatch.engine.outputs import RequestOutput
+from vbatch.engine.sampling_params import SamplingParams
+
+
+class LLM:
+    """An engine for offline generation.
+
+    >>> llm = LLM(model="smollm2", dtype="float32")
+    >>> out = llm.generate(["The capital of France is"], SamplingParams(temperature=0))
+    >>> out[0].outputs[0].text
+
+    Arguments mirror vLLM's: model, tensor_parallel_size, pipeline_parallel_size,
+    distributed_executor_backend, dtype, seed, max_model_len, max_num_seqs,
+    max_num_batched_tokens, kv_cache_memory_gb (the KV cache's fixed budget), trust_remote_code.
+    """
+
+    def __init__(self, model: str | None = None, *, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, distributed_executor_backend: str | None = None,
+                 dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 kv_cache_memory_gb: float | None = None, block_size: int = 16,
+                 device: str | None = None, trust_remote_code: bool = False):
+        self.llm_engine = LLMEngine(EngineConfig(
+            model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_memory_gb=kv_cache_memory_gb, block_size=block_size,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            distributed_executor_backend=distributed_executor_backend, device=device,
+            trust_remote_code=trust_remote_code))
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in input order.
+
+        `prompts`: a string, a list of strings, or dicts {"prompt": str} /
+        {"prompt_token_ids": [...]}. `sampling_params`: one for all, or one per prompt.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        encoded = []
+        for prompt in prompts:
+            if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+                encoded.append((prompt.get("prompt"), list(prompt["prompt_token_ids"])))
+            else:
+                text = prompt["prompt"] if isinstance(prompt, dict) else prompt
+                encoded.append((text, self.llm_engine.encode_prompt(prompt=text)))
+        return self._run(encoded, sampling_params)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or to a list
+        of conversations, with the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        encoded = [(None, self.llm_engine.encode_prompt(messages=conv)) for conv in conversations]
+        return self._run(encoded, sampling_params)
+
+    def _run(self, encoded: list[tuple[str | None, list[int]]], sampling_params
+             ) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SequenceABC):
+            if len(sampling_params) != len(encoded):
+                raise ValueError("pass one SamplingParams, or exactly one per prompt")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(encoded)
+        engine = self.llm_engine
+        for index, ((text, token_ids), params) in enumerate(zip(encoded, params_list)):
+            engine.add_request(str(index), token_ids, params, prompt=text)
+        outputs: dict[str, RequestOutput] = {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                outputs[output.request_id] = output
+        return [outputs[str(i)] for i in range(len(encoded))]

@@ -1,0 +1,192 @@
+"""The engine: requests in, finished completions out, one scheduler step at a time."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from vbatch.engine.block_manager import num_blocks_for
+from vbatch.engine.block_manager import BlockManager
+from vbatch.engine.config import (DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION,
+                                  EngineConfig, resolve_device, resolve_dtype)
+from vbatch.engine.model_loader import model_class_for
+from vbatch.engine.outputs import CompletionOutput, RequestOutput
+from vbatch.engine.sampling_params import SamplingParams
+from vbatch.engine.scheduler import Scheduler
+from vbatch.engine.sequence import ScheduledSequence, Sequence
+from vbatch.engine.stop_checker import StopChecker
+
+
+class LLMEngine:
+    """Owns the tokenizer, scheduler and executor of one model replica.
+
+    Use `add_request` for each prompt and call `step` until `has_unfinished_requests` is False;
+    `step` returns the requests that finished in that step.
+    """
+
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from vbatch.engine.loader import resolve_model
+        config.validate()
+        self.config = config
+        self.resolved_model = resolve_model(config.model, allow_pickle=config.allow_pickle,
+                                            trust_remote_code=config.trust_remote_code)
+        model_dir = self.resolved_model.path
+        self.hf_config = AutoConfig.from_pretrained(model_dir,
+                                                    trust_remote_code=config.trust_remote_code)
+        model_class_for(self.hf_config)  # unsupported architecture: fail before loading anything
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir,
+                                                       trust_remote_code=config.trust_remote_code)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = self._derive_max_model_len()
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192,
+                                                                           self.max_model_len)
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_model_len ({self.max_model_len})")
+        self.eos_token_ids = self._eos_token_ids(model_dir)
+        self.executor = self._make_executor(model_dir)
+        self.num_kv_blocks = self._init_kv_cache()
+        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, config.block_size),
+                                   max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=self.max_num_batched_tokens)
+        self._seq_ids = itertools.count()
+        self._stop_checkers: dict[int, StopChecker] = {}
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _derive_max_model_len(self) -> int:
+        limits = [getattr(self.hf_config, name) for name in
+                  ("max_position_embeddings", "n_positions") if getattr(self.hf_config, name, None)]
+        model_limit = min(limits) if limits else None
+        wanted = self.config.max_model_len
+        if wanted is None:
+            if model_limit is None:
+                raise ValueError("the model config gives no maximum length; pass max_model_len")
+            return model_limit
+        if model_limit is not None and wanted > model_limit:
+            raise ValueError(f"max_model_len={wanted} exceeds the model's maximum of {model_limit}")
+        return wanted
+
+    def _eos_token_ids(self, model_dir: Path) -> set[int]:
+        ids: set[int] = set()
+        generation_config = Path(model_dir) / "generation_config.json"
+        if generation_config.is_file():
+            eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _make_executor(self, model_dir: Path):
+        from vbatch.engine.executor.uniproc import UniProcExecutor
+        from vbatch.engine.worker import WorkerSpec
+        spec = WorkerSpec(model_dir=str(model_dir), hf_config=self.hf_config, dtype=self.dtype,
+                          device=str(self.device), block_size=self.config.block_size,
+                          max_position=self.max_model_len, seed=self.config.seed,
+                          num_threads=int(os.environ["VBATCH_NUM_THREADS"])
+                          if os.environ.get("VBATCH_NUM_THREADS") else None)
+        return UniProcExecutor(spec)
+
+    def _init_kv_cache(self) -> int:
+        block_bytes = max(self.executor.collective_rpc("kv_cache_bytes_per_block"))
+        if self.config.kv_cache_memory_gb is not None:
+            budget = int(self.config.kv_cache_memory_gb * (1 << 30))
+        else:
+            available = self.executor.collective_rpc("available_kv_cache_bytes",
+                                                     DEFAULT_GPU_MEMORY_UTILIZATION)
+            budget = (int(DEFAULT_CPU_KV_CACHE_GB * (1 << 30)) if available[0] is None
+                      else min(available))
+        # Never more than every running sequence at full length could use.
+        useful = self.config.max_num_seqs * num_blocks_for(self.max_model_len,
+                                                           self.config.block_size)
+        num_blocks = min(budget // block_bytes, useful)
+        min_blocks = num_blocks_for(self.max_model_len, self.config.block_size)
+        if num_blocks < min_blocks:
+            raise ValueError(f"the KV cache budget ({budget / (1 << 30):.2f} GiB) holds "
+                             f"{num_blocks * self.config.block_size} tokens, fewer than one "
+                             f"sequence of max_model_len={self.max_model_len}; raise "
+                             "kv_cache_memory_gb or lower max_model_len")
+        self.executor.collective_rpc("init_kv_cache", num_blocks)
+        self.kv_cache_bytes = num_blocks * block_bytes
+        return num_blocks
+
+    # ---- requests -----------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None
+                      ) -> list[int]:
+        """Token ids of a raw prompt (tokenizer's special tokens added) or of chat messages
+        (the chat template with the generation prompt; no extra special tokens)."""
+        if messages is not None:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling_params: SamplingParams, *, prompt: str | None = None,
+                    row_key: str | None = None, seed: int | None = None) -> None:
+        """Queue one prompt. `row_key` (default: request_id) and `seed` (default: the params'
+        seed, else the engine's) fix its random draws."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError(f"request {request_id}: the prompt is empty")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"request {request_id}: prompt has {num_prompt} tokens; "
+                             f"max_model_len is {self.max_model_len}")
+        if seed is None:
+            seed = sampling_params.seed if sampling_params.seed is not None else self.config.seed
+        seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, sampling_params,
+                       seed=seed, row_key=row_key if row_key is not None else request_id,
+                       prompt=prompt)
+        self._stop_checkers[seq.seq_id] = StopChecker(self.tokenizer, sampling_params,
+                                                      self.eos_token_ids, self.max_model_len)
+        self.scheduler.add(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return self.scheduler.num_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; return the requests that finished in it."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.seqs:
+            return []
+        batch = [self._slim(seq) for seq in scheduled.seqs]
+        token_ids = self.executor.execute_model(batch)
+        finished = []
+        for seq, token_id in zip(scheduled.seqs, token_ids):
+            seq.num_computed_tokens = seq.num_tokens
+            seq.append_token(token_id)
+            if self._stop_checkers[seq.seq_id].check(seq):
+                self.scheduler.finish(seq)
+                finished.append(self._to_output(seq))
+        return finished
+
+    def _slim(self, seq: Sequence) -> ScheduledSequence:
+        params = seq.sampling_params
+        return ScheduledSequence(
+            seq_id=seq.seq_id, token_ids=seq.token_ids[seq.num_computed_tokens:],
+            start_position=seq.num_computed_tokens, block_table=seq.block_table,
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            min_p=params.min_p, seed=seq.seed, row_key=seq.row_key,
+            output_index=seq.num_generated_tokens)
+
+    def _to_output(self, seq: Sequence) -> RequestOutput:
+        checker = self._stop_checkers.pop(seq.seq_id)
+        completion = CompletionOutput(index=0, text=checker.final_text(seq),
+                                      token_ids=seq.generated_token_ids,
+                                      finish_reason=seq.finish_reason,
+                                      stop_reason=seq.stop_reason)
+        return RequestOutput(request_id=seq.request_id, prompt=seq.prompt,
+                             prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+                             outputs=[completion])
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,95 @@
+"""One rank's model step: scheduled sequences -> input tensors -> forward -> sampled tokens."""
+from __future__ import annotations
+
+import torch
+
+from vbatch.engine.attention import AttentionMetadata
+from vbatch.engine.sampler import SamplingMetadata, sample
+from vbatch.engine.sequence import ScheduledSequence
+
+
+class ModelRunner:
+    """Owns this rank's model and KV cache, and runs one step at a time.
+
+    `execute_model` returns the sampled token ids (one per sequence, in order) on the sampling
+    rank and None elsewhere.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, block_size: int, device: torch.device,
+                 dtype: torch.dtype, is_driver: bool = True):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype
+        self.is_driver = is_driver
+        self.num_blocks = 0
+
+    def kv_cache_bytes_per_block(self) -> int:
+        """Bytes one block costs over all of this rank's attention layers (keys + values)."""
+        layers = self.model.attention_layers()
+        per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in layers)
+        return per_token * self.block_size * torch.finfo(self.dtype).bits // 8
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate [num_blocks * block_size, num_kv_heads, head_dim] keys and values per layer."""
+        self.num_blocks = num_blocks
+        num_slots = num_blocks * self.block_size
+        for layer in self.model.attention_layers():
+            shape = (num_slots, layer.num_kv_heads, layer.head_dim)
+            layer.bind_cache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                             torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    @torch.inference_mode()
+    def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
+        """Run the step's new tokens through the model; sample one token per sequence."""
+        input_ids, positions, meta, logits_index = self._prepare(seqs)
+        hidden = self.model(input_ids, positions, meta)
+        logits = self.model.compute_logits(hidden[logits_index])
+        if not self.is_driver:
+            return None
+        return sample(logits, SamplingMetadata.build(seqs, self.device)).tolist()
+
+    @torch.inference_mode()
+    def compute_logits(self, seqs: list[ScheduledSequence]) -> torch.Tensor:
+        """Logits of every new token of the step ([T, V]); used by tests against Hugging Face."""
+        input_ids, positions, meta, _ = self._prepare(seqs)
+        return self.model.compute_logits(self.model(input_ids, positions, meta))
+
+    def _prepare(self, seqs: list[ScheduledSequence]):
+        device, bs = self.device, self.block_size
+        query_lens = [len(s.token_ids) for s in seqs]
+        starts = [s.start_position for s in seqs]
+        context_lens = [st + q for st, q in zip(starts, query_lens)]
+        batch, max_q, max_ctx = len(seqs), max(query_lens), max(context_lens)
+        max_blocks = -(-max_ctx // bs)
+        block_tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(
+            s.block_table[:max_blocks])) for s in seqs], dtype=torch.int64)
+        input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64)
+        q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
+        seq_index = torch.repeat_interleave(torch.arange(batch), q_lens)
+        cu_q = torch.cumsum(q_lens, 0) - q_lens          # first new token of each sequence
+        offset_in_seq = torch.arange(len(input_ids)) - cu_q[seq_index]
+        positions = torch.tensor(starts, dtype=torch.int64)[seq_index] + offset_in_seq
+        slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
+        key_pos = torch.arange(max_ctx)
+        kv_slot_index = block_tables[:, key_pos // bs] * bs + key_pos % bs
+        if max_q == 1:
+            mask = (key_pos.unsqueeze(0) < ctx_lens.unsqueeze(1)).view(batch, 1, 1, max_ctx)
+            pad_index = unpad_index = None
+        else:
+            q_offsets = torch.arange(max_q)
+            q_pos = (ctx_lens - q_lens).unsqueeze(1) + q_offsets.unsqueeze(0)     # [B, Lq]
+            mask = key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)
+            mask &= key_pos.view(1, 1, -1) < ctx_lens.view(-1, 1, 1)
+            mask = mask.unsqueeze(1)
+            pad_index = cu_q.unsqueeze(1) + torch.minimum(q_offsets.unsqueeze(0),
+                                                          (q_lens - 1).unsqueeze(1))
+            unpad_index = seq_index * max_q + offset_in_seq
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping.to(device), kv_slot_index=kv_slot_index.to(device),
+            attn_mask=mask.to(device),
+            query_pad_index=None if pad_index is None else pad_index.to(device),
+            query_unpad_index=None if unpad_index is None else unpad_index.to(device))
+        logits_index = (cu_q + q_lens - 1).to(device)
+        return input_ids.to(device), positions.to(device), meta, logits_index

@@ -1,0 +1,141 @@
+"""LLaMA-family decoder (Llama 2/3, SmolLM2, Mistral-style configs) on the parallel layer API.
+
+x = embed(ids); per layer: h = x + o_proj(attn(rope(qkv(rms(x))))), x = h + down(silu(gate) *
+up)(rms(h)); logits = lm_head(rms(x)). GQA, RoPE with any HF rope scaling, tied or untied head.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vbatch.engine.attention import AttentionMetadata, PagedAttention
+from vbatch.engine.models.loading import StackedParam, load_named_weights
+from vbatch.engine.rotary import RotaryEmbedding
+from vbatch.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
+from vbatch.parallel.linear import (MergedColumnParallelLinear, QKVParallelLinear,
+                                    RowParallelLinear)
+from vbatch.parallel.state import ParallelState
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 as Hugging Face does."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, rotary: RotaryEmbedding):
+        super().__init__()
+        head_dim = head_dim_of(config)
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim,
+                                          config.num_attention_heads, config.num_key_value_heads,
+                                          bias=bias, tp_group=ps.tp, dtype=dtype, device=ps.device)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
+                                        bias=bias, tp_group=ps.tp, dtype=dtype, device=ps.device)
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.rotary = rotary
+        self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
+                                   scale=head_dim ** -0.5)
+
+    def forward(self, positions, x, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, ps: ParallelState, dtype: torch.dtype):
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported LLaMA hidden_act {act!r} (only silu)")
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter],
+                                                       bias=bias, tp_group=ps.tp, dtype=dtype,
+                                                       device=ps.device)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias, tp_group=ps.tp,
+                                           dtype=dtype, device=ps.device)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, rotary: RotaryEmbedding):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, ps.device)
+        self.self_attn = LlamaAttention(config, ps, dtype, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, ps.device)
+        self.mlp = LlamaMLP(config, ps, dtype)
+
+    def forward(self, positions, x, meta):
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Our LLaMA: forward(token ids, positions, metadata) -> hidden; compute_logits(hidden)."""
+
+    stacked_params = (
+        StackedParam("qkv_proj", "q_proj", "q"),
+        StackedParam("qkv_proj", "k_proj", "k"),
+        StackedParam("qkv_proj", "v_proj", "v"),
+        StackedParam("gate_up_proj", "gate_proj", 0),
+        StackedParam("gate_up_proj", "up_proj", 1),
+    )
+
+    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, max_position: int):
+        super().__init__()
+        self.config = config
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        rotary = RotaryEmbedding(config, head_dim_of(config), max_position, ps.device)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   tp_group=ps.tp, dtype=dtype, device=ps.device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ps, dtype, rotary)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ps.device)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_group=ps.tp,
+                                      dtype=dtype, device=ps.device,
+                                      tie_to=self.embed_tokens if self.tie_word_embeddings else None)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
+        """Load HF-named checkpoint tensors; returns the names of the parameters loaded."""
+        def rename(name: str) -> str | None:
+            if "rotary_emb.inv_freq" in name:
+                return None
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                return None
+            return name.removeprefix("model.")
+        return load_named_weights(self, weights, rename, self.stacked_params)

@@ -1,0 +1,115 @@
+"""Continuous batching: which sequences run in the next model step.
+
+Each step is either a prefill step (new or preempted sequences, their uncomputed tokens) or a
+decode step (one token for every running sequence). Prefills go first, so a slot freed by a
+finished sequence is refilled at the very next step. Limits: at most `max_num_seqs` running
+sequences and `max_num_batched_tokens` tokens per step. When a decode step needs a KV block and
+none is free, the most recently admitted sequence is preempted: its blocks are freed and it goes
+back to the front of the queue, to be recomputed from its prompt and tokens so far.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from vbatch.engine.block_manager import BlockManager
+from vbatch.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """The sequences of one step, and whether it is a prefill step."""
+
+    seqs: list[Sequence]
+    is_prefill: bool
+    num_preempted: int = 0
+
+
+class Scheduler:
+    """FCFS scheduler over a `BlockManager`; see the module docstring for the policy."""
+
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
+                 max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence. Its prompt must fit the token budget and the whole cache."""
+        if seq.num_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"prompt of {seq.num_tokens} tokens exceeds max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens}")
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick the next step's sequences (and allocate their KV blocks)."""
+        prefill = self._schedule_prefill()
+        if prefill:
+            return SchedulerOutput(prefill, is_prefill=True)
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        num_tokens = 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if num_tokens + seq.num_tokens > self.max_num_batched_tokens:
+                break
+            if not self.block_manager.can_allocate(seq):
+                if not self.running and not scheduled:
+                    raise RuntimeError(
+                        f"a sequence of {seq.num_tokens} tokens does not fit in the whole KV cache "
+                        f"({self.block_manager.num_blocks} blocks of "
+                        f"{self.block_manager.block_size}); raise the KV cache memory budget or "
+                        "lower max_model_len")
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            num_tokens += seq.num_tokens - seq.num_computed_tokens
+            self.running.append(seq)
+            scheduled.append(seq)
+        return scheduled
+
+    def _schedule_decode(self) -> SchedulerOutput:
+        scheduled: list[Sequence] = []
+        num_preempted = 0
+        while self.running:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())
+                    num_preempted += 1
+                else:
+                    self._preempt(seq)
+                    num_preempted += 1
+                    seq = None
+                    break
+            if seq is None:
+                break
+            self.block_manager.append_slot(seq)
+            scheduled.append(seq)
+        self.running.extend(scheduled)
+        return SchedulerOutput(scheduled, is_prefill=False, num_preempted=num_preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished sequence from the running queue and free its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        self.running.remove(seq)
+        self.block_manager.free(seq)

@@ -1,0 +1,65 @@
+"""A worker: one rank of an engine. Every executor (uni, mp, ray) drives the same class."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vbatch.engine.model_loader import load_model
+from vbatch.engine.model_runner import ModelRunner
+from vbatch.engine.sequence import ScheduledSequence
+from vbatch.parallel.state import ParallelState
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs to build its rank of the model (picklable, sent to every rank)."""
+
+    model_dir: str
+    hf_config: object
+    dtype: torch.dtype
+    device: str
+    block_size: int
+    max_position: int
+    seed: int
+    num_threads: int | None = None
+
+
+class Worker:
+    """Loads its shard of the model, owns its KV cache, and runs model steps on request."""
+
+    def __init__(self, spec: WorkerSpec, parallel_state: ParallelState | None = None):
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        torch.manual_seed(spec.seed)
+        self.parallel_state = parallel_state or ParallelState.single(self.device)
+        model = load_model(Path(spec.model_dir), spec.hf_config, self.parallel_state, spec.dtype,
+                           spec.max_position)
+        self.model_runner = ModelRunner(model, block_size=spec.block_size, device=self.device,
+                                        dtype=spec.dtype, is_driver=self.parallel_state.is_driver)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        return self.model_runner.kv_cache_bytes_per_block()
+
+    def available_kv_cache_bytes(self, memory_utilization: float) -> int | None:
+        """On CUDA: what this rank can give the KV cache; None on CPU (the budget is explicit)."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        activation_headroom = 1 << 30
+        budget = total * memory_utilization - in_use_by_others \
+            - torch.cuda.memory_reserved(self.device) - activation_headroom
+        return max(0, int(budget))
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.model_runner.init_kv_cache(num_blocks)
+
+    def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
+        return self.model_runner.execute_model(seqs)

