@@ -77,7 +77,10 @@ class LLM:
             params_list = [sampling_params] * len(encoded)
         engine = self.llm_engine
         for index, ((text, token_ids), params) in enumerate(zip(encoded, params_list)):
-            engine.add_request(str(index), token_ids, params, prompt=text)
+            try:
+                engine.add_request(str(index), token_ids, params, prompt=text)
+            except ValueError as error:
+                raise ValueError(f"prompt {index}: {error}") from None
         outputs: dict[str, RequestOutput] = {}
         while engine.has_unfinished_requests():
             for output in engine.step():

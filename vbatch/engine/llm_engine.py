@@ -126,6 +126,10 @@ class LLMEngine:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of many raw prompts at once (the fast tokenizer batches them)."""
+        return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams, *, prompt: str | None = None,
                     row_key: str | None = None, seed: int | None = None) -> None:
@@ -133,10 +137,10 @@ class LLMEngine:
         seed, else the engine's) fix its random draws."""
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
-            raise ValueError(f"request {request_id}: the prompt is empty")
+            raise ValueError("the prompt is empty")
         if num_prompt >= self.max_model_len:
-            raise ValueError(f"request {request_id}: prompt has {num_prompt} tokens; "
-                             f"max_model_len is {self.max_model_len}")
+            raise ValueError(f"the prompt has {num_prompt} tokens, which leaves no room to "
+                             f"generate within max_model_len={self.max_model_len}")
         if seed is None:
             seed = sampling_params.seed if sampling_params.seed is not None else self.config.seed
         seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, sampling_params,

@@ -123,9 +123,9 @@ def main() -> None:
               show_default=True, envvar="VBATCH_MAX_NUM_SEQS", show_envvar=True,
               help="Maximum number of sequences in one engine batch.")
 @click.option("--max-num-batched-tokens", type=int,
-              default=field_default("max_num_batched_tokens"), show_default=True,
               envvar="VBATCH_MAX_NUM_BATCHED_TOKENS", show_envvar=True,
-              help="Maximum number of tokens processed in one engine step.")
+              help="Maximum number of tokens processed in one engine step. "
+                   "Default: max(8192, max-model-len).")
 @click.option("--kv-cache-memory-gb", type=float, metavar="GB",
               envvar="VBATCH_KV_CACHE_MEMORY_GB", show_envvar=True,
               help="Memory for the paged KV cache, in GiB. Default: sized by the engine.")

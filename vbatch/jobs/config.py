@@ -52,7 +52,7 @@ class JobConfig:
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int | None = None
     kv_cache_memory_gb: float | None = None
     rows_per_file: int = 10_000
     batch_size: int = 1024
@@ -94,7 +94,8 @@ class JobConfig:
         if self.max_model_len is not None:
             _require_at_least("max_model_len", self.max_model_len, 1)
         _require_at_least("max_num_seqs", self.max_num_seqs, 1)
-        _require_at_least("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if self.max_num_batched_tokens is not None:
+            _require_at_least("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         if self.kv_cache_memory_gb is not None and not (
             math.isfinite(self.kv_cache_memory_gb) and self.kv_cache_memory_gb > 0
         ):
@@ -105,6 +106,22 @@ class JobConfig:
         _require_at_least("rows_per_file", self.rows_per_file, 1)
         _require_at_least("batch_size", self.batch_size, 1)
         return self
+
+    def engine_config(self):
+        """The `EngineConfig` of the engine this job runs."""
+        from vbatch.engine.config import EngineConfig
+        return EngineConfig(model=self.model, dtype=self.dtype, seed=self.seed,
+                            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            kv_cache_memory_gb=self.kv_cache_memory_gb,
+                            trust_remote_code=self.trust_remote_code)
+
+    def sampling_params(self):
+        """The `SamplingParams` applied to every row (the row key varies the random draws)."""
+        from vbatch.engine.sampling_params import SamplingParams
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              min_p=self.min_p, seed=self.seed, stop=list(self.stop) or None,
+                              max_tokens=self.max_tokens, ignore_eos=self.ignore_eos)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-serializable dict of all fields (for manifests and logs)."""
@@ -182,7 +199,7 @@ _FIELD_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "dtype": _as_str,
     "max_model_len": _optional(_as_int),
     "max_num_seqs": _as_int,
-    "max_num_batched_tokens": _as_int,
+    "max_num_batched_tokens": _optional(_as_int),
     "kv_cache_memory_gb": _optional(_as_float),
     "rows_per_file": _as_int,
     "batch_size": _as_int,

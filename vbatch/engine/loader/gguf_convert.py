@@ -1,0 +1,343 @@
+"""Convert a LLaMA-architecture GGUF file, once, into a cached Hugging Face-style directory.
+
+The output directory holds `config.json` (a `LlamaConfig`), `model.safetensors` (every tensor
+dequantized to float32 under Hugging Face LLaMA names, q/k weights un-permuted from GGUF's RoPE
+layout), the tokenizer files (with the chat template), `generation_config.json`, and
+`vbatch_source.json` (where it came from and the sha256 of the GGUF's bytes).
+
+It is written into a temporary directory next to its final place and renamed into place, so a
+reader never sees half a conversion; when two processes race, the first rename wins and the
+loser uses the winner's directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from vbatch.errors import VBatchUsageError
+
+# Bump when the conversion output changes, so old caches are not reused.
+CONVERTER_VERSION = 1
+SOURCE_INFO_FILE = "vbatch_source.json"
+_STALE_TEMP_S = 24 * 3600
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Tensors that only feed the config (llama3 RoPE frequency factors), not a parameter.
+_CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}
+
+
+def gguf_cache_dir(gguf_path: Path, cache_root: Path) -> Path:
+    """Return the cache directory for `gguf_path`; it changes whenever the file changes.
+
+    The key hashes the absolute path, size, mtime_ns and `CONVERTER_VERSION`; nothing is read
+    from the file, so this is a single `stat`.
+    """
+    path = Path(gguf_path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|v{CONVERTER_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(cache_root) / "gguf" / f"{path.stem}-{digest}"
+
+
+def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
+    """Return a Hugging Face-style directory holding the converted `gguf_path`.
+
+    The first call converts (seconds); later calls for the unchanged file only check that the
+    cache directory exists. Raises `VBatchUsageError` for a file that is missing, is not a
+    readable GGUF, or is not a LLaMA-architecture model.
+    """
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise VBatchUsageError(f"GGUF file '{gguf_path}' does not exist")
+    final_dir = gguf_cache_dir(gguf_path, cache_root)
+    if (final_dir / SOURCE_INFO_FILE).is_file():
+        return final_dir
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(final_dir)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
+    try:
+        tmp_dir.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        _convert_into(gguf_path.resolve(), tmp_dir)
+        try:
+            os.rename(tmp_dir, final_dir)
+        except OSError as exc:
+            if not (final_dir / SOURCE_INFO_FILE).is_file():
+                raise VBatchUsageError(
+                    f"cannot publish the GGUF conversion to '{final_dir}' ({_one_line(exc)}); delete it and retry"
+                ) from exc
+            # Another process finished first: use its directory.
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return final_dir
+
+
+def _remove_stale_temp_dirs(final_dir: Path) -> None:
+    """Delete temp dirs of `final_dir` left by killed conversions (untouched for a day)."""
+    cutoff = time.time() - _STALE_TEMP_S
+    for stale in final_dir.parent.glob(f".tmp-{final_dir.name}-*"):
+        try:
+            if stale.stat().st_mtime < cutoff:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # another process removed it meanwhile
+            pass
+
+
+def read_source_info(converted_dir: Path) -> dict[str, Any]:
+    """Return the `vbatch_source.json` record of a converted directory (path, sha256, ...)."""
+    return json.loads((Path(converted_dir) / SOURCE_INFO_FILE).read_text())
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """Map a GGUF LLaMA tensor name (`blk.3.attn_q.weight`) to its Hugging Face name.
+
+    Raises `VBatchUsageError` for a tensor this converter does not know.
+    """
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if len(parts) == 1 and parts[0] in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[parts[0]]}.{suffix}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    raise VBatchUsageError(f"GGUF tensor '{gguf_name}' is not part of a LLaMA model")
+
+
+def unpermute_rope(weight: Any, num_heads: int) -> Any:
+    """Undo GGUF's RoPE row permutation of a q/k projection (weight or bias) for `num_heads`.
+
+    GGUF stores each head's rows as interleaved pairs; Hugging Face keeps the two rotary halves
+    apart: rows (h, i, 2) -> (h, 2, i). Same as transformers' `_reverse_permute_weights`.
+    """
+    head_half = weight.shape[0] // num_heads // 2
+    w = weight.reshape(num_heads, head_half, 2, *weight.shape[1:])
+    return w.swapaxes(2, 1).reshape(weight.shape)
+
+
+def _convert_into(gguf_path: Path, out_dir: Path) -> None:
+    """Write the whole converted model for `gguf_path` into the empty directory `out_dir`."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception as exc:  # the reader raises assorted errors for non-GGUF bytes
+        raise VBatchUsageError(f"cannot read '{gguf_path}' as GGUF: {_one_line(exc)}") from exc
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise VBatchUsageError(
+            f"GGUF architecture '{arch}' of '{gguf_path.name}' is not supported; only llama is"
+        )
+    config = _llama_config(reader)
+    config.save_pretrained(out_dir)
+    _write_weights(reader, config, out_dir / "model.safetensors")
+    _write_generation_config(config, out_dir)
+    _write_tokenizer(gguf_path, out_dir)
+    info = {
+        "source": str(gguf_path),
+        "size": gguf_path.stat().st_size,
+        "mtime_ns": gguf_path.stat().st_mtime_ns,
+        "sha256": _file_sha256(gguf_path),
+        "converter_version": CONVERTER_VERSION,
+    }
+    (out_dir / SOURCE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _llama_config(reader: Any) -> Any:
+    """Build a transformers `LlamaConfig` from the `llama.*` and tokenizer GGUF metadata."""
+    from transformers import LlamaConfig
+
+    def get(key: str, default: Any = None) -> Any:
+        return _field(reader, f"llama.{key}", default)
+
+    names = {t.name for t in reader.tensors}
+    num_heads = int(get("attention.head_count"))
+    hidden_size = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", hidden_size // num_heads))
+    rotary_dim = int(get("rope.dimension_count", head_dim))
+    if rotary_dim != head_dim:
+        raise VBatchUsageError(f"GGUF with partial rotary embeddings ({rotary_dim} of {head_dim}) is not supported")
+    vocab_size = get("vocab_size")
+    if vocab_size is None:
+        embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        vocab_size = int(embd.shape[-1])
+    rope_theta = float(get("rope.freq_base", 10000.0))
+    rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+    rope_parameters.update(_rope_scaling(reader, get, rope_theta, head_dim))
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=int(vocab_size),
+        hidden_size=hidden_size,
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(get("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(get("context_length", 2048)),
+        rms_norm_eps=_short_float32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_parameters=rope_parameters,
+        attention_bias="blk.0.attn_q.bias" in names,
+        mlp_bias="blk.0.ffn_up.bias" in names,
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        dtype="float32",
+    )
+
+
+def _rope_scaling(reader: Any, get: Any, rope_theta: float, head_dim: int) -> dict[str, Any]:
+    """Return the rope scaling entries (`rope_type`, `factor`, ...) the GGUF asks for, if any."""
+    kind = get("rope.scaling.type")
+    factor = get("rope.scaling.factor", get("rope.scale_linear"))
+    original = get("rope.scaling.original_context_length")
+    if kind in (None, "none") and factor is not None and float(factor) != 1.0:
+        kind = "linear"
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        out = {"rope_type": "yarn", "factor": float(factor)}
+        if original is not None:
+            out["original_max_position_embeddings"] = int(original)
+        return out
+    if kind not in (None, "none"):
+        raise VBatchUsageError(f"GGUF rope scaling type '{kind}' is not supported")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    return {} if freqs is None else _llama3_rope(freqs, rope_theta, head_dim)
+
+
+def _llama3_rope(freqs_tensor: Any, rope_theta: float, head_dim: int) -> dict[str, Any]:
+    """Recover llama3 rope parameters from llama.cpp's `rope_freqs` factors (default knobs)."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    stored = np.asarray(dequantize(freqs_tensor.data, freqs_tensor.tensor_type), np.float64).ravel()
+    params = {"rope_type": "llama3", "factor": float(stored.max()), "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    low_wavelen = params["original_max_position_embeddings"] / params["low_freq_factor"]
+    high_wavelen = params["original_max_position_embeddings"] / params["high_freq_factor"]
+    expected = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * rope_theta ** (i / head_dim)
+        if wavelen < high_wavelen:
+            expected.append(1.0)
+        elif wavelen > low_wavelen:
+            expected.append(params["factor"])
+        else:
+            smooth = (params["original_max_position_embeddings"] / wavelen - 1.0) / 3.0
+            expected.append(1.0 / ((1 - smooth) / params["factor"] + smooth))
+    if len(expected) != stored.size or not np.allclose(stored, expected, rtol=1e-4):
+        raise VBatchUsageError("GGUF rope_freqs factors do not match llama3 rope scaling; not supported")
+    return params
+
+
+def _write_weights(reader: Any, config: Any, path: Path) -> None:
+    """Stream every parameter tensor, dequantized to float32, into one safetensors file.
+
+    Written by hand (header, then each tensor's bytes) so only one tensor is in memory at a time.
+    """
+    import numpy as np
+    from gguf.quants import dequantize
+
+    entries = []
+    offset = 0
+    for tensor in reader.tensors:
+        if tensor.name in _CONFIG_ONLY_TENSORS:
+            continue
+        shape = [int(n) for n in reversed(tensor.shape)]
+        num_bytes = 4 * math.prod(shape)
+        entries.append((hf_tensor_name(tensor.name), shape, offset, num_bytes, tensor))
+        offset += num_bytes
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    for name, shape, start, num_bytes, _ in entries:
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [start, start + num_bytes]}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for name, shape, _, num_bytes, tensor in entries:
+            try:
+                weight = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype="<f4")
+            except NotImplementedError as exc:
+                raise VBatchUsageError(
+                    f"GGUF tensor {tensor.name} uses type {tensor.tensor_type.name}, which gguf cannot dequantize"
+                ) from exc
+            if ".attn_q." in tensor.name:
+                weight = unpermute_rope(weight, config.num_attention_heads)
+            elif ".attn_k." in tensor.name:
+                weight = unpermute_rope(weight, config.num_key_value_heads)
+            weight = np.ascontiguousarray(weight.reshape(shape))
+            if weight.nbytes != num_bytes:
+                raise RuntimeError(f"GGUF tensor {tensor.name} dequantized to {weight.nbytes} bytes, expected {num_bytes}")
+            f.write(memoryview(weight).cast("B"))
+
+
+def _write_generation_config(config: Any, out_dir: Path) -> None:
+    """Write `generation_config.json` carrying the GGUF's bos/eos/pad token ids."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    ).save_pretrained(out_dir)
+
+
+def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    """Save the GGUF's tokenizer (and chat template) as Hugging Face tokenizer files."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise VBatchUsageError(f"cannot build the tokenizer of '{gguf_path.name}': {_one_line(exc)}") from exc
+    tokenizer.save_pretrained(out_dir)
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    """Return the value of GGUF metadata `key` (scalar, string or list), or `default`."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _short_float32(value: float) -> float:
+    """Return the shortest decimal that rounds to the same float32 (9.99999974e-06 -> 1e-05)."""
+    import numpy as np
+
+    return float(str(np.float32(value)))
+
+
+def _file_sha256(path: Path) -> str:
+    """Return the hex sha256 of the file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _one_line(exc: BaseException) -> str:
+    """Return the exception's message folded onto one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__

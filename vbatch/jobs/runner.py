@@ -1,0 +1,94 @@
+"""`run_job`: one batch job from input files to a committed Parquet output directory.
+
+Order of work: check inputs and the output path (cheap, before any model loads), load the
+engine, stream batches through the replica, write part files atomically, then the manifest and
+`_SUCCESS` last. Any failure leaves no `_SUCCESS` (and no temporary files).
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from vbatch.errors import VBatchUsageError
+from vbatch.jobs.config import JobConfig
+from vbatch.jobs.progress import JobStats, ProgressReporter
+
+
+def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
+    """Run the job described by `config`; returns its statistics.
+
+    Raises ValueError subclasses for anything the user can fix (bad input, bad model, output
+    directory not empty) and other exceptions for internal failures.
+    """
+    from vbatch.io import reader, writer
+    from vbatch.io.schema import output_schema
+
+    started = time.perf_counter()
+    files = reader.resolve_input_files(config.input)
+    reader.validate_inputs(files, config.prompt_column, id_column=config.id_column)
+    output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
+    _check_output_dir(output_dir, config.overwrite)
+    schema = reader.input_schema(files, prompt_column=config.prompt_column,
+                                 id_column=config.id_column)
+    prompt_column = reader.prompt_column_of(schema, config.prompt_column)
+    out_schema = output_schema(schema)
+
+    from vbatch.engine.llm_engine import LLMEngine
+    from vbatch.jobs.replica import Replica, RowPrompts
+    engine = LLMEngine(config.engine_config())
+    load_time = time.perf_counter() - started
+    replica = Replica(engine, config.sampling_params(),
+                      RowPrompts(prompt_column, config.id_column, config.chat))
+
+    output_dir = writer.prepare_output_dir(output_dir, overwrite=config.overwrite)
+    reporter.start(reader.count_rows(files))
+    batches = reader.read_batches(files, batch_size=config.batch_size,
+                                  prompt_column=config.prompt_column,
+                                  id_column=config.id_column, root=reader.input_root(config.input))
+    with writer.ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file,
+                                  schema=out_schema) as part_writer:
+        for out_batch in replica.process(batches, on_progress=reporter.update):
+            part_writer.write(out_batch)
+        reporter.close()
+        counters = replica.counters
+        part_writer.commit(_manifest(config, engine, counters, files))
+    return JobStats(num_rows=counters.num_rows, num_prompt_tokens=counters.num_prompt_tokens,
+                    num_output_tokens=counters.num_output_tokens,
+                    wall_time_s=time.perf_counter() - started, output_dir=str(output_dir),
+                    model=engine.resolved_model.source, dtype=_dtype_name(engine),
+                    load_time_s=load_time, num_part_files=len(part_writer.part_files))
+
+
+def _check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse an unusable output path before any model is loaded."""
+    if path.exists() and not path.is_dir():
+        raise VBatchUsageError(f"output path {path} is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise VBatchUsageError(f"output directory {path} is not empty; pass --overwrite to "
+                               "replace it")
+
+
+def _dtype_name(engine) -> str:
+    name = str(engine.dtype).removeprefix("torch.")
+    return f"{name} (auto)" if engine.config.dtype == "auto" else name
+
+
+def _manifest(config: JobConfig, engine, counters, files) -> dict:
+    import torch
+    import transformers
+
+    import vbatch
+    return {
+        "vbatch_version": vbatch.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "config": config.to_dict(),
+        "model": {"source": engine.resolved_model.source,
+                  "fingerprint": engine.resolved_model.fingerprint,
+                  "dtype": _dtype_name(engine)},
+        "input_files": [str(f) for f in files],
+        "counts": {"rows": counters.num_rows, "prompt_tokens": counters.num_prompt_tokens,
+                   "output_tokens": counters.num_output_tokens},
+    }
