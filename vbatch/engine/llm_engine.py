@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vbatch.engine.block_manager import num_blocks_for
-from vbatch.engine.block_manager import BlockManager
+from vbatch.engine.block_manager import BlockManager, num_blocks_for
 from vbatch.engine.config import (DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION,
                                   EngineConfig, resolve_device, resolve_dtype)
 from vbatch.engine.model_loader import model_class_for
@@ -104,8 +103,8 @@ class LLMEngine:
         # Never more than every running sequence at full length could use.
         useful = self.config.max_num_seqs * num_blocks_for(self.max_model_len,
                                                            self.config.block_size)
-        num_blocks = min(budget // block_bytes, useful)
-        min_blocks = num_blocks_for(self.max_model_len, self.config.block_size)
+        num_blocks = min(budget // block_bytes, useful + 1)   # + the null block
+        min_blocks = num_blocks_for(self.max_model_len, self.config.block_size) + 1
         if num_blocks < min_blocks:
             raise ValueError(f"the KV cache budget ({budget / (1 << 30):.2f} GiB) holds "
                              f"{num_blocks * self.config.block_size} tokens, fewer than one "

@@ -31,13 +31,20 @@ class ModelRunner:
         return per_token * self.block_size * torch.finfo(self.dtype).bits // 8
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        """Allocate [num_blocks * block_size, num_kv_heads, head_dim] keys and values per layer."""
+        """Allocate [num_blocks * block_size, num_kv_heads, head_dim] keys and values per layer.
+
+        Only block 0 (the null block every padded read points at) is zeroed: every other slot
+        is written before it is read, so on CPU the untouched pages cost no resident memory.
+        """
         self.num_blocks = num_blocks
         num_slots = num_blocks * self.block_size
         for layer in self.model.attention_layers():
             shape = (num_slots, layer.num_kv_heads, layer.head_dim)
-            layer.bind_cache(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            k_cache[: self.block_size].zero_()
+            v_cache[: self.block_size].zero_()
+            layer.bind_cache(k_cache, v_cache)
 
     @torch.inference_mode()
     def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
@@ -74,6 +81,8 @@ class ModelRunner:
         slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
         key_pos = torch.arange(max_ctx)
         kv_slot_index = block_tables[:, key_pos // bs] * bs + key_pos % bs
+        # Past a sequence's context, read the zeroed null block (slot 0), never stale memory.
+        kv_slot_index.masked_fill_(key_pos.unsqueeze(0) >= ctx_lens.unsqueeze(1), 0)
         if max_q == 1:
             mask = (key_pos.unsqueeze(0) < ctx_lens.unsqueeze(1)).view(batch, 1, 1, max_ctx)
             pad_index = unpad_index = None

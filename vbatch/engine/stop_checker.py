@@ -43,7 +43,9 @@ class StopChecker:
     def _check_stop_strings(self, seq: Sequence) -> bool:
         text = self._decode(seq)
         longest = max(len(s) for s in self.params.stop_strings)
-        start = max(0, self._searched_upto - longest + 1)
+        # The tail of the previous text may have changed: an incomplete UTF-8 sequence decodes
+        # to up to 3 replacement characters until its last byte arrives.
+        start = max(0, self._searched_upto - longest - 3)
         best = None
         for stop in self.params.stop_strings:
             index = text.find(stop, start)

@@ -30,21 +30,11 @@ CONVERTER_VERSION = 1
 SOURCE_INFO_FILE = "vbatch_source.json"
 _STALE_TEMP_S = 24 * 3600
 
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 # Tensors that only feed the config (llama3 RoPE frequency factors), not a parameter.
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}
@@ -214,6 +204,8 @@ def _rope_scaling(reader: Any, get: Any, rope_theta: float, head_dim: int) -> di
     original = get("rope.scaling.original_context_length")
     if kind in (None, "none") and factor is not None and float(factor) != 1.0:
         kind = "linear"
+    if kind in ("linear", "yarn") and factor is None:
+        raise VBatchUsageError(f"GGUF rope scaling '{kind}' has no rope.scaling.factor")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
@@ -228,28 +220,23 @@ def _rope_scaling(reader: Any, get: Any, rope_theta: float, head_dim: int) -> di
 
 
 def _llama3_rope(freqs_tensor: Any, rope_theta: float, head_dim: int) -> dict[str, Any]:
-    """Recover llama3 rope parameters from llama.cpp's `rope_freqs` factors (default knobs)."""
+    """Recover llama3 rope parameters from llama.cpp's `rope_freqs` factors (default knobs).
+
+    llama.cpp stores factor f_i = 1 / ((1 - s_i) / factor + s_i) per frequency, with
+    s_i = clip((8192 / wavelen_i - low) / (high - low), 0, 1), low = 1, high = 4.
+    """
     import numpy as np
     from gguf.quants import dequantize
 
     stored = np.asarray(dequantize(freqs_tensor.data, freqs_tensor.tensor_type), np.float64).ravel()
-    params = {"rope_type": "llama3", "factor": float(stored.max()), "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    low_wavelen = params["original_max_position_embeddings"] / params["low_freq_factor"]
-    high_wavelen = params["original_max_position_embeddings"] / params["high_freq_factor"]
-    expected = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * rope_theta ** (i / head_dim)
-        if wavelen < high_wavelen:
-            expected.append(1.0)
-        elif wavelen > low_wavelen:
-            expected.append(params["factor"])
-        else:
-            smooth = (params["original_max_position_embeddings"] / wavelen - 1.0) / 3.0
-            expected.append(1.0 / ((1 - smooth) / params["factor"] + smooth))
-    if len(expected) != stored.size or not np.allclose(stored, expected, rtol=1e-4):
+    factor, original = float(stored.max()), 8192
+    wavelen = 2 * math.pi * rope_theta ** (np.arange(0, head_dim, 2) / head_dim)
+    smooth = np.clip((original / wavelen - 1.0) / 3.0, 0.0, 1.0)
+    expected = 1.0 / ((1 - smooth) / factor + smooth)
+    if expected.shape != stored.shape or not np.allclose(stored, expected, rtol=1e-4):
         raise VBatchUsageError("GGUF rope_freqs factors do not match llama3 rope scaling; not supported")
-    return params
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original}
 
 
 def _write_weights(reader: Any, config: Any, path: Path) -> None:

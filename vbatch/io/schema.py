@@ -1,0 +1,204 @@
+"""Column names and Arrow schemas of the tables vbatch reads and writes.
+
+Input rules: every input file holds the prompt column (plain text, name set by
+`--prompt-column`) or a `messages` column (a list of {role, content} chat turns). Files may
+differ slightly in inferred column types; `unify_input_schemas` merges them into one schema
+and `conform_batch` casts each batch to it, so every batch the reader yields has that schema.
+
+Output rows are the input row (all its columns, the row key `id` included) followed by the
+generation columns in `OUTPUT_FIELDS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pyarrow as pa
+
+from vbatch.errors import InputError
+
+MESSAGES_COLUMN = "messages"
+GENERATED_TEXT = "generated_text"
+FINISH_REASON = "finish_reason"
+NUM_PROMPT_TOKENS = "num_prompt_tokens"
+NUM_GENERATED_TOKENS = "num_generated_tokens"
+
+#: Columns vbatch appends to every input row, in order.
+OUTPUT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(GENERATED_TEXT, pa.string()),
+    pa.field(FINISH_REASON, pa.string()),
+    pa.field(NUM_PROMPT_TOKENS, pa.int32()),
+    pa.field(NUM_GENERATED_TOKENS, pa.int32()),
+)
+OUTPUT_COLUMNS: tuple[str, ...] = tuple(field.name for field in OUTPUT_FIELDS)
+#: "stop": the model ended the text (EOS or a stop string); "length": max_tokens was reached.
+FINISH_REASONS: tuple[str, ...] = ("stop", "length")
+
+_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+
+
+def _show(value: object) -> str:
+    """`value` as text that fits on one line (messages must be one line; names can hold "\\n")."""
+    text = str(value)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _is_text(data_type: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(data_type)
+        or pa.types.is_large_string(data_type)
+        or pa.types.is_string_view(data_type)
+        or pa.types.is_null(data_type)
+    )
+
+
+def _is_chat(data_type: pa.DataType) -> bool:
+    if pa.types.is_null(data_type):
+        return True
+    if not (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)):
+        return False
+    turn = data_type.value_type
+    if not pa.types.is_struct(turn):
+        return False
+    names = {turn.field(i).name for i in range(turn.num_fields)}
+    return {"role", "content"} <= names
+
+
+def check_input_schema(schema: pa.Schema, *, prompt_column: str, file: str) -> str:
+    """Check one input file's schema and return the column that holds its prompts.
+
+    Returns `prompt_column` when present (it must hold text), else `"messages"` (it must be a
+    list of {role, content} structs). Raises InputError (one line, naming `file`) when neither
+    exists, when column names repeat, or when a column already uses an output column name.
+    """
+    names = schema.names
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"{file}: column name {repeated[0]!r} appears more than once")
+    clashing = [name for name in OUTPUT_COLUMNS if name in names]
+    if clashing:
+        raise InputError(
+            f"{file}: input column {clashing[0]!r} has the name of a column vbatch writes "
+            f"({', '.join(OUTPUT_COLUMNS)}); rename it in the input"
+        )
+    if prompt_column in names:
+        data_type = schema.field(prompt_column).type
+        if not _is_text(data_type):
+            raise InputError(f"{file}: column {prompt_column!r} must hold text, not {_show(data_type)}")
+        return prompt_column
+    if MESSAGES_COLUMN in names:
+        data_type = schema.field(MESSAGES_COLUMN).type
+        if not _is_chat(data_type):
+            raise InputError(
+                f"{file}: column {MESSAGES_COLUMN!r} must be a list of {{role, content}} "
+                f"objects, not {_show(data_type)}"
+            )
+        return MESSAGES_COLUMN
+    shown = ", ".join(_show(name) for name in names) if names else "none"
+    raise InputError(
+        f"{file}: no column {prompt_column!r} (columns: {shown}); pass --prompt-column"
+    )
+
+
+def _is_scalar(data_type: pa.DataType) -> bool:
+    return not pa.types.is_nested(data_type) and not pa.types.is_dictionary(data_type)
+
+
+def _unify_types(name: str, found: Sequence[tuple[str, pa.DataType]]) -> pa.DataType:
+    distinct: list[pa.DataType] = []
+    for _, data_type in found:
+        if not any(data_type.equals(seen) for seen in distinct):
+            distinct.append(data_type)
+    if len(distinct) == 1:
+        return distinct[0]
+    try:
+        merged = pa.unify_schemas(
+            [pa.schema([pa.field(name, data_type)]) for data_type in distinct],
+            promote_options="permissive",
+        )
+        return merged.field(0).type
+    except _ARROW_ERRORS:
+        pass
+    if all(_is_scalar(data_type) for data_type in distinct):
+        return pa.string()  # e.g. ints in one CSV, words in another: keep them all as text
+    shown = ", ".join(f"{file}: {_show(data_type)}" for file, data_type in found)
+    raise InputError(f"column {name!r} has types that cannot be combined across input files ({shown})")
+
+
+def unify_input_schemas(schemas: Mapping[str, pa.Schema]) -> pa.Schema:
+    """Merge per-file schemas (file name -> schema) into one schema for all batches.
+
+    Columns keep the order of first appearance; a column missing from some files is filled with
+    nulls there. Types are promoted (int32 + int64 -> int64, int64 + double -> double, null + T ->
+    T, struct fields merged); scalar types that do not promote (int64 + string) become string.
+    Every field is nullable and schema metadata (stale pandas/HF info) is dropped. Raises
+    InputError when nested types cannot be combined.
+    """
+    found_by_name: dict[str, list[tuple[str, pa.DataType]]] = {}
+    for file, schema in schemas.items():
+        for field in schema:
+            found_by_name.setdefault(field.name, []).append((file, field.type))
+    return pa.schema(
+        [pa.field(name, _unify_types(name, found)) for name, found in found_by_name.items()]
+    )
+
+
+def conform_batch(batch: pa.RecordBatch, schema: pa.Schema, *, file: str) -> pa.RecordBatch:
+    """Return `batch` with exactly the columns and types of `schema` (from `unify_input_schemas`).
+
+    Missing columns become nulls, other columns are cast (safely: no silent overflow). Raises
+    InputError naming `file` and the column when a value cannot be converted.
+    """
+    columns = []
+    for field in schema:
+        index = batch.schema.get_field_index(field.name)
+        if index < 0:
+            columns.append(pa.nulls(batch.num_rows, field.type))
+            continue
+        column = batch.column(index)
+        if not column.type.equals(field.type):
+            try:
+                column = column.cast(field.type)
+            except _ARROW_ERRORS as error:
+                detail = " ".join(str(error).split())[:200]
+                raise InputError(
+                    f"{file}: column {field.name!r}: cannot convert {_show(column.type)} to "
+                    f"{_show(field.type)}: {detail}"
+                ) from None
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def output_schema(input_schema: pa.Schema) -> pa.Schema:
+    """Schema of output rows: the input columns, then `OUTPUT_FIELDS`.
+
+    Raises InputError when an input column already uses an output column name.
+    """
+    clashing = [name for name in OUTPUT_COLUMNS if name in input_schema.names]
+    if clashing:
+        raise InputError(
+            f"input column {clashing[0]!r} has the name of a column vbatch writes "
+            f"({', '.join(OUTPUT_COLUMNS)}); rename it in the input"
+        )
+    return pa.schema(list(input_schema) + list(OUTPUT_FIELDS))
+
+
+def build_output_batch(input_batch: pa.RecordBatch, results: Sequence[dict]) -> pa.RecordBatch:
+    """Append the generation results to `input_batch`, row for row.
+
+    `results[i]` belongs to row i and has the keys generated_text (str), finish_reason ("stop"
+    or "length"), num_prompt_tokens and num_generated_tokens (ints). Returns a batch with schema
+    `output_schema(input_batch.schema)`. Raises InputError on a column-name clash and
+    ValueError when results do not match the batch (a bug in the caller, not in the data).
+    """
+    schema = output_schema(input_batch.schema)
+    if len(results) != input_batch.num_rows:
+        raise ValueError(f"got {len(results)} results for a batch of {input_batch.num_rows} rows")
+    for row, result in enumerate(results):
+        if result[FINISH_REASON] not in FINISH_REASONS:
+            raise ValueError(f"row {row}: finish_reason {result[FINISH_REASON]!r} not in {FINISH_REASONS}")
+    generated = [
+        pa.array([result[field.name] for result in results], type=field.type)
+        for field in OUTPUT_FIELDS
+    ]
+    return pa.RecordBatch.from_arrays(list(input_batch.columns) + generated, schema=schema)
