@@ -7,7 +7,7 @@ whole lines (about `BLOCK_SIZE` bytes each), Arrow through a memory map.
 
 Text formats carry no schema, so pyarrow infers one from the first block. When a text file is
 larger than one block, `input_schema` scans it once more to learn the types of every block
-(e.g. a CSV column that is all ints for a million rows and then holds "n/a"); `validate_inputs`
+(e.g. a CSV column that is all ints for a million rows and then holds "unknown"); `validate_inputs`
 only looks at the first block so that a job fails fast, before any model is loaded.
 
 Every problem with the data raises `InputError` with a one-line message naming the file.
@@ -132,7 +132,8 @@ def resolve_input_files(input: str) -> list[Path]:
             raise InputError(f"{input}: the directory holds no {kinds} files")
     elif path.is_file():
         if not _is_supported(path):
-            raise InputError(f"{input}: unsupported file type {path.suffix or '(none)'!r}; use {kinds}")
+            suffix = path.suffix or "(none)"
+            raise InputError(f"{input}: unsupported file type {suffix!r}; use {kinds}")
         files = [path]
     else:
         raise InputError(f"{input}: no such file or directory")
@@ -160,8 +161,12 @@ def _leading_fixed_parts(path: Path) -> Iterator[str]:
 
 
 def _is_blank(path: Path) -> bool:
+    """True when the file holds nothing but whitespace (and maybe a byte order mark)."""
     with open(path, "rb") as handle:
-        return not handle.read(BLOCK_SIZE).strip() and not handle.read(1)
+        while data := handle.read(1 << 16):
+            if data.replace(b"\xef\xbb\xbf", b"").strip():
+                return False
+    return True
 
 
 def _jsonl_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -187,9 +192,7 @@ def _parse_jsonl_chunk(path: Path, first_line: int, chunk: bytes) -> pa.Table | 
     if not chunk.strip():
         return None
     if first_line == 1 and chunk.lstrip().startswith(b"["):
-        raise InputError(
-            f"{path}: holds a JSON array; vbatch reads JSON lines (one object per line)"
-        )
+        raise InputError(f"{path}: holds a JSON array; vbatch reads JSON lines (an object a line)")
     not_an_object = _LINE_NOT_AN_OBJECT.search(chunk)
     if not_an_object:
         line = first_line + chunk.count(b"\n", 0, not_an_object.start())
@@ -224,6 +227,7 @@ def _open_csv(path: Path, column_types: dict[str, pa.DataType]) -> pa_csv.CSVStr
     return pa_csv.open_csv(
         path,
         read_options=pa_csv.ReadOptions(block_size=BLOCK_SIZE),
+        parse_options=pa_csv.ParseOptions(newlines_in_values=True),  # multi-line prompts
         convert_options=pa_csv.ConvertOptions(column_types=column_types),
     )
 
@@ -268,7 +272,9 @@ def _file_schema(path: Path, *, text_columns: Sequence[str], exact: bool) -> pa.
     return schema
 
 
-def _read_file_schema(path: Path, *, text_columns: Sequence[str], exact: bool) -> pa.Schema | None:
+def _read_file_schema(
+    path: Path, *, text_columns: Sequence[str], exact: bool
+) -> pa.Schema | None:
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         with pq.ParquetFile(path) as parquet_file:
@@ -326,7 +332,9 @@ def _scan(
     for path, schema in file_schemas.items():
         if schema is None:
             continue  # an empty text file adds no rows and no columns
-        prompt_sources[str(path)] = check_input_schema(schema, prompt_column=prompt_column, file=str(path))
+        prompt_sources[str(path)] = check_input_schema(
+            schema, prompt_column=prompt_column, file=str(path)
+        )
         if id_column not in schema.names:
             schema = pa.schema([pa.field(id_column, pa.string()), *schema])
         keyed_schemas[str(path)] = schema
@@ -396,20 +404,26 @@ def _rebatch(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.
             pending = table.slice(num_full).to_batches()
             num_pending -= num_full
     if num_pending:
-        yield from pa.Table.from_batches(pending).combine_chunks().to_batches(max_chunksize=batch_size)
+        table = pa.Table.from_batches(pending).combine_chunks()
+        yield from table.to_batches(max_chunksize=batch_size)
 
 
 def _keyed_batches(
-    path: Path, file_schema: pa.Schema, schema: pa.Schema, *, id_column: str, key_prefix: str, batch_size: int
+    path: Path,
+    file_schema: pa.Schema,
+    schema: pa.Schema,
+    *,
+    id_column: str,
+    key_prefix: str,
+    batch_size: int,
 ) -> Iterator[pa.RecordBatch]:
+    """`path`'s batches with row keys added (when it has no `id_column`), cast to `schema`."""
     needs_keys = id_column not in file_schema.names
     num_rows_read = 0
     for batch in _file_batches(path, file_schema, batch_size):
         if needs_keys:
-            keys = pa.array(
-                [f"{key_prefix}:{row}" for row in range(num_rows_read, num_rows_read + batch.num_rows)],
-                type=pa.string(),
-            )
+            rows = range(num_rows_read, num_rows_read + batch.num_rows)
+            keys = pa.array([f"{key_prefix}:{row}" for row in rows], type=pa.string())
             key_schema = pa.schema([pa.field(id_column, pa.string()), *batch.schema])
             batch = pa.RecordBatch.from_arrays([keys, *batch.columns], schema=key_schema)
         num_rows_read += batch.num_rows
@@ -446,6 +460,11 @@ def read_batches(
             continue
         key_prefix = Path(os.path.relpath(os.path.abspath(path), root_dir)).as_posix()
         batches = _keyed_batches(
-            path, file_schema, schema, id_column=id_column, key_prefix=key_prefix, batch_size=batch_size
+            path,
+            file_schema,
+            schema,
+            id_column=id_column,
+            key_prefix=key_prefix,
+            batch_size=batch_size,
         )
         yield from _rebatch(batches, batch_size)

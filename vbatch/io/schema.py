@@ -84,7 +84,9 @@ def check_input_schema(schema: pa.Schema, *, prompt_column: str, file: str) -> s
     if prompt_column in names:
         data_type = schema.field(prompt_column).type
         if not _is_text(data_type):
-            raise InputError(f"{file}: column {prompt_column!r} must hold text, not {_show(data_type)}")
+            raise InputError(
+                f"{file}: column {prompt_column!r} must hold text, not {_show(data_type)}"
+            )
         return prompt_column
     if MESSAGES_COLUMN in names:
         data_type = schema.field(MESSAGES_COLUMN).type
@@ -122,7 +124,9 @@ def _unify_types(name: str, found: Sequence[tuple[str, pa.DataType]]) -> pa.Data
     if all(_is_scalar(data_type) for data_type in distinct):
         return pa.string()  # e.g. ints in one CSV, words in another: keep them all as text
     shown = ", ".join(f"{file}: {_show(data_type)}" for file, data_type in found)
-    raise InputError(f"column {name!r} has types that cannot be combined across input files ({shown})")
+    raise InputError(
+        f"column {name!r} has types that cannot be combined across input files ({shown})"
+    )
 
 
 def unify_input_schemas(schemas: Mapping[str, pa.Schema]) -> pa.Schema:
@@ -196,7 +200,9 @@ def build_output_batch(input_batch: pa.RecordBatch, results: Sequence[dict]) -> 
         raise ValueError(f"got {len(results)} results for a batch of {input_batch.num_rows} rows")
     for row, result in enumerate(results):
         if result[FINISH_REASON] not in FINISH_REASONS:
-            raise ValueError(f"row {row}: finish_reason {result[FINISH_REASON]!r} not in {FINISH_REASONS}")
+            raise ValueError(
+                f"row {row}: finish_reason {result[FINISH_REASON]!r} not in {FINISH_REASONS}"
+            )
     generated = [
         pa.array([result[field.name] for result in results], type=field.type)
         for field in OUTPUT_FIELDS

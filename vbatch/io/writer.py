@@ -27,7 +27,7 @@ from vbatch.errors import VBatchUsageError
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "_manifest.json"
 PART_FILE_PATTERN = re.compile(r"part-\d{5,}\.parquet")
-_TEMP_FILE_PATTERN = re.compile(r"\..+\.tmp")
+_TEMP_FILE_PATTERN = re.compile(r"\.(part-\d{5,}\.parquet|_manifest\.json|_SUCCESS)\.tmp")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -61,7 +61,9 @@ def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Path
             raise VBatchUsageError(
                 f"output directory {output_dir} is not empty; pass --overwrite to replace it"
             )
-        foreign = [name for name in names if not _is_vbatch_file(name) or (output_dir / name).is_dir()]
+        foreign = [
+            name for name in names if not _is_vbatch_file(name) or (output_dir / name).is_dir()
+        ]
         if foreign:
             raise VBatchUsageError(
                 f"output directory {output_dir} holds files vbatch did not write "
@@ -125,7 +127,8 @@ def _temp_path(final_path: Path) -> Path:
 
 
 class ParquetPartWriter:
-    """Buffer rows and write them as Parquet part files of at most `rows_per_file` rows.
+    """Buffer rows and write them as Parquet part files of at most `rows_per_file` rows into
+    `output_dir` (created if missing; see `prepare_output_dir` for an existing one).
 
     `write()` takes record batches (or tables) with one schema (`schema`, or the first batch's;
     batches whose column names match are cast to it). `close()` writes the remaining rows (and,
@@ -147,6 +150,7 @@ class ParquetPartWriter:
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
         self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.rows_per_file = rows_per_file
         self.schema = schema
         self.compression = compression

@@ -134,8 +134,11 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=field_default("batch_size"), show_default=True,
               help="Rows read from the input per batch handed to the engine.")
 @click.option("--trust-remote-code", is_flag=True, default=field_default("trust_remote_code"),
-              help="Allow loading pickle checkpoints / code shipped with the model. Only for "
-                   "models you trust.")
+              help="Allow code shipped with the model (config auto_map). Only for models you "
+                   "trust.")
+@click.option("--allow-pickle", is_flag=True, default=field_default("allow_pickle"),
+              help="Allow pickle checkpoints (*.bin, *.pt), read with torch's weights-only "
+                   "loader. Only for models you trust.")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress output (the final summary is still printed).")
 @click.pass_context

@@ -57,6 +57,7 @@ class JobConfig:
     rows_per_file: int = 10_000
     batch_size: int = 1024
     trust_remote_code: bool = False
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -114,7 +115,8 @@ class JobConfig:
                             max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             kv_cache_memory_gb=self.kv_cache_memory_gb,
-                            trust_remote_code=self.trust_remote_code)
+                            trust_remote_code=self.trust_remote_code,
+                            allow_pickle=self.allow_pickle)
 
     def sampling_params(self):
         """The `SamplingParams` applied to every row (the row key varies the random draws)."""
@@ -204,6 +206,7 @@ _FIELD_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "rows_per_file": _as_int,
     "batch_size": _as_int,
     "trust_remote_code": _as_bool,
+    "allow_pickle": _as_bool,
 }
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobConfig))
