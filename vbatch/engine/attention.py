@@ -1,10 +1,12 @@
 """Paged attention in plain PyTorch: write the step's keys/values into the KV cache, then attend.
 
-The cache of one layer is two tensors [num_slots, num_kv_heads, head_dim] (num_slots =
-num_blocks * block_size). Per step, `AttentionMetadata` (built once, shared by all layers) says
-where each new token's key/value goes (`slot_mapping`) and, for each sequence, which slots hold
-its context in order (`kv_slot_index`, padded). Query i of a sequence with `context_len` tokens
-(of which the last `query_len` are new) may attend to key positions <= context_len - query_len + i.
+The cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]. Per step,
+`AttentionMetadata` (built once, shared by all layers) says where each new token's key/value
+goes (`slot_mapping`, slot = block * block_size + offset) and which blocks hold each sequence's
+context, in order (`block_tables`, padded with the null block 0). Keys are gathered a whole
+block at a time; positions past a sequence's context are masked out. Query i of a sequence with
+`context_len` tokens (the last `query_len` of them new) may attend to key positions
+<= context_len - query_len + i.
 
 GQA without copying keys: the query heads sharing one KV head are folded into the query length,
 q: [B, num_kv_heads, group * Lq, d] against k, v: [B, num_kv_heads, Lk, d].
@@ -23,14 +25,14 @@ class AttentionMetadata:
     """Per-step tensors shared by every attention layer (see module docstring).
 
     slot_mapping:     [T]      cache slot of each new token (T = all new tokens of the step)
-    kv_slot_index:    [B, Lk]  cache slots of each sequence's context, padded with slot 0
-    attn_mask:        [B, 1, Lq, Lk] bool, True where query may attend to key
+    block_tables:     [B, Nb]  cache blocks of each sequence's context, padded with block 0
+    attn_mask:        [B, 1, Lq, Nb * block_size] bool, True where query may attend to key
     query_pad_index:  [B, Lq]  index into the T new tokens for each padded query (None if Lq == 1)
     query_unpad_index:[T]      index into the flattened [B * Lq] padded queries (None if Lq == 1)
     """
 
     slot_mapping: torch.Tensor
-    kv_slot_index: torch.Tensor
+    block_tables: torch.Tensor
     attn_mask: torch.Tensor
     query_pad_index: torch.Tensor | None
     query_unpad_index: torch.Tensor | None
@@ -50,6 +52,24 @@ class AttentionMetadata:
         return mask
 
 
+def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled [2, num_blocks, block_size, num_kv_heads, head_dim] cache (keys, values).
+
+    On CPU the zeros come from calloc, whose fresh pages the kernel maps lazily: the budget is
+    reserved, but memory is only resident once blocks are actually written. Zero (never
+    uninitialised) memory matters: masked positions are still multiplied by 0, and 0 * NaN
+    would poison the output.
+    """
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+    itemsize = torch.finfo(dtype).bits // 8
+    raw = np.zeros(shape, dtype={2: np.int16, 4: np.int32}[itemsize])
+    return torch.from_numpy(raw).view(dtype)
+
+
 class PagedAttention(nn.Module):
     """softmax(q k^T * scale + mask) v over a sequence's cached context, for one rank's heads."""
 
@@ -60,23 +80,24 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.group = num_heads // num_kv_heads
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
+        self.kv_cache: torch.Tensor | None = None
 
-    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """Attach this layer's KV cache ([num_slots, num_kv_heads, head_dim] each)."""
-        self.k_cache, self.v_cache = k_cache, v_cache
+    def bind_cache(self, kv_cache: torch.Tensor) -> None:
+        """Attach this layer's cache, as made by `allocate_kv_cache`."""
+        self.kv_cache = kv_cache
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H*d], k/v [T, Hkv*d] for the step's new tokens -> [T, H*d]."""
         num_tokens = q.shape[0]
         d, hkv, group = self.head_dim, self.num_kv_heads, self.group
-        self.k_cache[meta.slot_mapping] = k.view(num_tokens, hkv, d)
-        self.v_cache[meta.slot_mapping] = v.view(num_tokens, hkv, d)
-        keys = self.k_cache[meta.kv_slot_index].transpose(1, 2)    # [B, Hkv, Lk, d]
-        values = self.v_cache[meta.kv_slot_index].transpose(1, 2)
-        batch = meta.kv_slot_index.shape[0]
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
+        k_cache.view(-1, hkv, d)[meta.slot_mapping] = k.view(num_tokens, hkv, d)
+        v_cache.view(-1, hkv, d)[meta.slot_mapping] = v.view(num_tokens, hkv, d)
+        batch, num_blocks = meta.block_tables.shape
+        # [B, Nb, block, Hkv, d] -> [B, Hkv, Nb * block, d]
+        keys = k_cache[meta.block_tables].view(batch, -1, hkv, d).transpose(1, 2)
+        values = v_cache[meta.block_tables].view(batch, -1, hkv, d).transpose(1, 2)
         lq = meta.max_query_len
         q = q.view(num_tokens, hkv, group, d)
         if meta.query_pad_index is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vbatch.engine.attention import AttentionMetadata
+from vbatch.engine.attention import AttentionMetadata, allocate_kv_cache
 from vbatch.engine.sampler import SamplingMetadata, sample
 from vbatch.engine.sequence import ScheduledSequence
 
@@ -31,20 +31,11 @@ class ModelRunner:
         return per_token * self.block_size * torch.finfo(self.dtype).bits // 8
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        """Allocate [num_blocks * block_size, num_kv_heads, head_dim] keys and values per layer.
-
-        Only block 0 (the null block every padded read points at) is zeroed: every other slot
-        is written before it is read, so on CPU the untouched pages cost no resident memory.
-        """
+        """Allocate every layer's [2, num_blocks, block_size, num_kv_heads, head_dim] cache."""
         self.num_blocks = num_blocks
-        num_slots = num_blocks * self.block_size
         for layer in self.model.attention_layers():
-            shape = (num_slots, layer.num_kv_heads, layer.head_dim)
-            k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            k_cache[: self.block_size].zero_()
-            v_cache[: self.block_size].zero_()
-            layer.bind_cache(k_cache, v_cache)
+            layer.bind_cache(allocate_kv_cache(num_blocks, self.block_size, layer.num_kv_heads,
+                                               layer.head_dim, self.dtype, self.device))
 
     @torch.inference_mode()
     def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
@@ -79,12 +70,10 @@ class ModelRunner:
         offset_in_seq = torch.arange(len(input_ids)) - cu_q[seq_index]
         positions = torch.tensor(starts, dtype=torch.int64)[seq_index] + offset_in_seq
         slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
-        key_pos = torch.arange(max_ctx)
-        kv_slot_index = block_tables[:, key_pos // bs] * bs + key_pos % bs
-        # Past a sequence's context, read the zeroed null block (slot 0), never stale memory.
-        kv_slot_index.masked_fill_(key_pos.unsqueeze(0) >= ctx_lens.unsqueeze(1), 0)
+        max_keys = max_blocks * bs
+        key_pos = torch.arange(max_keys)
         if max_q == 1:
-            mask = (key_pos.unsqueeze(0) < ctx_lens.unsqueeze(1)).view(batch, 1, 1, max_ctx)
+            mask = (key_pos.unsqueeze(0) < ctx_lens.unsqueeze(1)).view(batch, 1, 1, max_keys)
             pad_index = unpad_index = None
         else:
             q_offsets = torch.arange(max_q)
@@ -96,7 +85,7 @@ class ModelRunner:
                                                           (q_lens - 1).unsqueeze(1))
             unpad_index = seq_index * max_q + offset_in_seq
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(device), kv_slot_index=kv_slot_index.to(device),
+            slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
             attn_mask=mask.to(device),
             query_pad_index=None if pad_index is None else pad_index.to(device),
             query_unpad_index=None if unpad_index is None else unpad_index.to(device))

@@ -3,7 +3,7 @@
 For position p and frequency f_j (j < d/2): x'_j = x_j cos(p f_j) - x_{j+d/2} sin(p f_j) and
 x'_{j+d/2} = x_{j+d/2} cos(p f_j) + x_j sin(p f_j). Frequencies come from transformers' own
 rope-scaling functions (linear, llama3, yarn, longrope, ...) so every scaling type a config can
-name is computed exactly as Hugging Face does.
+name is computed exactly as Hugging Face does (cos/sin in float32, then cast to the model dtype).
 """
 from __future__ import annotations
 
@@ -28,38 +28,38 @@ def inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
     if rope_type == "default":
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         return 1.0 / (params["rope_theta"] ** exponent), 1.0
+    if rope_type == "dynamic":
+        raise ValueError("dynamic NTK rope scaling is not supported")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r}")
-    if rope_type == "dynamic":
-        raise ValueError("dynamic NTK rope scaling is not supported")
     return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables up to `max_position`; applies RoPE to q and k in place shape."""
+    """cos/sin tables up to `max_position`, in the model dtype; rotates q and k heads at once."""
 
-    def __init__(self, config, head_dim: int, max_position: int, device: torch.device):
+    def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype,
+                 device: torch.device):
         super().__init__()
         inv_freq, scaling = inverse_frequencies(config, head_dim)
         positions = torch.arange(max_position, dtype=torch.int64).float()
         freqs = torch.outer(positions, inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
         self.head_dim = head_dim
-        self.register_buffer("cos", (emb.cos() * scaling).to(device), persistent=False)
-        self.register_buffer("sin", (emb.sin() * scaling).to(device), persistent=False)
+        self.register_buffer("cos", (emb.cos() * scaling).to(device=device, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("sin", (emb.sin() * scaling).to(device=device, dtype=dtype),
+                             persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q [T, Hq*d], k [T, Hk*d] -> rotated (same shapes and dtype)."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return (_rotate(q, cos, sin, self.head_dim), _rotate(k, cos, sin, self.head_dim))
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] positions -> cos, sin of shape [T, 1, head_dim] (looked up once per step)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    shape = x.shape
-    x = x.view(shape[0], -1, head_dim)
-    half = head_dim // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).view(shape)
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim] -> x * cos + rotate_half(x) * sin (a new tensor)."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        rotated.mul_(sin)
+        return torch.addcmul(rotated, x, cos)
