@@ -87,5 +87,6 @@ def _apply_top_k_top_p(probs: torch.Tensor, top_ks: torch.Tensor,
     # total (so the most likely token always stays).
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop = mass_before >= top_ps.unsqueeze(1) * sorted_probs.sum(dim=-1, keepdim=True)
+    drop &= (top_ps < 1).unsqueeze(1)   # float rounding must not trim rows without top-p
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)

@@ -63,7 +63,9 @@ class Scheduler:
         num_tokens = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if num_tokens + seq.num_tokens > self.max_num_batched_tokens:
+            # The token budget shapes batches; a lone sequence (e.g. a preempted one that has
+            # grown past the budget) is always admitted, or it would wait forever.
+            if scheduled and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
                 break
             if not self.block_manager.can_allocate(seq):
                 if not self.running and not scheduled:

@@ -1,0 +1,214 @@
+"""Paged attention equals dense causal attention, through the engine's own metadata.
+
+`ModelRunner._prepare` builds the `AttentionMetadata` of each step from scheduled sequences (as
+the engine sends them), and `PagedAttention` writes the step's keys/values into a paged cache and
+attends over it. For random q/k/v with GQA, shuffled non-contiguous block tables, ragged prefill
+lengths, decode steps, and chunks whose prefix is already cached (start_position > 0 with
+query_len > 1, mixed with single-token rows), every output equals an independent per-sequence
+dense causal attention in float64 (KV heads repeat-interleaved to the query heads). Every
+block but the null block 0 starts out holding large finite garbage (what a freed block keeps
+from its previous owner), so any key read past a sequence's context that the mask failed to
+hide would change the result. Also checks the metadata itself (positions, which logits are
+sampled) and the zero-filled cache allocation.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from vbatch.engine.attention import AttentionMetadata, PagedAttention, allocate_kv_cache
+from vbatch.engine.block_manager import num_blocks_for
+from vbatch.engine.model_runner import ModelRunner
+from vbatch.engine.sequence import ScheduledSequence
+
+CPU = torch.device("cpu")
+
+
+def scheduled(seq_id: int, num_new: int, start: int, block_table: list[int]) -> ScheduledSequence:
+    return ScheduledSequence(seq_id=seq_id, token_ids=[7] * num_new, start_position=start,
+                             block_table=block_table, temperature=0.0, top_p=1.0, top_k=0,
+                             min_p=0.0, seed=0, row_key=str(seq_id), output_index=0)
+
+
+def dense_reference(q, k, v, scale):
+    """Causal attention over one whole sequence: q [n, H, d], k/v [n, Hkv, d] -> [n, H, d]."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).double()
+    v = v.repeat_interleave(group, dim=1).double()
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    n = q.shape[0]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+class World:
+    """A paged cache, one attention layer, and the full q/k/v of every sequence."""
+
+    def __init__(self, *, num_heads=4, num_kv_heads=2, head_dim=8, block_size=4,
+                 num_blocks=64, seed=0):
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.h, self.hkv, self.d, self.bs = num_heads, num_kv_heads, head_dim, block_size
+        self.scale = 1 / math.sqrt(head_dim)
+        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, self.scale)
+        cache = allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim,
+                                  torch.float32, CPU)
+        assert cache.shape == (2, num_blocks, block_size, num_kv_heads, head_dim)
+        # stale values of previous owners in every block except the null block 0
+        cache[:, 1:] = torch.randn(cache[:, 1:].shape, generator=self.gen) * 100
+        self.attn.bind_cache(cache)
+        self.runner = ModelRunner(None, block_size=block_size, device=CPU, dtype=torch.float32)
+        self.free = list(range(1, num_blocks))
+        self.rng.shuffle(self.free)                    # non-contiguous, out-of-order tables
+        self.q, self.k, self.v, self.tables = {}, {}, {}, {}
+
+    def new_seq(self, seq_id: int, total_len: int) -> None:
+        self.q[seq_id] = torch.randn(total_len, self.h, self.d, generator=self.gen)
+        self.k[seq_id] = torch.randn(total_len, self.hkv, self.d, generator=self.gen)
+        self.v[seq_id] = torch.randn(total_len, self.hkv, self.d, generator=self.gen)
+        self.tables[seq_id] = []
+
+    def step(self, chunks: list[tuple[int, int, int]]) -> None:
+        """Run one step of (seq_id, start_position, num_new) and check every output row."""
+        for seq_id, start, num_new in chunks:
+            table = self.tables[seq_id]
+            while len(table) < num_blocks_for(start + num_new, self.bs):
+                table.append(self.free.pop())
+        seqs = [scheduled(i, n, s, list(self.tables[i])) for i, s, n in chunks]
+        _, positions, meta, logits_index = self.runner._prepare(seqs)
+        assert isinstance(meta, AttentionMetadata)
+        expected_positions = [p for _, s, n in chunks for p in range(s, s + n)]
+        assert positions.tolist() == expected_positions
+        q = torch.cat([self.q[i][s:s + n] for i, s, n in chunks]).reshape(-1, self.h * self.d)
+        k = torch.cat([self.k[i][s:s + n] for i, s, n in chunks]).reshape(-1, self.hkv * self.d)
+        v = torch.cat([self.v[i][s:s + n] for i, s, n in chunks]).reshape(-1, self.hkv * self.d)
+        out = self.attn(q, k, v, meta)
+        assert out.shape == (len(expected_positions), self.h * self.d)
+        assert not out.isnan().any()
+        row = 0
+        for seq_id, start, num_new in chunks:
+            ctx = start + num_new
+            ref = dense_reference(self.q[seq_id][:ctx], self.k[seq_id][:ctx],
+                                  self.v[seq_id][:ctx], self.scale)[start:ctx]
+            got = out[row:row + num_new].view(num_new, self.h, self.d).double()
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            row += num_new
+        # the sampled logits come from each sequence's last new token
+        ends = torch.tensor([n for _, _, n in chunks]).cumsum(0) - 1
+        assert logits_index.tolist() == ends.tolist()
+
+
+def test_ragged_prefill_then_decode_gqa_shuffled_blocks():
+    world = World(num_heads=8, num_kv_heads=2, head_dim=8, block_size=4)
+    lengths = {0: 5, 1: 1, 2: 11, 3: 8, 4: 4}
+    for seq_id, n in lengths.items():
+        world.new_seq(seq_id, n + 6)
+    world.step([(i, 0, n) for i, n in lengths.items()])
+    for t in range(6):                                 # decode steps, across block boundaries
+        world.step([(i, n + t, 1) for i, n in lengths.items()])
+    tables = list(world.tables.values())
+    assert any(t != sorted(t) for t in tables)         # out of order within a sequence
+    assert any(b - a != 1 for t in tables for a, b in zip(t, t[1:]))   # and not contiguous
+
+
+def test_prefix_in_cache_with_multi_token_query():
+    world = World(num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=1)
+    world.new_seq(0, 30)
+    world.new_seq(1, 30)
+    world.new_seq(2, 30)
+    world.step([(0, 0, 6), (1, 0, 3)])                 # prefixes cached
+    # chunks with start_position > 0 and query_len > 1, next to a fresh prefill and a decode row
+    world.step([(0, 6, 5), (1, 3, 9), (2, 0, 7)])
+    world.step([(0, 11, 1), (1, 12, 1), (2, 7, 4)])
+    world.step([(2, 11, 1), (0, 12, 3)])
+
+
+def test_decode_only_batch_single_query_path():
+    world = World(num_heads=6, num_kv_heads=3, head_dim=4, block_size=2, seed=2)
+    for i, n in enumerate([1, 2, 3, 7]):
+        world.new_seq(i, n + 4)
+        world.step([(i, 0, n)])                        # one prefill each, separately
+    for t in range(4):
+        world.step([(i, n + t, 1) for i, n in enumerate([1, 2, 3, 7])])
+
+
+def test_prefill_of_single_token_prompts_uses_the_decode_path():
+    world = World(num_heads=4, num_kv_heads=1, head_dim=8, block_size=4, seed=3)
+    for i in range(3):
+        world.new_seq(i, 3)
+    world.step([(0, 0, 1), (1, 0, 1), (2, 0, 1)])
+    world.step([(0, 1, 2), (1, 1, 1), (2, 1, 2)])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_steps(seed):
+    rng = random.Random(seed)
+    num_kv = rng.choice([1, 2, 4])
+    world = World(num_heads=4, num_kv_heads=num_kv, head_dim=8,
+                  block_size=rng.choice([1, 3, 4, 16]), num_blocks=400, seed=seed)
+    done = {}
+    for seq_id in range(6):
+        world.new_seq(seq_id, 40)
+        done[seq_id] = 0
+    for _ in range(8):
+        chosen = rng.sample(sorted(done), rng.randint(1, 6))
+        chunks = []
+        for seq_id in chosen:
+            n = rng.choice([1, 1, 2, 5]) if done[seq_id] < 35 else 0
+            if n and done[seq_id] + n <= 40:
+                chunks.append((seq_id, done[seq_id], n))
+                done[seq_id] += n
+        if chunks:
+            world.step(chunks)
+
+
+def test_no_head_mixing_mha_equals_gqa_with_repeated_kv():
+    """GQA with k/v duplicated per query head equals MHA on the duplicated heads."""
+    world_gqa = World(num_heads=4, num_kv_heads=2, head_dim=8, seed=5)
+    world_mha = World(num_heads=4, num_kv_heads=4, head_dim=8, seed=5)
+    world_gqa.new_seq(0, 6)
+    world_mha.new_seq(0, 6)
+    world_mha.q[0] = world_gqa.q[0]
+    world_mha.k[0] = world_gqa.k[0].repeat_interleave(2, dim=1)
+    world_mha.v[0] = world_gqa.v[0].repeat_interleave(2, dim=1)
+    world_gqa.step([(0, 0, 6)])
+    world_mha.step([(0, 0, 6)])
+
+
+def test_hand_built_metadata_decode():
+    """AttentionMetadata built by hand (no ModelRunner): one decode token over 3 cached keys."""
+    bs, hkv, d = 2, 1, 4
+    attn = PagedAttention(2, hkv, d, scale=0.5)
+    cache = allocate_kv_cache(8, bs, hkv, d, torch.float32, CPU)
+    attn.bind_cache(cache)
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(4, hkv, d, generator=gen), torch.randn(4, hkv, d, generator=gen)
+    # positions 0,1 -> block 5; positions 2,3 -> block 2; position 3 is the new token
+    cache[0, 5], cache[1, 5] = keys[:2], values[:2]
+    cache[0, 2, 0], cache[1, 2, 0] = keys[2], values[2]
+    cache[0, 2, 1] = cache[1, 2, 1] = 99.0             # stale: must be overwritten
+    cache[:, 3] = 1e4                                  # padding block of the table: masked
+    q = torch.randn(1, 2 * d, generator=gen)
+    meta = AttentionMetadata(slot_mapping=torch.tensor([2 * bs + 1]),
+                             block_tables=torch.tensor([[5, 2, 3]]),
+                             attn_mask=torch.tensor([[[[True] * 4 + [False] * 2]]]),
+                             query_pad_index=None, query_unpad_index=None)
+    out = attn(q, keys[3].reshape(1, -1), values[3].reshape(1, -1), meta).view(2, d)
+    assert torch.equal(cache[0, 2, 1], keys[3]) and torch.equal(cache[1, 2, 1], values[3])
+    scores = torch.einsum("hd,kd->hk", q.view(2, d), keys[:, 0]) * 0.5
+    expected = scores.softmax(-1) @ values[:, 0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_allocate_kv_cache_is_zeroed(dtype):
+    cache = allocate_kv_cache(5, 4, 2, 8, dtype, CPU)
+    assert cache.shape == (2, 5, 4, 2, 8) and cache.dtype == dtype
+    assert not cache.any()
+    cache[0, 1, 2] = 1.5                               # writable, and views write through
+    cache[1].view(-1, 2, 8)[3] = 2.0
+    assert cache[0, 1, 2].float().eq(1.5).all() and cache[1, 0, 3].float().eq(2.0).all()
