@@ -57,9 +57,9 @@ class World:
         self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, self.scale)
         cache = allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim,
                                   torch.float32, CPU)
-        assert cache.shape == (2, num_blocks, block_size, num_kv_heads, head_dim)
+        assert cache.shape == (2, num_kv_heads, num_blocks, block_size, head_dim)
         # stale values of previous owners in every block except the null block 0
-        cache[:, 1:] = torch.randn(cache[:, 1:].shape, generator=self.gen) * 100
+        cache[:, :, 1:] = torch.randn(cache[:, :, 1:].shape, generator=self.gen) * 100
         self.attn.bind_cache(cache)
         self.runner = ModelRunner(None, block_size=block_size, device=CPU, dtype=torch.float32)
         self.free = list(range(1, num_blocks))
@@ -188,17 +188,17 @@ def test_hand_built_metadata_decode():
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(4, hkv, d, generator=gen), torch.randn(4, hkv, d, generator=gen)
     # positions 0,1 -> block 5; positions 2,3 -> block 2; position 3 is the new token
-    cache[0, 5], cache[1, 5] = keys[:2], values[:2]
-    cache[0, 2, 0], cache[1, 2, 0] = keys[2], values[2]
-    cache[0, 2, 1] = cache[1, 2, 1] = 99.0             # stale: must be overwritten
-    cache[:, 3] = 1e4                                  # padding block of the table: masked
+    cache[0, :, 5], cache[1, :, 5] = keys[:2].transpose(0, 1), values[:2].transpose(0, 1)
+    cache[0, :, 2, 0], cache[1, :, 2, 0] = keys[2], values[2]
+    cache[0, :, 2, 1] = cache[1, :, 2, 1] = 99.0       # stale: must be overwritten
+    cache[:, :, 3] = 1e4                               # padding block of the table: masked
     q = torch.randn(1, 2 * d, generator=gen)
     meta = AttentionMetadata(slot_mapping=torch.tensor([2 * bs + 1]),
                              block_tables=torch.tensor([[5, 2, 3]]),
                              attn_mask=torch.tensor([[[[True] * 4 + [False] * 2]]]),
                              query_pad_index=None, query_unpad_index=None)
     out = attn(q, keys[3].reshape(1, -1), values[3].reshape(1, -1), meta).view(2, d)
-    assert torch.equal(cache[0, 2, 1], keys[3]) and torch.equal(cache[1, 2, 1], values[3])
+    assert torch.equal(cache[0, :, 2, 1], keys[3]) and torch.equal(cache[1, :, 2, 1], values[3])
     scores = torch.einsum("hd,kd->hk", q.view(2, d), keys[:, 0]) * 0.5
     expected = scores.softmax(-1) @ values[:, 0]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -207,8 +207,8 @@ def test_hand_built_metadata_decode():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_allocate_kv_cache_is_zeroed(dtype):
     cache = allocate_kv_cache(5, 4, 2, 8, dtype, CPU)
-    assert cache.shape == (2, 5, 4, 2, 8) and cache.dtype == dtype
+    assert cache.shape == (2, 2, 5, 4, 8) and cache.dtype == dtype
     assert not cache.any()
-    cache[0, 1, 2] = 1.5                               # writable, and views write through
-    cache[1].view(-1, 2, 8)[3] = 2.0
-    assert cache[0, 1, 2].float().eq(1.5).all() and cache[1, 0, 3].float().eq(2.0).all()
+    cache[0, :, 1, 2] = 1.5                            # writable, and views write through
+    cache[1].view(2, -1, 8)[:, 3] = 2.0
+    assert cache[0, :, 1, 2].float().eq(1.5).all() and cache[1, :, 0, 3].float().eq(2.0).all()

@@ -33,12 +33,12 @@ def test_num_blocks_for_is_ceil(num_tokens, block_size, expected):
 
 def test_needs_two_blocks():
     with pytest.raises(ValueError, match="null block"):
-        BlockManager(1, 4)
-    assert BlockManager(2, 4).num_free_blocks == 1
+        BlockManager(1, 4, enable_prefix_caching=False)
+    assert BlockManager(2, 4, enable_prefix_caching=False).num_free_blocks == 1
 
 
 def test_allocate_and_free_accounting():
-    bm = BlockManager(10, 4)
+    bm = BlockManager(10, 4, enable_prefix_caching=False)
     assert bm.num_free_blocks == 9                    # block 0 is reserved
     a, b = make_seq(0, 5), make_seq(1, 12)
     assert bm.can_allocate(a)
@@ -57,7 +57,7 @@ def test_allocate_and_free_accounting():
 
 
 def test_first_blocks_are_handed_out_in_ascending_order():
-    bm = BlockManager(6, 2)
+    bm = BlockManager(6, 2, enable_prefix_caching=False)
     seq = make_seq(0, 9)                              # 5 blocks: all of them
     bm.allocate(seq)
     assert seq.block_table == [1, 2, 3, 4, 5]
@@ -65,7 +65,7 @@ def test_first_blocks_are_handed_out_in_ascending_order():
 
 
 def test_block_zero_is_never_handed_out():
-    bm = BlockManager(5, 1)
+    bm = BlockManager(5, 1, enable_prefix_caching=False)
     seqs = [make_seq(i, 1) for i in range(4)]
     for seq in seqs:
         bm.allocate(seq)
@@ -79,7 +79,7 @@ def test_block_zero_is_never_handed_out():
 
 
 def test_can_allocate_counts_prompt_and_generated_tokens():
-    bm = BlockManager(3, 4)                           # 2 usable blocks = 8 slots
+    bm = BlockManager(3, 4, enable_prefix_caching=False)                           # 2 usable blocks = 8 slots
     seq = make_seq(0, 7)
     seq.append_token(1)
     assert seq.num_tokens == 8 and bm.can_allocate(seq)
@@ -88,7 +88,7 @@ def test_can_allocate_counts_prompt_and_generated_tokens():
 
 
 def test_allocate_twice_is_an_error():
-    bm = BlockManager(8, 4)
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
     seq = make_seq(0, 3)
     bm.allocate(seq)
     with pytest.raises(RuntimeError, match="already owns"):
@@ -96,7 +96,7 @@ def test_allocate_twice_is_an_error():
 
 
 def test_freed_blocks_are_reused_last_in_first_out():
-    bm = BlockManager(20, 4)
+    bm = BlockManager(20, 4, enable_prefix_caching=False)
     a, b = make_seq(0, 12), make_seq(1, 8)
     bm.allocate(a)
     bm.allocate(b)
@@ -112,7 +112,7 @@ def test_freed_blocks_are_reused_last_in_first_out():
 
 
 def test_lifo_single_block_reuse():
-    bm = BlockManager(20, 4)
+    bm = BlockManager(20, 4, enable_prefix_caching=False)
     seqs = [make_seq(i, 4) for i in range(3)]
     for s in seqs:
         bm.allocate(s)
@@ -125,7 +125,7 @@ def test_lifo_single_block_reuse():
 
 def test_append_slot_only_at_block_boundaries():
     bs = 4
-    bm = BlockManager(10, bs)
+    bm = BlockManager(10, bs, enable_prefix_caching=False)
     seq = make_seq(0, 3)
     bm.allocate(seq)
     assert len(seq.block_table) == 1
@@ -143,7 +143,7 @@ def test_append_slot_only_at_block_boundaries():
 
 
 def test_can_append_without_free_blocks():
-    bm = BlockManager(3, 2)                           # 2 usable blocks
+    bm = BlockManager(3, 2, enable_prefix_caching=False)                           # 2 usable blocks
     seq = make_seq(0, 2)
     other = make_seq(1, 2)
     bm.allocate(seq)
@@ -167,10 +167,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     NUM_BLOCKS = 12
     BLOCK_SIZE = 3
+    PREFIX_CACHING = False
 
     def __init__(self):
         super().__init__()
-        self.bm = BlockManager(self.NUM_BLOCKS, self.BLOCK_SIZE)
+        self.bm = BlockManager(self.NUM_BLOCKS, self.BLOCK_SIZE,
+                               enable_prefix_caching=self.PREFIX_CACHING)
         self.live: list[Sequence] = []
         self.next_id = 0
 
@@ -226,3 +228,71 @@ class BlockManagerMachine(RuleBasedStateMachine):
 BlockManagerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
                                                  deadline=None, derandomize=True)
 TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+# ---- prefix caching ------------------------------------------------------------------------
+
+def _seq_with(seq_id, tokens):
+    seq = make_seq(seq_id, len(tokens))
+    seq.token_ids = list(tokens)
+    return seq
+
+
+def test_shared_prefix_blocks_are_reused_and_reference_counted():
+    bm = BlockManager(10, 4)
+    prefix = [7, 7, 7, 7, 8, 8, 8, 8]
+    a = _seq_with(0, prefix + [1, 2])
+    b = _seq_with(1, prefix + [3])
+    bm.allocate(a)
+    assert a.num_computed_tokens == 0 and len(a.block_table) == 3
+    free_before = bm.num_free_blocks
+    bm.allocate(b)
+    assert b.block_table[:2] == a.block_table[:2]           # both prefix blocks shared
+    assert b.num_computed_tokens == 8                        # only the last token is computed
+    assert bm.num_free_blocks == free_before - 1
+    bm.free(a)
+    assert bm.num_free_blocks == free_before                 # shared blocks still held by b
+    bm.free(b)
+    assert bm.num_free_blocks == 9
+
+
+def test_last_token_is_always_computed():
+    bm = BlockManager(10, 4)
+    tokens = [5] * 8
+    bm.allocate(_seq_with(0, tokens))
+    again = _seq_with(1, tokens)
+    bm.allocate(again)
+    assert again.num_computed_tokens == 4                    # block 2 holds the last token
+
+
+def test_freed_blocks_keep_their_hash_until_reused():
+    bm = BlockManager(4, 2)                                  # 3 usable blocks
+    first = _seq_with(0, [1, 2, 3, 4, 9])
+    bm.allocate(first)
+    bm.free(first)
+    hit = _seq_with(1, [1, 2, 3, 4, 5])
+    bm.allocate(hit)
+    assert hit.num_computed_tokens == 4 and bm.num_free_blocks == 0
+    bm.free(hit)
+    other = _seq_with(2, [6, 6, 6, 6, 6, 6])                # takes every block: hashes evicted
+    bm.allocate(other)
+    bm.free(other)
+    miss = _seq_with(3, [1, 2, 3, 4, 5])
+    bm.allocate(miss)
+    assert miss.num_computed_tokens == 0
+
+
+def test_chained_hash_differs_after_a_different_block():
+    bm = BlockManager(10, 2)
+    bm.allocate(_seq_with(0, [1, 1, 2, 2, 0]))
+    other = _seq_with(1, [9, 9, 2, 2, 0])                   # same 2nd block, other prefix
+    bm.allocate(other)
+    assert other.num_computed_tokens == 0
+
+
+def test_can_allocate_counts_hits_on_live_blocks_as_free_of_charge():
+    bm = BlockManager(4, 2)                                  # 3 usable blocks
+    bm.allocate(_seq_with(0, [1, 2, 3, 4, 5]))               # uses all 3
+    twin = _seq_with(1, [1, 2, 3, 4, 7])
+    assert not bm.can_allocate(twin)                         # needs 1 new block, none free
+    assert not bm.can_allocate(_seq_with(3, [8, 8, 8]))

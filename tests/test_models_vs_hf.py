@@ -103,3 +103,20 @@ def test_greedy_with_preemption_matches_unconstrained(tiny_models):
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
     assert tight.llm_engine.scheduler.num_preemptions > 0
     assert got == expected
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa-untied", "gpt2"])
+def test_prefix_caching_changes_nothing_but_work(kind, tiny_models):
+    """Rows sharing a long prefix: identical greedy tokens with and without prefix caching, and
+    the cached run really skipped the shared blocks."""
+    shared = "Batch inference turns many prompts into many completions. " * 3
+    prompts = [shared + tail for tail in ("Paris is", "The quick brown fox", "Once", "def add")]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    results = {}
+    for caching in (False, True):
+        llm = LLM(str(tiny_models[kind]), dtype="float32", kv_cache_memory_gb=0.02,
+                  block_size=4, enable_prefix_caching=caching)
+        results[caching] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        hits = llm.llm_engine.scheduler.block_manager.num_cached_token_hits
+        assert (hits > 0) == caching
+    assert results[True] == results[False]

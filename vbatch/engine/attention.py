@@ -1,6 +1,8 @@
 """Paged attention in plain PyTorch: write the step's keys/values into the KV cache, then attend.
 
-The cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]. Per step,
+The cache of one layer is [2 (keys, values), num_kv_heads, num_blocks, block_size, head_dim]:
+head-major, so gathering a batch's blocks (`index_select` on the block dimension) directly
+yields [num_kv_heads * B, context, head_dim], the layout attention consumes, with no copy. Per step,
 `AttentionMetadata` (built once, shared by all layers) says where each new token's key/value
 goes (`slot_mapping`, slot = block * block_size + offset) and which blocks hold each sequence's
 context, in order (`block_tables`, padded with the null block 0). Keys are gathered a whole
@@ -9,7 +11,7 @@ block at a time; positions past a sequence's context are masked out. Query i of 
 <= context_len - query_len + i.
 
 GQA without copying keys: the query heads sharing one KV head are folded into the query length,
-q: [B, num_kv_heads, group * Lq, d] against k, v: [B, num_kv_heads, Lk, d].
+q: [num_kv_heads * B, 1, group * Lq, d] against k, v: [num_kv_heads * B, 1, Lk, d].
 """
 from __future__ import annotations
 
@@ -42,26 +44,28 @@ class AttentionMetadata:
     def max_query_len(self) -> int:
         return self.attn_mask.shape[2]
 
-    def mask_for_group(self, group: int) -> torch.Tensor:
-        """attn_mask repeated for `group` query heads per KV head: [B, 1, group * Lq, Lk]."""
-        mask = self._group_masks.get(group)
+    def mask_for(self, num_kv_heads: int, group: int) -> torch.Tensor:
+        """attn_mask laid out for head-major attention: [num_kv_heads * B, 1, group * Lq, Lk]."""
+        mask = self._group_masks.get((num_kv_heads, group))
         if mask is None:
             batch, _, lq, lk = self.attn_mask.shape
-            mask = self.attn_mask.expand(batch, group, lq, lk).reshape(batch, 1, group * lq, lk)
-            self._group_masks[group] = mask
+            mask = self.attn_mask.view(1, batch, 1, lq, lk).expand(num_kv_heads, batch, group, lq,
+                                                                    lk)
+            mask = mask.reshape(num_kv_heads * batch, 1, group * lq, lk)
+            self._group_masks[(num_kv_heads, group)] = mask
         return mask
 
 
 def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled [2, num_blocks, block_size, num_kv_heads, head_dim] cache (keys, values).
+    """A zero-filled [2, num_kv_heads, num_blocks, block_size, head_dim] cache (keys, values).
 
     On CPU the zeros come from calloc, whose fresh pages the kernel maps lazily: the budget is
     reserved, but memory is only resident once blocks are actually written. Zero (never
     uninitialised) memory matters: masked positions are still multiplied by 0, and 0 * NaN
     would poison the output.
     """
-    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    shape = (2, num_kv_heads, num_blocks, block_size, head_dim)
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     import numpy as np
@@ -91,23 +95,23 @@ class PagedAttention(nn.Module):
         """q [T, H*d], k/v [T, Hkv*d] for the step's new tokens -> [T, H*d]."""
         num_tokens = q.shape[0]
         d, hkv, group = self.head_dim, self.num_kv_heads, self.group
-        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        k_cache.view(-1, hkv, d)[meta.slot_mapping] = k.view(num_tokens, hkv, d)
-        v_cache.view(-1, hkv, d)[meta.slot_mapping] = v.view(num_tokens, hkv, d)
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]     # [Hkv, blocks, block, d]
+        k_cache.view(hkv, -1, d)[:, meta.slot_mapping] = k.view(num_tokens, hkv, d).transpose(0, 1)
+        v_cache.view(hkv, -1, d)[:, meta.slot_mapping] = v.view(num_tokens, hkv, d).transpose(0, 1)
         batch, num_blocks = meta.block_tables.shape
-        # [B, Nb, block, Hkv, d] -> [B, Hkv, Nb * block, d]
-        keys = k_cache[meta.block_tables].view(batch, -1, hkv, d).transpose(1, 2)
-        values = v_cache[meta.block_tables].view(batch, -1, hkv, d).transpose(1, 2)
+        flat_blocks = meta.block_tables.view(-1)
+        keys = k_cache.index_select(1, flat_blocks).view(hkv * batch, 1, -1, d)
+        values = v_cache.index_select(1, flat_blocks).view(hkv * batch, 1, -1, d)
         lq = meta.max_query_len
         q = q.view(num_tokens, hkv, group, d)
         if meta.query_pad_index is not None:
             q = q[meta.query_pad_index]                               # [B, Lq, Hkv, g, d]
         else:
             q = q.view(batch, 1, hkv, group, d)
-        q = q.permute(0, 2, 3, 1, 4).reshape(batch, hkv, group * lq, d)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.mask_for_group(group),
-                                             scale=self.scale)      # [B, Hkv, g*Lq, d]
-        out = out.view(batch, hkv, group, lq, d).permute(0, 3, 1, 2, 4)  # [B, Lq, Hkv, g, d]
+        q = q.permute(2, 0, 3, 1, 4).reshape(hkv * batch, 1, group * lq, d)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.mask_for(hkv, group),
+                                             scale=self.scale)      # [Hkv*B, 1, g*Lq, d]
+        out = out.view(hkv, batch, group, lq, d).permute(1, 3, 0, 2, 4)  # [B, Lq, Hkv, g, d]
         out = out.reshape(batch * lq, hkv * group * d)
         if meta.query_unpad_index is not None:
             out = out[meta.query_unpad_index]

@@ -1,10 +1,20 @@
-"""Paged KV-cache bookkeeping: fixed-size blocks handed out to sequences and taken back.
+"""Paged KV-cache bookkeeping: fixed-size blocks handed out to sequences and taken back, with
+prefix caching.
 
 The cache holds `num_blocks` blocks of `block_size` token slots each; slot s of block b is global
-slot b * block_size + s. A sequence with n computed tokens owns ceil(n / block_size) blocks, in
-order, listed in its block table. Block 0 is never handed out: it is the zeroed "null block"
-that padded attention reads point at. Freed blocks are reused last-in first-out, so a cache
-allocated lazily (untouched pages) only ever touches as much memory as the peak working set.
+slot b * block_size + s. A sequence with n tokens owns ceil(n / block_size) blocks, in order,
+listed in its block table. Block 0 is never handed out: it is the zeroed "null block" that
+padded attention reads point at.
+
+Prefix caching: a full block of a prompt is identified by a hash chained over all tokens up to
+its end, h_i = hash(h_{i-1}, tokens of block i). When a new sequence's leading full blocks have
+hashes already in the cache, it shares those blocks (reference counted) and skips computing
+them, e.g. a chat template's system prompt shared by every row. A freed block keeps its hash
+and can still be hit until the block is handed out again. The last prompt token is always
+computed (its logits are needed), so at most (n - 1) // block_size blocks are shared.
+
+Free blocks are reused last-in first-out, so a cache allocated lazily (untouched pages) only
+ever touches as much memory as the peak working set.
 """
 from __future__ import annotations
 
@@ -17,35 +27,103 @@ def num_blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockManager:
-    """Free-list allocator of KV-cache blocks."""
+    """Reference-counted allocator of KV-cache blocks with a prefix-hash index."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
         if num_blocks < 2:
             raise ValueError("the KV cache must hold at least two blocks (one is the null block)")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.free_block_ids: list[int] = list(range(num_blocks - 1, 0, -1))
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: dict[int, tuple[int, tuple[int, ...]]] = {}   # block -> (hash, tokens)
+        self.hash_to_block: dict[int, int] = {}
+        self.num_cached_token_hits = 0
 
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
 
+    def _prefix_hashes(self, seq: Sequence) -> list[tuple[int, tuple[int, ...]]]:
+        """(chained hash, tokens) of every shareable full block of `seq` (last token excluded)."""
+        if not self.enable_prefix_caching:
+            return []
+        bs, out, prev = self.block_size, [], 0
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            prev = hash((prev, tokens))
+            out.append((prev, tokens))
+        return out
+
+    def _cached_block(self, block_hash: int, tokens: tuple[int, ...]) -> int | None:
+        block_id = self.hash_to_block.get(block_hash)
+        if block_id is not None and self.block_hash.get(block_id, (None, None))[1] == tokens:
+            return block_id
+        return None
+
+    def _num_new_blocks(self, seq: Sequence) -> int:
+        """Blocks `seq` would take off the free list (cache hits on live blocks cost none)."""
+        needed = num_blocks_for(seq.num_tokens, self.block_size)
+        for block_hash, tokens in self._prefix_hashes(seq):
+            block_id = self._cached_block(block_hash, tokens)
+            if block_id is None:
+                break
+            if self.ref_counts[block_id] > 0:
+                needed -= 1
+        return needed
+
     def can_allocate(self, seq: Sequence) -> bool:
         """True if every token of `seq` (prompt + generated) fits in the free blocks."""
-        return num_blocks_for(seq.num_tokens, self.block_size) <= self.num_free_blocks
+        return self._num_new_blocks(seq) <= self.num_free_blocks
 
     def allocate(self, seq: Sequence) -> None:
-        """Give `seq` the blocks for all of its tokens (it must own none)."""
+        """Give `seq` blocks for all of its tokens, sharing cached prefix blocks; sets
+        `seq.num_computed_tokens` to the number of tokens whose KV is already cached."""
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already owns blocks")
-        needed = num_blocks_for(seq.num_tokens, self.block_size)
-        if needed > self.num_free_blocks:
+        if not self.can_allocate(seq):
             raise RuntimeError("allocate() called without can_allocate()")
-        seq.block_table = [self.free_block_ids.pop() for _ in range(needed)]
+        table: list[int] = []
+        hashes = self._prefix_hashes(seq)
+        num_hit_blocks = 0
+        for block_hash, tokens in hashes:
+            block_id = self._cached_block(block_hash, tokens)
+            if block_id is None:
+                break
+            if self.ref_counts[block_id] == 0:
+                self.free_block_ids.remove(block_id)
+            self.ref_counts[block_id] += 1
+            table.append(block_id)
+            num_hit_blocks += 1
+        for index in range(num_hit_blocks, num_blocks_for(seq.num_tokens, self.block_size)):
+            block_id = self._take_free_block()
+            if index < len(hashes):
+                self._register(block_id, *hashes[index])
+            table.append(block_id)
+        seq.block_table = table
+        seq.num_computed_tokens = num_hit_blocks * self.block_size
+        self.num_cached_token_hits += seq.num_computed_tokens
+
+    def _take_free_block(self) -> int:
+        block_id = self.free_block_ids.pop()
+        old = self.block_hash.pop(block_id, None)
+        if old is not None and self.hash_to_block.get(old[0]) == block_id:
+            del self.hash_to_block[old[0]]
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def _register(self, block_id: int, block_hash: int, tokens: tuple[int, ...]) -> None:
+        self.block_hash[block_id] = (block_hash, tokens)
+        self.hash_to_block[block_hash] = block_id
 
     def free(self, seq: Sequence) -> None:
-        """Return all of `seq`'s blocks to the pool."""
-        self.free_block_ids.extend(reversed(seq.block_table))
+        """Release `seq`'s blocks; blocks no other sequence uses return to the free list (last
+        block first, so the hot prefix blocks are the last to be reused)."""
+        for block_id in reversed(seq.block_table):
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free_block_ids.append(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
 
@@ -56,7 +134,7 @@ class BlockManager:
     def append_slot(self, seq: Sequence) -> None:
         """Make sure the block holding `seq`'s last token is allocated."""
         if self._needs_new_block(seq):
-            seq.block_table.append(self.free_block_ids.pop())
+            seq.block_table.append(self._take_free_block())
 
     def _needs_new_block(self, seq: Sequence) -> int:
         return int(num_blocks_for(seq.num_tokens, self.block_size) > len(seq.block_table))

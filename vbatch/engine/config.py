@@ -17,6 +17,7 @@ class EngineConfig:
     max_num_batched_tokens: token budget of one step (None: max(8192, max_model_len)).
     kv_cache_memory_gb: the KV cache's fixed budget (None: 4 GiB on CPU, or 90% of free GPU
     memory after the weights on CUDA); the cache never grows past it.
+    enable_prefix_caching: share the KV blocks of identical prompt prefixes between requests.
     """
 
     model: str | None = None
@@ -27,6 +28,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     kv_cache_memory_gb: float | None = None
     block_size: int = 16
+    enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None

@@ -18,7 +18,8 @@ class LLM:
 
     Arguments mirror vLLM's: model, tensor_parallel_size, pipeline_parallel_size,
     distributed_executor_backend, dtype, seed, max_model_len, max_num_seqs,
-    max_num_batched_tokens, kv_cache_memory_gb (the KV cache's fixed budget), trust_remote_code,
+    max_num_batched_tokens, kv_cache_memory_gb (the KV cache's fixed budget),
+    enable_prefix_caching, trust_remote_code,
     allow_pickle (pickle checkpoints are refused unless True).
     """
 
@@ -27,12 +28,14 @@ class LLM:
                  dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  kv_cache_memory_gb: float | None = None, block_size: int = 16,
+                 enable_prefix_caching: bool = True,
                  device: str | None = None, trust_remote_code: bool = False,
                  allow_pickle: bool = False):
         self.llm_engine = LLMEngine(EngineConfig(
             model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_memory_gb=kv_cache_memory_gb, block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
             distributed_executor_backend=distributed_executor_backend, device=device,

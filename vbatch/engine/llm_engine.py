@@ -51,7 +51,8 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids(model_dir)
         self.executor = self._make_executor(model_dir)
         self.num_kv_blocks = self._init_kv_cache()
-        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, config.block_size),
+        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, config.block_size,
+                                                enable_prefix_caching=config.enable_prefix_caching),
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=self.max_num_batched_tokens)
         self._seq_ids = itertools.count()

@@ -134,6 +134,10 @@ def main() -> None:
               envvar="VBATCH_KV_CACHE_MEMORY_GB", show_envvar=True,
               help="Fixed memory budget of the paged KV cache, in GiB. Default: 4 on CPU "
                    "(pages are only touched as used), 90% of free memory on a GPU.")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching",
+              default=field_default("enable_prefix_caching"), show_default=True,
+              help="Share the KV cache of identical prompt prefixes (e.g. a chat template's "
+                   "system prompt) between rows.")
 @click.option("--rows-per-file", type=int, default=field_default("rows_per_file"),
               show_default=True, help="Rows per output Parquet part file.")
 @click.option("--batch-size", type=int, default=field_default("batch_size"), show_default=True,

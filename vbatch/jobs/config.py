@@ -54,6 +54,7 @@ class JobConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     kv_cache_memory_gb: float | None = None
+    enable_prefix_caching: bool = True
     rows_per_file: int = 10_000
     batch_size: int = 1024
     trust_remote_code: bool = False
@@ -115,6 +116,7 @@ class JobConfig:
                             max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             kv_cache_memory_gb=self.kv_cache_memory_gb,
+                            enable_prefix_caching=self.enable_prefix_caching,
                             trust_remote_code=self.trust_remote_code,
                             allow_pickle=self.allow_pickle)
 
@@ -203,6 +205,7 @@ _FIELD_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "max_num_seqs": _as_int,
     "max_num_batched_tokens": _optional(_as_int),
     "kv_cache_memory_gb": _optional(_as_float),
+    "enable_prefix_caching": _as_bool,
     "rows_per_file": _as_int,
     "batch_size": _as_int,
     "trust_remote_code": _as_bool,
