@@ -18,6 +18,8 @@ class EngineConfig:
     kv_cache_memory_gb: the KV cache's fixed budget (None: 4 GiB on CPU, or 90% of free GPU
     memory after the weights on CUDA); the cache never grows past it.
     enable_prefix_caching: share the KV blocks of identical prompt prefixes between requests.
+    block_size: tokens per KV-cache block (None: 16 on GPUs, 8 on CPUs, where attention gathers
+    whole blocks and smaller blocks waste less padding; measured in benchmarks/RESULTS.md).
     """
 
     model: str | None = None
@@ -27,7 +29,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     kv_cache_memory_gb: float | None = None
-    block_size: int = 16
+    block_size: int | None = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -48,11 +50,18 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError("kv_cache_memory_gb must be > 0")
-        if self.block_size < 1:
+        if self.block_size is not None and self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
             raise ValueError("tensor/pipeline parallelism is not available yet in this build "
                              "(tensor_parallel_size and pipeline_parallel_size must be 1)")
+
+
+def resolve_block_size(block_size: int | None, device: torch.device) -> int:
+    """The KV block size: as given, else 16 on GPUs and 8 on CPUs."""
+    if block_size is not None:
+        return block_size
+    return 16 if device.type == "cuda" else 8
 
 
 def resolve_device(device: str | None) -> torch.device:

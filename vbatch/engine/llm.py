@@ -27,7 +27,7 @@ class LLM:
                  pipeline_parallel_size: int = 1, distributed_executor_backend: str | None = None,
                  dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 kv_cache_memory_gb: float | None = None, block_size: int = 16,
+                 kv_cache_memory_gb: float | None = None, block_size: int | None = None,
                  enable_prefix_caching: bool = True,
                  device: str | None = None, trust_remote_code: bool = False,
                  allow_pickle: bool = False):

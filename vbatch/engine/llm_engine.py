@@ -10,7 +10,8 @@ import torch
 
 from vbatch.engine.block_manager import BlockManager, num_blocks_for
 from vbatch.engine.config import (DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION,
-                                  EngineConfig, resolve_device, resolve_dtype)
+                                  EngineConfig, resolve_block_size, resolve_device,
+                                  resolve_dtype)
 from vbatch.engine.model_loader import model_class_for
 from vbatch.engine.outputs import CompletionOutput, RequestOutput
 from vbatch.engine.sampling_params import SamplingParams
@@ -42,6 +43,7 @@ class LLMEngine:
                                                        trust_remote_code=config.trust_remote_code)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.block_size = resolve_block_size(config.block_size, self.device)
         self.max_model_len = self._derive_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192,
                                                                            self.max_model_len)
@@ -51,7 +53,7 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids(model_dir)
         self.executor = self._make_executor(model_dir)
         self.num_kv_blocks = self._init_kv_cache()
-        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, config.block_size,
+        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, self.block_size,
                                                 enable_prefix_caching=config.enable_prefix_caching),
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=self.max_num_batched_tokens)
@@ -86,7 +88,7 @@ class LLMEngine:
         from vbatch.engine.executor.uniproc import UniProcExecutor
         from vbatch.engine.worker import WorkerSpec
         spec = WorkerSpec(model_dir=str(model_dir), hf_config=self.hf_config, dtype=self.dtype,
-                          device=str(self.device), block_size=self.config.block_size,
+                          device=str(self.device), block_size=self.block_size,
                           max_position=self.max_model_len, seed=self.config.seed,
                           num_threads=int(os.environ["VBATCH_NUM_THREADS"])
                           if os.environ.get("VBATCH_NUM_THREADS") else None)
@@ -103,12 +105,12 @@ class LLMEngine:
                       else min(available))
         # Never more than every running sequence at full length could use.
         useful = self.config.max_num_seqs * num_blocks_for(self.max_model_len,
-                                                           self.config.block_size)
+                                                           self.block_size)
         num_blocks = min(budget // block_bytes, useful + 1)   # + the null block
-        min_blocks = num_blocks_for(self.max_model_len, self.config.block_size) + 1
+        min_blocks = num_blocks_for(self.max_model_len, self.block_size) + 1
         if num_blocks < min_blocks:
             raise ValueError(f"the KV cache budget ({budget / (1 << 30):.2f} GiB) holds "
-                             f"{num_blocks * self.config.block_size} tokens, fewer than one "
+                             f"{num_blocks * self.block_size} tokens, fewer than one "
                              f"sequence of max_model_len={self.max_model_len}; raise "
                              "kv_cache_memory_gb or lower max_model_len")
         self.executor.collective_rpc("init_kv_cache", num_blocks)
