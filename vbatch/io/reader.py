@@ -15,8 +15,6 @@ Every problem with the data raises `InputError` with a one-line message naming t
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,18 +27,14 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from vbatch.errors import InputError
+from vbatch.io.inputs import (  # noqa: F401  (re-exported: the reader's public API)
+    ARROW_SUFFIXES, CSV_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, SUPPORTED_SUFFIXES,
+    input_root, resolve_input_files)
 from vbatch.io.schema import check_input_schema, conform_batch, unify_input_schemas
 
-PARQUET_SUFFIXES = (".parquet",)
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-CSV_SUFFIXES = (".csv",)
-ARROW_SUFFIXES = (".arrow",)
-SUPPORTED_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + CSV_SUFFIXES + ARROW_SUFFIXES
 #: Bytes of text parsed at a time; also the size up to which the first block is the whole file.
 BLOCK_SIZE = 8 << 20
 
-_GLOB_CHARS = frozenset("*?[")
-_HF_METADATA_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")
 _CSV_CONVERSION_ERROR = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+)")
 _JSON_ROW = re.compile(r" in row (\d+)")
 # A line must be one JSON object. This also keeps a top-level `null` away from pyarrow's JSON
@@ -62,99 +56,6 @@ def _input_errors(file: Path | str) -> Iterator[None]:
         raise
     except (pa.ArrowException, OSError, ValueError, UnicodeError) as error:
         raise InputError(f"{file}: {_one_line(error)}") from None
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith((".", "_"))
-
-
-def _is_supported(path: Path) -> bool:
-    return path.suffix.lower() in SUPPORTED_SUFFIXES
-
-
-def _is_glob(text: str) -> bool:
-    return any(char in _GLOB_CHARS for char in text)
-
-
-def _hf_dataset_files(directory: Path) -> list[Path]:
-    try:
-        state = json.loads((directory / "state.json").read_text())
-        return [directory / entry["filename"] for entry in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return sorted(directory.glob("*.arrow"))
-
-
-def _files_in_directory(directory: Path) -> list[Path]:
-    found: list[Path] = []
-    for dir_path, dir_names, file_names in os.walk(directory):
-        here = Path(dir_path)
-        if (here / "state.json").is_file() and (here / "dataset_info.json").is_file():
-            found += _hf_dataset_files(here)  # a `datasets.save_to_disk` directory
-            dir_names.clear()
-            continue
-        # Skip hidden/underscore dirs and vbatch's own outputs (`<input>.vbatch/`).
-        dir_names[:] = [d for d in dir_names if not _is_hidden(d) and not d.endswith(".vbatch")]
-        found += [
-            here / name
-            for name in file_names
-            if not _is_hidden(name) and name not in _HF_METADATA_FILES and _is_supported(Path(name))
-        ]
-    return found
-
-
-def resolve_input_files(input: str) -> list[Path]:
-    """Expand INPUT (a file, a directory or a glob) into a sorted list of input files.
-
-    Directories are searched recursively for supported files, skipping names that start with
-    "." or "_" (`_SUCCESS`, `.cache/`) and `*.vbatch` output directories; a `datasets` directory
-    saved with `save_to_disk` yields its Arrow files. Raises InputError for a missing path, a
-    glob matching nothing, an unsupported file type or a directory without supported files.
-    """
-    kinds = "/".join(SUPPORTED_SUFFIXES)
-    if "://" in input:
-        raise InputError(f"{input}: remote URLs are not supported; pass a local path")
-    path = Path(input).expanduser()
-    if _is_glob(input):
-        matches = sorted(Path(match) for match in glob.glob(str(path), recursive=True))
-        if not matches:
-            raise InputError(f"{input}: no files match this pattern")
-        files: list[Path] = []
-        for match in matches:
-            if match.is_dir():
-                files += _files_in_directory(match)
-            elif _is_supported(match):
-                files.append(match)
-        if not files:
-            raise InputError(f"{input}: the pattern matches no {kinds} files")
-    elif path.is_dir():
-        files = _files_in_directory(path)
-        if not files:
-            raise InputError(f"{input}: the directory holds no {kinds} files")
-    elif path.is_file():
-        if not _is_supported(path):
-            suffix = path.suffix or "(none)"
-            raise InputError(f"{input}: unsupported file type {suffix!r}; use {kinds}")
-        files = [path]
-    else:
-        raise InputError(f"{input}: no such file or directory")
-    return sorted(set(files), key=lambda file: file.as_posix())
-
-
-def input_root(input: str) -> Path:
-    """The directory that row keys are relative to: a file's parent, the directory itself, or
-    the part of a glob before its first wildcard. Pass it to `read_batches(root=...)`."""
-    path = Path(input).expanduser()
-    if _is_glob(input):
-        fixed = list(_leading_fixed_parts(path))
-        return Path(*fixed) if fixed else Path(".")
-    return path if path.is_dir() else path.parent
-
-
-def _leading_fixed_parts(path: Path) -> Iterator[str]:
-    for part in path.parts[:-1]:
-        if _is_glob(part):
-            return
-        yield part
 
 
 # --- per-format schema and batches ----------------------------------------------------------

@@ -21,11 +21,11 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     Raises ValueError subclasses for anything the user can fix (bad input, bad model, output
     directory not empty) and other exceptions for internal failures.
     """
-    from vbatch.io import reader, writer
+    from vbatch.io import inputs, reader, writer
     from vbatch.io.schema import output_schema
 
     started = time.perf_counter()
-    files = reader.resolve_input_files(config.input)
+    files = inputs.resolve_input_files(config.input)
     reader.validate_inputs(files, config.prompt_column, id_column=config.id_column)
     output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
     _check_output_dir(output_dir, config.overwrite)
@@ -45,7 +45,7 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     reporter.start(reader.count_rows(files))
     batches = reader.read_batches(files, batch_size=config.batch_size,
                                   prompt_column=config.prompt_column,
-                                  id_column=config.id_column, root=reader.input_root(config.input))
+                                  id_column=config.id_column, root=inputs.input_root(config.input))
     with writer.ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file,
                                   schema=out_schema) as part_writer:
         for out_batch in replica.process(batches, on_progress=reporter.update):
