@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from vbatch.engine.block_manager import BlockManager, num_blocks_for
 from vbatch.engine.config import (DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION,

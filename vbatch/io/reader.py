@@ -27,9 +27,12 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from vbatch.errors import InputError
-from vbatch.io.inputs import (  # noqa: F401  (re-exported: the reader's public API)
-    ARROW_SUFFIXES, CSV_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, SUPPORTED_SUFFIXES,
-    input_root, resolve_input_files)
+from vbatch.io.inputs import (ARROW_SUFFIXES, CSV_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES,
+                              SUPPORTED_SUFFIXES, input_root, resolve_input_files)
+
+# Finding files lives in inputs.py; these names stay importable from here too.
+__all__ = ["JSONL_SUFFIXES", "SUPPORTED_SUFFIXES", "count_rows", "input_root", "input_schema",
+           "prompt_column_of", "read_batches", "resolve_input_files", "validate_inputs"]
 from vbatch.io.schema import check_input_schema, conform_batch, unify_input_schemas
 
 #: Bytes of text parsed at a time; also the size up to which the first block is the whole file.
