@@ -31,6 +31,8 @@ class AttentionMetadata:
     attn_mask:        [B, 1, Lq, Nb * block_size] bool, True where query may attend to key
     query_pad_index:  [B, Lq]  index into the T new tokens for each padded query (None if Lq == 1)
     query_unpad_index:[T]      index into the flattened [B * Lq] padded queries (None if Lq == 1)
+    chunks:           [(start, end, num_blocks)] groups of sequences attended together; each
+                      reads only its own first `num_blocks` block-table columns
     """
 
     slot_mapping: torch.Tensor
@@ -38,21 +40,30 @@ class AttentionMetadata:
     attn_mask: torch.Tensor
     query_pad_index: torch.Tensor | None
     query_unpad_index: torch.Tensor | None
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)
     _group_masks: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.chunks:
+            self.chunks = [(0, self.block_tables.shape[0], self.block_tables.shape[1])]
 
     @property
     def max_query_len(self) -> int:
         return self.attn_mask.shape[2]
 
-    def mask_for(self, num_kv_heads: int, group: int) -> torch.Tensor:
-        """attn_mask laid out for head-major attention: [num_kv_heads * B, 1, group * Lq, Lk]."""
-        mask = self._group_masks.get((num_kv_heads, group))
+    def mask_for(self, num_kv_heads: int, group: int, chunk: tuple[int, int, int],
+                 block_size: int) -> torch.Tensor:
+        """attn_mask of one chunk laid out for head-major attention:
+        [num_kv_heads * n, 1, group * Lq, num_blocks * block_size]."""
+        key = (num_kv_heads, group, chunk)
+        mask = self._group_masks.get(key)
         if mask is None:
-            batch, _, lq, lk = self.attn_mask.shape
-            mask = self.attn_mask.view(1, batch, 1, lq, lk).expand(num_kv_heads, batch, group, lq,
-                                                                    lk)
-            mask = mask.reshape(num_kv_heads * batch, 1, group * lq, lk)
-            self._group_masks[(num_kv_heads, group)] = mask
+            start, end, num_blocks = chunk
+            rows, lq = end - start, self.attn_mask.shape[2]
+            mask = self.attn_mask[start:end, :, :, : num_blocks * block_size]
+            mask = mask.view(1, rows, 1, lq, -1).expand(num_kv_heads, rows, group, lq, -1)
+            mask = mask.reshape(num_kv_heads * rows, 1, group * lq, -1)
+            self._group_masks[key] = mask
         return mask
 
 
@@ -98,21 +109,28 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]     # [Hkv, blocks, block, d]
         k_cache.view(hkv, -1, d)[:, meta.slot_mapping] = k.view(num_tokens, hkv, d).transpose(0, 1)
         v_cache.view(hkv, -1, d)[:, meta.slot_mapping] = v.view(num_tokens, hkv, d).transpose(0, 1)
-        batch, num_blocks = meta.block_tables.shape
-        flat_blocks = meta.block_tables.view(-1)
-        keys = k_cache.index_select(1, flat_blocks).view(hkv * batch, 1, -1, d)
-        values = v_cache.index_select(1, flat_blocks).view(hkv * batch, 1, -1, d)
-        lq = meta.max_query_len
+        batch, lq = meta.block_tables.shape[0], meta.max_query_len
+        block_size = k_cache.shape[2]
         q = q.view(num_tokens, hkv, group, d)
         if meta.query_pad_index is not None:
             q = q[meta.query_pad_index]                               # [B, Lq, Hkv, g, d]
         else:
             q = q.view(batch, 1, hkv, group, d)
-        q = q.permute(2, 0, 3, 1, 4).reshape(hkv * batch, 1, group * lq, d)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.mask_for(hkv, group),
-                                             scale=self.scale)      # [Hkv*B, 1, g*Lq, d]
-        out = out.view(hkv, batch, group, lq, d).permute(1, 3, 0, 2, 4)  # [B, Lq, Hkv, g, d]
-        out = out.reshape(batch * lq, hkv * group * d)
+        out = torch.empty_like(q)
+        # Gather and attend a chunk of sequences at a time: the gathered keys/values stay in
+        # cache between the copy and the attention that reads them.
+        for chunk in meta.chunks:
+            start, end, num_blocks = chunk
+            rows = end - start
+            blocks = meta.block_tables[start:end, :num_blocks].reshape(-1)
+            keys = k_cache.index_select(1, blocks).view(hkv * rows, 1, -1, d)
+            values = v_cache.index_select(1, blocks).view(hkv * rows, 1, -1, d)
+            q_chunk = q[start:end].permute(2, 0, 3, 1, 4).reshape(hkv * rows, 1, group * lq, d)
+            attended = F.scaled_dot_product_attention(
+                q_chunk, keys, values, attn_mask=meta.mask_for(hkv, group, chunk, block_size),
+                scale=self.scale)                                      # [Hkv*n, 1, g*Lq, d]
+            out[start:end] = attended.view(hkv, rows, group, lq, d).permute(1, 3, 0, 2, 4)
+        out = out.view(batch * lq, hkv * group * d)
         if meta.query_unpad_index is not None:
             out = out[meta.query_unpad_index]
         return out

