@@ -212,3 +212,22 @@ def test_allocate_kv_cache_is_zeroed(dtype):
     cache[0, :, 1, 2] = 1.5                            # writable, and views write through
     cache[1].view(2, -1, 8)[:, 3] = 2.0
     assert cache[0, :, 1, 2].float().eq(1.5).all() and cache[1, :, 0, 3].float().eq(2.0).all()
+
+
+def test_half_precision_decode_path_matches_float32_reference():
+    """bf16 decode (bmm + float32 softmax path) stays within bf16 rounding of float32 SDPA."""
+    from vbatch.engine.attention import _decode_attention_half
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    rows, lk, group, d = 12, 40, 3, 16
+    q = torch.randn(rows, 1, group, d, generator=gen)
+    keys = torch.randn(rows, 1, lk, d, generator=gen)
+    values = torch.randn(rows, 1, lk, d, generator=gen)
+    lengths = torch.randint(1, lk + 1, (rows,), generator=gen)
+    mask = (torch.arange(lk).view(1, -1) < lengths.view(-1, 1)).view(rows, 1, 1, lk)
+    mask = mask.expand(rows, 1, group, lk)
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.25)
+    got = _decode_attention_half(q.bfloat16(), keys.bfloat16(), values.bfloat16(), mask, 0.25)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)
