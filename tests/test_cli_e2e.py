@@ -121,3 +121,26 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, tiny_models, args, needle):
     assert len(lines) == 1, result.stderr
     assert needle in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "in.vbatch" / "_SUCCESS").exists()
+
+
+def test_messages_column_is_chat_templated(tmp_path, tiny_models):
+    """A `messages` column (list of role/content) is always chat-templated, no --chat needed."""
+    from transformers import AutoTokenizer
+
+    conversations = [[{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": p}] for p in PROMPTS[:3]]
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps({"id": f"m{i}", "messages": c}) + "\n"
+                              for i, c in enumerate(conversations)))
+    model = tiny_models["llama-gqa-tied"]
+    result = _vbatch("run", str(source), "--model", str(model), "--max-tokens", "3",
+                     "--temperature", "0", "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for i, conversation in enumerate(conversations):
+        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=True)
+        expected = len(tokenizer.encode(text, add_special_tokens=False))
+        assert rows[f"m{i}"]["num_prompt_tokens"] == expected
+        assert rows[f"m{i}"]["messages"] == conversation
