@@ -52,9 +52,14 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_gb must be > 0")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError("block_size must be >= 1")
-        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
-            raise ValueError("tensor/pipeline parallelism is not available yet in this build "
-                             "(tensor_parallel_size and pipeline_parallel_size must be 1)")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError("pipeline parallelism is not available yet in this build "
+                             "(pipeline_parallel_size must be 1)")
+        if self.distributed_executor_backend not in (None, "mp", "uni"):
+            raise ValueError(f"distributed_executor_backend {self.distributed_executor_backend!r}"
+                             " is not available; use 'mp' (the 'ray' executor is not built yet)")
 
 
 def resolve_block_size(block_size: int | None, device: torch.device) -> int:

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 
 from vbatch.engine.block_manager import BlockManager, num_blocks_for
 from vbatch.engine.config import (DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -84,14 +86,33 @@ class LLMEngine:
         return ids
 
     def _make_executor(self, model_dir: Path):
-        from vbatch.engine.executor.uniproc import UniProcExecutor
         from vbatch.engine.worker import WorkerSpec
+        tp_size = self.config.tensor_parallel_size
+        self._check_tensor_parallel_size(tp_size)
+        threads = os.environ.get("VBATCH_NUM_THREADS")
         spec = WorkerSpec(model_dir=str(model_dir), hf_config=self.hf_config, dtype=self.dtype,
                           device=str(self.device), block_size=self.block_size,
                           max_position=self.max_model_len, seed=self.config.seed,
-                          num_threads=int(os.environ["VBATCH_NUM_THREADS"])
-                          if os.environ.get("VBATCH_NUM_THREADS") else None)
-        return UniProcExecutor(spec)
+                          num_threads=int(threads) if threads else None)
+        if tp_size == 1 and self.config.distributed_executor_backend in (None, "uni"):
+            from vbatch.engine.executor.uniproc import UniProcExecutor
+            return UniProcExecutor(spec)
+        from vbatch.engine.executor.multiproc import MultiprocExecutor
+        return MultiprocExecutor(spec, tp_size=tp_size)
+
+    def _check_tensor_parallel_size(self, tp_size: int) -> None:
+        """tp must split the attention heads (and the KV heads, or be a multiple of them)."""
+        heads = self.hf_config.num_attention_heads
+        kv_heads = getattr(self.hf_config, "num_key_value_heads", None) or heads
+        valid = [t for t in range(1, heads + 1)
+                 if heads % t == 0 and (kv_heads % t == 0 or t % kv_heads == 0)]
+        if tp_size not in valid:
+            raise ValueError(f"tensor_parallel_size={tp_size} does not divide this model's "
+                             f"{heads} attention heads ({kv_heads} KV heads); valid sizes: "
+                             f"{', '.join(map(str, valid))}")
+        if self.device.type == "cuda" and tp_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={tp_size} needs {tp_size} GPUs; "
+                             f"{torch.cuda.device_count()} visible")
 
     def _init_kv_cache(self) -> int:
         block_bytes = max(self.executor.collective_rpc("kv_cache_bytes_per_block"))
@@ -194,4 +215,5 @@ class LLMEngine:
                              outputs=[completion])
 
     def shutdown(self) -> None:
+        """Stop the workers (idempotent)."""
         self.executor.shutdown()

@@ -63,3 +63,7 @@ class Worker:
 
     def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
         return self.model_runner.execute_model(seqs)
+
+    def compute_logits(self, seqs: list[ScheduledSequence]):
+        """Logits of every new token of a step (every TP rank holds them all); for tests."""
+        return self.model_runner.compute_logits(seqs)

@@ -142,6 +142,13 @@ def main() -> None:
               show_default=True, help="Rows per output Parquet part file.")
 @click.option("--batch-size", type=int, default=field_default("batch_size"), show_default=True,
               help="Rows read from the input per batch handed to the engine.")
+@click.option("--tensor-parallel-size", "--tp", "-tp", "tensor_parallel_size", type=int,
+              default=field_default("tensor_parallel_size"), show_default=True,
+              help="Tensor-parallel ranks per engine (Megatron column/row-parallel layers); must "
+                   "divide the attention heads.")
+@click.option("--distributed-executor-backend", type=click.Choice(["mp", "ray"]),
+              help="How the ranks run: mp = local worker processes (default; the ray executor "
+                   "is not built yet).")
 @click.option("--trust-remote-code", is_flag=True, default=field_default("trust_remote_code"),
               help="Allow code shipped with the model (config auto_map). Only for models you "
                    "trust.")

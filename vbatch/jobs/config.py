@@ -57,6 +57,8 @@ class JobConfig:
     enable_prefix_caching: bool = True
     rows_per_file: int = 10_000
     batch_size: int = 1024
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -106,6 +108,10 @@ class JobConfig:
                 f"got {self.kv_cache_memory_gb}"
             )
         _require_at_least("rows_per_file", self.rows_per_file, 1)
+        _require_at_least("tensor_parallel_size", self.tensor_parallel_size, 1)
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            _fail("--distributed-executor-backend must be mp or ray, got "
+                  f"{self.distributed_executor_backend!r}")
         _require_at_least("batch_size", self.batch_size, 1)
         return self
 
@@ -117,6 +123,8 @@ class JobConfig:
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             kv_cache_memory_gb=self.kv_cache_memory_gb,
                             enable_prefix_caching=self.enable_prefix_caching,
+                            tensor_parallel_size=self.tensor_parallel_size,
+                            distributed_executor_backend=self.distributed_executor_backend,
                             trust_remote_code=self.trust_remote_code,
                             allow_pickle=self.allow_pickle)
 
@@ -208,6 +216,8 @@ _FIELD_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "enable_prefix_caching": _as_bool,
     "rows_per_file": _as_int,
     "batch_size": _as_int,
+    "tensor_parallel_size": _as_int,
+    "distributed_executor_backend": _optional(_as_str),
     "trust_remote_code": _as_bool,
     "allow_pickle": _as_bool,
 }

@@ -37,22 +37,25 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     from vbatch.engine.llm_engine import LLMEngine
     from vbatch.jobs.replica import Replica, RowPrompts
     engine = LLMEngine(config.engine_config())
-    load_time = time.perf_counter() - started
-    replica = Replica(engine, config.sampling_params(),
-                      RowPrompts(prompt_column, config.id_column, config.chat))
-
-    output_dir = writer.prepare_output_dir(output_dir, overwrite=config.overwrite)
-    reporter.start(reader.count_rows(files))
-    batches = reader.read_batches(files, batch_size=config.batch_size,
-                                  prompt_column=config.prompt_column,
-                                  id_column=config.id_column, root=inputs.input_root(config.input))
-    with writer.ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file,
-                                  schema=out_schema) as part_writer:
-        for out_batch in replica.process(batches, on_progress=reporter.update):
-            part_writer.write(out_batch)
-        reporter.close()
-        counters = replica.counters
-        part_writer.commit(_manifest(config, engine, counters, files))
+    try:
+        load_time = time.perf_counter() - started
+        replica = Replica(engine, config.sampling_params(),
+                          RowPrompts(prompt_column, config.id_column, config.chat))
+        output_dir = writer.prepare_output_dir(output_dir, overwrite=config.overwrite)
+        reporter.start(reader.count_rows(files))
+        batches = reader.read_batches(files, batch_size=config.batch_size,
+                                      prompt_column=config.prompt_column,
+                                      id_column=config.id_column,
+                                      root=inputs.input_root(config.input))
+        with writer.ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file,
+                                      schema=out_schema) as part_writer:
+            for out_batch in replica.process(batches, on_progress=reporter.update):
+                part_writer.write(out_batch)
+            reporter.close()
+            counters = replica.counters
+            part_writer.commit(_manifest(config, engine, counters, files))
+    finally:
+        engine.shutdown()       # no worker process outlives the job
     return JobStats(num_rows=counters.num_rows, num_prompt_tokens=counters.num_prompt_tokens,
                     num_output_tokens=counters.num_output_tokens,
                     wall_time_s=time.perf_counter() - started, output_dir=str(output_dir),

@@ -1,0 +1,147 @@
+"""The `mp` executor: one spawned worker process per rank, driven over pipes.
+
+The engine process holds no model. Every step it sends the same (method, args) message to each
+rank's pipe; the ranks run it in lockstep (their collectives meet in torch.distributed, gloo on
+CPU or NCCL on CUDA), and each sends back its result, or the error it raised. A rank that dies
+is noticed through its process sentinel, so the engine fails within seconds naming the rank,
+instead of hanging in a collective. Ray is not imported.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import traceback
+from multiprocessing.connection import wait
+
+from vbatch.engine.executor.base import Executor
+from vbatch.engine.worker import WorkerSpec
+
+_SHUTDOWN = "__shutdown__"
+
+
+class WorkerError(RuntimeError):
+    """A worker rank raised or died; the message names the rank and the cause."""
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker_main(rank: int, spec: WorkerSpec, tp_size: int, pp_size: int, init_method: str,
+                 conn, visible_devices: str | None) -> None:
+    """Entry point of a worker process: build this rank, then serve (method, args) messages."""
+    if visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    import torch
+
+    from vbatch.engine.worker import Worker
+    from vbatch.parallel.state import init_parallel_state
+    try:
+        device = torch.device(spec.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+            spec.device = str(device)
+        ps = init_parallel_state(world_rank=rank, tp_size=tp_size, pp_size=pp_size,
+                                 init_method=init_method, device=device)
+        worker = Worker(spec, ps)
+        conn.send(("ok", None))
+    except BaseException as error:  # report, then exit: the engine raises WorkerError
+        conn.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+        return
+    while True:
+        method, args = conn.recv()
+        if method == _SHUTDOWN:
+            break
+        try:
+            conn.send(("ok", getattr(worker, method)(*args)))
+        except BaseException as error:
+            conn.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MultiprocExecutor(Executor):
+    """tp_size x pp_size worker processes on this node (see module docstring)."""
+
+    def __init__(self, spec: WorkerSpec, *, tp_size: int, pp_size: int = 1):
+        self.world_size = tp_size * pp_size
+        context = multiprocessing.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_free_loopback_port()}"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.processes, self.conns = [], []
+        for rank in range(self.world_size):
+            parent_conn, child_conn = context.Pipe()
+            process = context.Process(
+                target=_worker_main, name=f"vbatch-worker-{rank}", daemon=True,
+                args=(rank, spec, tp_size, pp_size, init_method, child_conn, visible))
+            process.start()
+            child_conn.close()
+            self.processes.append(process)
+            self.conns.append(parent_conn)
+        try:
+            self._collect()              # every rank reports that it loaded its shard
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def collective_rpc(self, method: str, *args) -> list:
+        if not self.conns:
+            raise WorkerError("the workers were shut down after an earlier failure")
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send((method, args))
+            except OSError:
+                code = self.processes[rank].exitcode
+                self.shutdown()
+                raise WorkerError(f"worker rank {rank} died (exit code {code})") from None
+        return self._collect()
+
+    def _collect(self) -> list:
+        results: list = [None] * self.world_size
+        pending = dict(enumerate(self.conns))
+        while pending:
+            sentinels = {self.processes[r].sentinel: r for r in pending}
+            ready = wait(list(pending.values()) + list(sentinels))
+            for item in ready:
+                if item in sentinels:
+                    rank = sentinels[item]
+                    if rank in pending and not pending[rank].poll():
+                        code = self.processes[rank].exitcode
+                        self.shutdown()
+                        raise WorkerError(f"worker rank {rank} died (exit code {code})")
+                    continue
+                rank = next(r for r, conn in pending.items() if conn is item)
+                try:
+                    status, value = item.recv()
+                except (EOFError, OSError):
+                    self.shutdown()
+                    raise WorkerError(f"worker rank {rank} died (connection closed)") from None
+                del pending[rank]
+                if status == "error":
+                    self.shutdown()
+                    first_line, _, detail = value.partition("\n")
+                    raise WorkerError(f"worker rank {rank} failed: {first_line}")
+                results[rank] = value
+        return results
+
+    def shutdown(self) -> None:
+        for conn, process in zip(self.conns, self.processes):
+            if process.is_alive():
+                try:
+                    conn.send((_SHUTDOWN, ()))
+                except (OSError, BrokenPipeError):
+                    pass
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+        self.processes, self.conns = [], []
+
+    def __del__(self):
+        if getattr(self, "processes", None):
+            self.shutdown()
