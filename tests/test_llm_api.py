@@ -97,5 +97,7 @@ def test_prompt_longer_than_model_len(tiny_models):
 
 
 def test_unsupported_parallelism_is_a_clear_error(tiny_models):
-    with pytest.raises(ValueError, match="tensor"):
-        LLM(str(tiny_models["gpt2"]), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline"):
+        LLM(str(tiny_models["gpt2"]), pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="ray"):
+        LLM(str(tiny_models["gpt2"]), tensor_parallel_size=2, distributed_executor_backend="ray")
