@@ -67,3 +67,20 @@ def test_dtype_auto_rule():
     expected = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.slow
+def test_tensor_parallel_3_matches_tp1_on_the_real_model():
+    """SmolLM2 has 9 heads / 3 KV heads: tp=3 puts one KV head on each rank."""
+    from vbatch import LLM, SamplingParams
+
+    conversations = [[{"role": "user", "content": p}] for p in _varied_prompts()[:4]]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    kwargs = dict(dtype="float32", kv_cache_memory_gb=0.2, max_model_len=512)
+    expected = [o.outputs[0].token_ids for o in LLM(**kwargs).chat(conversations, params)]
+    llm = LLM(**kwargs, tensor_parallel_size=3)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.chat(conversations, params)]
+    finally:
+        llm.llm_engine.shutdown()
+    assert got == expected
