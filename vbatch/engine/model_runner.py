@@ -36,7 +36,7 @@ class ModelRunner:
         return per_token * self.block_size * torch.finfo(self.dtype).bits // 8
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        """Allocate every layer's [2, num_blocks, block_size, num_kv_heads, head_dim] cache."""
+        """Allocate every layer's [2, num_kv_heads, num_blocks, block_size, head_dim] cache."""
         self.num_blocks = num_blocks
         for layer in self.model.attention_layers():
             layer.bind_cache(allocate_kv_cache(num_blocks, self.block_size, layer.num_kv_heads,
