@@ -163,3 +163,43 @@ def test_tensor_parallel_cli_matches_tp1_and_bad_tp_exits_2(tmp_path, tiny_model
                   "--output", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "valid sizes: 1, 2, 4" in bad.stderr
     assert len([line for line in bad.stderr.splitlines() if line.strip()]) == 1
+
+
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    try:
+        with open(path) as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_sigterm_stops_the_job_and_its_workers(tmp_path, tiny_models):
+    import signal
+    import time
+
+    source = tmp_path / "in.jsonl"
+    _write(source, _rows(3000))
+    exe = shutil.which("vbatch")
+    command = [exe] if exe else [sys.executable, "-m", "vbatch"]
+    process = subprocess.Popen(
+        command + ["run", str(source), "--model", str(tiny_models["gpt2"]), "--tp", "2",
+                   "--max-tokens", "64", "--ignore-eos", "--output", str(tmp_path / "out")],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = [c for c in _children(process.pid)
+                   if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        time.sleep(0.2)
+    assert len(workers) == 2, "workers did not start"
+    time.sleep(3)                                     # let generation begin
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    time.sleep(1)
+    assert not any(os.path.exists(f"/proc/{w}") and
+                   open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers)

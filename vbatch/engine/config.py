@@ -72,8 +72,11 @@ def resolve_block_size(block_size: int | None, device: torch.device) -> int:
 def resolve_device(device: str | None) -> torch.device:
     """`None` -> cuda if available, else cpu."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", 0)   # set_device and mem_get_info need an index
+    return resolved
 
 
 def cpu_has_fast_bf16() -> bool:

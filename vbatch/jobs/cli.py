@@ -8,7 +8,9 @@ the traceback. Importing this module stays light (no torch): the runner is impor
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Any
 
@@ -184,6 +186,7 @@ def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet
     from vbatch.jobs.progress import ProgressReporter
 
     reporter = ProgressReporter(quiet=is_quiet)
+    previous_sigterm = _raise_on_sigterm()
     try:
         config = load_job_config(cli_values, config_path)
         from vbatch.jobs import runner  # lazy: torch is imported only when a job runs
@@ -195,6 +198,10 @@ def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet
         reporter.close()
         click.echo("Aborted.", err=True)
         return EXIT_INTERRUPTED
+    except _Terminated:
+        reporter.close()
+        click.echo("Terminated.", err=True)
+        return EXIT_TERMINATED
     except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
     except ValueError as exc:
@@ -207,6 +214,27 @@ def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet
         hint = "" if is_debug_enabled() else " (set VBATCH_DEBUG=1 for the traceback)"
         _report_error(f"internal error: {type(exc).__name__}: {detail}{hint}")
         return EXIT_INTERNAL_ERROR
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+EXIT_TERMINATED = 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C so `finally` blocks stop the worker processes."""
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into `_Terminated` while a job runs; returns the previous handler (None
+    when not in the main thread, where Python cannot install signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _report_error(message: str) -> None:

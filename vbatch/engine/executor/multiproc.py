@@ -52,7 +52,10 @@ def _worker_main(rank: int, spec: WorkerSpec, tp_size: int, pp_size: int, init_m
         conn.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
         return
     while True:
-        method, args = conn.recv()
+        try:
+            method, args = conn.recv()
+        except (EOFError, OSError):      # the engine process is gone: leave quietly
+            break
         if method == _SHUTDOWN:
             break
         try:
