@@ -175,7 +175,9 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
-def test_sigterm_stops_the_job_and_its_workers(tmp_path, tiny_models):
+@pytest.mark.parametrize("signame, exit_code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_stops_the_job_and_its_workers(tmp_path, tiny_models, signame, exit_code):
+    """SIGTERM or Ctrl-C mid-job: clean exit code, no traceback, no _SUCCESS, no live worker."""
     import signal
     import time
 
@@ -195,9 +197,9 @@ def test_sigterm_stops_the_job_and_its_workers(tmp_path, tiny_models):
         time.sleep(0.2)
     assert len(workers) == 2, "workers did not start"
     time.sleep(3)                                     # let generation begin
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, signame))
     _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 143, stderr
+    assert process.returncode == exit_code, stderr
     assert "Traceback" not in stderr
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     time.sleep(1)
