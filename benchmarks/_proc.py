@@ -218,3 +218,13 @@ def wait_until_idle(max_wait_s: float, threshold: float = 0.15, quiet: bool = Fa
     if not quiet and busy is not None and busy > threshold:
         print(f"  warning: machine still {busy:.0%} busy: timings will be pessimistic", flush=True)
     return busy
+
+
+def add_contention_arguments(parser) -> None:
+    """The shared `--wait-idle` / `--attempts` options of the benchmark scripts."""
+    parser.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
+                        help="before each timed run, wait up to S seconds for the machine to be "
+                             "idle (others' work skews timings); 0 = don't check")
+    parser.add_argument("--attempts", type=int, default=3,
+                        help="repeat a timed run up to this many times while other processes "
+                             "used > 0.25 cores during it; the least contended run is reported")

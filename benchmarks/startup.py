@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _proc import Measured, run_measured, run_uncontended  # noqa: E402
+from _proc import Measured, add_contention_arguments, run_measured, run_uncontended  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HF_BASELINE = Path(__file__).resolve().parent / "hf_baseline.py"
@@ -55,12 +55,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=1)
     parser.add_argument("--vbatch-args", default="", help="extra flags for `vbatch run`")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF reference row")
-    parser.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
-                        help="before each timed run, wait up to S seconds for the machine to be "
-                             "idle (others' work skews timings); 0 = don't check")
-    parser.add_argument("--attempts", type=int, default=3,
-                        help="repeat a timed run up to this many times while other processes "
-                             "used > 0.25 cores during it; the least contended run is reported")
+    add_contention_arguments(parser)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (cache, outputs)")
     args = parser.parse_args()
 

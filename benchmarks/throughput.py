@@ -48,7 +48,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _proc import Measured, run_measured, run_uncontended  # noqa: E402
+from _proc import Measured, add_contention_arguments, run_measured, run_uncontended  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = REPO_ROOT / "examples" / "prompts.jsonl"
@@ -171,12 +171,7 @@ def main() -> None:
                              "batch size is really exercised)")
     parser.add_argument("--compare", action="store_true",
                         help="compare vbatch's greedy texts with HF float32 row by row")
-    parser.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
-                        help="before each timed run, wait up to S seconds for the machine to be "
-                             "idle (others' work skews timings); 0 = don't check")
-    parser.add_argument("--attempts", type=int, default=3,
-                        help="repeat a timed run up to this many times while other processes "
-                             "used > 0.25 cores during it; the least contended run is reported")
+    add_contention_arguments(parser)
     parser.add_argument("--keep-output", help="write vbatch's output here instead of a temp dir")
     args = parser.parse_args()
 
