@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,8 +32,9 @@ from vbatch.io.inputs import (ARROW_SUFFIXES, CSV_SUFFIXES, JSONL_SUFFIXES, PARQ
                               SUPPORTED_SUFFIXES, input_root, resolve_input_files)
 
 # Finding files lives in inputs.py; these names stay importable from here too.
-__all__ = ["JSONL_SUFFIXES", "SUPPORTED_SUFFIXES", "count_rows", "input_root", "input_schema",
-           "prompt_column_of", "read_batches", "resolve_input_files", "validate_inputs"]
+__all__ = ["JSONL_SUFFIXES", "SUPPORTED_SUFFIXES", "InputScan", "count_rows", "input_root",
+           "input_schema", "prompt_column_of", "read_batches", "resolve_input_files",
+           "scan_inputs", "validate_inputs"]
 from vbatch.io.schema import check_input_schema, conform_batch, unify_input_schemas
 
 #: Bytes of text parsed at a time; also the size up to which the first block is the whole file.
@@ -263,12 +265,30 @@ def validate_inputs(
     _scan(list(files), prompt_column, id_column, exact=False)
 
 
+@dataclass(frozen=True)
+class InputScan:
+    """The result of scanning the input files once: each file's own schema (None for an empty
+    text file) and the unified `schema` every batch of `read_batches` has."""
+
+    file_schemas: dict[Path, pa.Schema | None]
+    schema: pa.Schema
+
+
+def scan_inputs(
+    files: Sequence[Path], *, prompt_column: str = "prompt", id_column: str = "id"
+) -> InputScan:
+    """Learn every file's schema (reading large text files fully for their types) and unify
+    them. Pass the result to `read_batches(scan=...)` so the files are not scanned twice.
+    Raises InputError."""
+    return InputScan(*_scan(list(files), prompt_column, id_column, exact=True))
+
+
 def input_schema(
     files: Sequence[Path], *, prompt_column: str = "prompt", id_column: str = "id"
 ) -> pa.Schema:
     """The schema of every batch `read_batches` yields for these files (input columns plus the
     row-key column). Reads large text files fully to learn their types. Raises InputError."""
-    return _scan(list(files), prompt_column, id_column, exact=True)[1]
+    return scan_inputs(files, prompt_column=prompt_column, id_column=id_column).schema
 
 
 def prompt_column_of(schema: pa.Schema, prompt_column: str = "prompt") -> str:
@@ -341,6 +361,7 @@ def read_batches(
     prompt_column: str = "prompt",
     id_column: str = "id",
     root: str | os.PathLike[str] | None = None,
+    scan: InputScan | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Stream all rows of `files` (in order) as record batches of at most `batch_size` rows.
 
@@ -350,12 +371,15 @@ def read_batches(
     across reruns; `root` defaults to the deepest directory holding all files (pass
     `input_root(INPUT)` so keys do not change when files are added). Each file's schema is
     checked before any of its rows are yielded; a batch never spans two files. Raises
-    InputError (one line, naming the file and line where known) on bad input.
+    InputError (one line, naming the file and line where known) on bad input. `scan`: the
+    `scan_inputs` result for these same files and columns, if the caller already has it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     files = list(files)
-    file_schemas, schema = _scan(files, prompt_column, id_column, exact=True)
+    if scan is None:
+        scan = scan_inputs(files, prompt_column=prompt_column, id_column=id_column)
+    file_schemas, schema = scan.file_schemas, scan.schema
     if root is None:
         root = os.path.commonpath([os.path.abspath(path.parent) for path in files])
     root_dir = os.path.abspath(root)

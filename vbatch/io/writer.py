@@ -44,14 +44,10 @@ def _is_vbatch_file(name: str) -> bool:
     )
 
 
-def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Create the output directory `path` (and its parents) and return it.
-
-    An existing empty directory is used as is. A non-empty one is refused unless `overwrite`;
-    then the files vbatch writes (part files, `_SUCCESS`, `_manifest.json`, temporary files)
-    are removed, and the directory is refused if it holds anything else, so that no user data
-    is ever deleted. Raises VBatchUsageError (one line) on every refusal.
-    """
+def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Refuse an unusable output path without touching it (cheap: call it before any model
+    loads): a file, a non-empty directory without `overwrite`, or a directory holding files
+    vbatch did not write. Returns the path. Raises VBatchUsageError (one line)."""
     output_dir = Path(path).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         raise VBatchUsageError(f"output path {output_dir} is a file, not a directory")
@@ -70,6 +66,20 @@ def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Path
                 f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
                 "refusing to delete them: choose another --output"
             )
+    return output_dir
+
+
+def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Create the output directory `path` (and its parents) and return it.
+
+    An existing empty directory is used as is. A non-empty one is refused unless `overwrite`;
+    then the files vbatch writes (part files, `_SUCCESS`, `_manifest.json`, temporary files)
+    are removed, and the directory is refused if it holds anything else, so that no user data
+    is ever deleted. Raises VBatchUsageError (one line) on every refusal.
+    """
+    output_dir = check_output_dir(path, overwrite=overwrite)
+    if output_dir.is_dir():
+        names = sorted(entry.name for entry in output_dir.iterdir())
         # _SUCCESS first, so an interrupted cleanup never leaves a "finished" partial job.
         for name in sorted(names, key=lambda name: name != SUCCESS_FILE):
             (output_dir / name).unlink()

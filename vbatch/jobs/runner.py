@@ -1,6 +1,6 @@
 """`run_job`: one batch job from input files to a committed Parquet output directory.
 
-Order of work: check inputs and the output path (cheap, before any model loads), load the
+Order of work: check the output path and scan the inputs once (before any model loads), load the
 engine, stream batches through the replica, write part files atomically, then the manifest and
 `_SUCCESS` last. Any failure leaves no `_SUCCESS` (and no temporary files).
 """
@@ -10,7 +10,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vbatch.errors import VBatchUsageError
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.progress import JobStats, ProgressReporter
 
@@ -26,13 +25,12 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
 
     started = time.perf_counter()
     files = inputs.resolve_input_files(config.input)
-    reader.validate_inputs(files, config.prompt_column, id_column=config.id_column)
     output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
-    _check_output_dir(output_dir, config.overwrite)
-    schema = reader.input_schema(files, prompt_column=config.prompt_column,
-                                 id_column=config.id_column)
-    prompt_column = reader.prompt_column_of(schema, config.prompt_column)
-    out_schema = output_schema(schema)
+    writer.check_output_dir(output_dir, overwrite=config.overwrite)
+    scan = reader.scan_inputs(files, prompt_column=config.prompt_column,
+                              id_column=config.id_column)
+    prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)
+    out_schema = output_schema(scan.schema)
 
     from vbatch.engine.llm_engine import LLMEngine
     from vbatch.jobs.replica import Replica, RowPrompts
@@ -46,7 +44,7 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
         batches = reader.read_batches(files, batch_size=config.batch_size,
                                       prompt_column=config.prompt_column,
                                       id_column=config.id_column,
-                                      root=inputs.input_root(config.input))
+                                      root=inputs.input_root(config.input), scan=scan)
         with writer.ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file,
                                       schema=out_schema) as part_writer:
             for out_batch in replica.process(batches, on_progress=reporter.update):
@@ -61,15 +59,6 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
                     wall_time_s=time.perf_counter() - started, output_dir=str(output_dir),
                     model=engine.resolved_model.source, dtype=_dtype_name(engine),
                     load_time_s=load_time, num_part_files=len(part_writer.part_files))
-
-
-def _check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse an unusable output path before any model is loaded."""
-    if path.exists() and not path.is_dir():
-        raise VBatchUsageError(f"output path {path} is a file, not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise VBatchUsageError(f"output directory {path} is not empty; pass --overwrite to "
-                               "replace it")
 
 
 def _dtype_name(engine) -> str:
