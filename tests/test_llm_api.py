@@ -94,10 +94,3 @@ def test_prompt_longer_than_model_len(tiny_models):
               kv_cache_memory_gb=0.01)
     with pytest.raises(ValueError, match="prompt 0"):
         llm.generate(["The quick brown fox jumps over the lazy dog and more"])
-
-
-def test_unsupported_parallelism_is_a_clear_error(tiny_models):
-    with pytest.raises(ValueError, match="pipeline"):
-        LLM(str(tiny_models["gpt2"]), pipeline_parallel_size=2)
-    with pytest.raises(ValueError, match="ray"):
-        LLM(str(tiny_models["gpt2"]), tensor_parallel_size=2, distributed_executor_backend="ray")

@@ -57,9 +57,9 @@ class EngineConfig:
         if self.pipeline_parallel_size != 1:
             raise ValueError("pipeline parallelism is not available yet in this build "
                              "(pipeline_parallel_size must be 1)")
-        if self.distributed_executor_backend not in (None, "mp", "uni"):
-            raise ValueError(f"distributed_executor_backend {self.distributed_executor_backend!r}"
-                             " is not available; use 'mp' (the 'ray' executor is not built yet)")
+        if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
+            raise ValueError("distributed_executor_backend must be 'mp', 'ray' or 'uni'; got "
+                             f"{self.distributed_executor_backend!r}")
 
 
 def resolve_block_size(block_size: int | None, device: torch.device) -> int:

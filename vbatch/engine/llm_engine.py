@@ -94,11 +94,9 @@ class LLMEngine:
                           device=str(self.device), block_size=self.block_size,
                           max_position=self.max_model_len, seed=self.config.seed,
                           num_threads=int(threads) if threads else None)
-        if tp_size == 1 and self.config.distributed_executor_backend in (None, "uni"):
-            from vbatch.engine.executor.uniproc import UniProcExecutor
-            return UniProcExecutor(spec)
-        from vbatch.engine.executor.multiproc import MultiprocExecutor
-        return MultiprocExecutor(spec, tp_size=tp_size)
+        from vbatch.engine.executor.factory import make_executor
+        return make_executor(spec, tp_size=tp_size, pp_size=self.config.pipeline_parallel_size,
+                             backend=self.config.distributed_executor_backend)
 
     def _check_tensor_parallel_size(self, tp_size: int) -> None:
         """tp must split the attention heads (and the KV heads, or be a multiple of them)."""

@@ -14,14 +14,12 @@ import socket
 import traceback
 from multiprocessing.connection import wait
 
-from vbatch.engine.executor.base import Executor
+from vbatch.engine.executor.base import Executor, PendingResult, WorkerError
 from vbatch.engine.worker import WorkerSpec
 
+__all__ = ["MultiprocExecutor", "WorkerError"]
+
 _SHUTDOWN = "__shutdown__"
-
-
-class WorkerError(RuntimeError):
-    """A worker rank raised or died; the message names the rank and the cause."""
 
 
 def _free_loopback_port() -> int:
@@ -76,6 +74,8 @@ class MultiprocExecutor(Executor):
         init_method = f"tcp://127.0.0.1:{_free_loopback_port()}"
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.processes, self.conns = [], []
+        self._num_submitted = self._num_collected = 0
+        self._collected: dict[int, list] = {}
         for rank in range(self.world_size):
             parent_conn, child_conn = context.Pipe()
             process = context.Process(
@@ -91,7 +91,7 @@ class MultiprocExecutor(Executor):
             self.shutdown()
             raise
 
-    def collective_rpc(self, method: str, *args) -> list:
+    def submit(self, method: str, *args) -> PendingResult:
         if not self.conns:
             raise WorkerError("the workers were shut down after an earlier failure")
         for rank, conn in enumerate(self.conns):
@@ -101,7 +101,18 @@ class MultiprocExecutor(Executor):
                 code = self.processes[rank].exitcode
                 self.shutdown()
                 raise WorkerError(f"worker rank {rank} died (exit code {code})") from None
-        return self._collect()
+        self._num_submitted += 1
+        return _PipeResult(self, self._num_submitted - 1)
+
+    def _results_of(self, call_index: int) -> list:
+        """Results of the call_index-th submit; every rank answers its calls in order, so the
+        calls before it are collected (and kept) first."""
+        if call_index not in self._collected and not self.conns:
+            raise WorkerError("the workers were shut down after an earlier failure")
+        while self._num_collected <= call_index:
+            self._collected[self._num_collected] = self._collect()
+            self._num_collected += 1
+        return self._collected.pop(call_index)
 
     def _collect(self) -> list:
         results: list = [None] * self.world_size
@@ -148,3 +159,11 @@ class MultiprocExecutor(Executor):
     def __del__(self):
         if getattr(self, "processes", None):
             self.shutdown()
+
+
+class _PipeResult(PendingResult):
+    def __init__(self, executor: MultiprocExecutor, call_index: int):
+        self.executor, self.call_index = executor, call_index
+
+    def results(self) -> list:
+        return self.executor._results_of(self.call_index)

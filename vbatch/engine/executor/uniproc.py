@@ -1,18 +1,19 @@
 """The in-process executor: tp = pp = 1, the single worker lives in the engine's process."""
 from __future__ import annotations
 
-from vbatch.engine.executor.base import Executor
+from vbatch.engine.executor.base import DoneResult, Executor, PendingResult
 from vbatch.engine.worker import Worker, WorkerSpec
 
 
 class UniProcExecutor(Executor):
-    """One worker, called directly (no processes, no torch.distributed)."""
+    """One worker, called directly (no processes, no torch.distributed); `submit` runs the
+    call before returning, so there is never more than one step in flight."""
 
     def __init__(self, spec: WorkerSpec):
         self.worker = Worker(spec)
 
-    def collective_rpc(self, method: str, *args) -> list:
-        return [getattr(self.worker, method)(*args)]
+    def submit(self, method: str, *args) -> PendingResult:
+        return DoneResult([getattr(self.worker, method)(*args)])
 
     def execute_model(self, seqs) -> list[int]:
         return self.worker.execute_model(seqs)
