@@ -67,3 +67,21 @@ class Worker:
     def compute_logits(self, seqs: list[ScheduledSequence]):
         """Logits of every new token of a step (every TP rank holds them all); for tests."""
         return self.model_runner.compute_logits(seqs)
+
+
+def start_worker(spec: WorkerSpec, *, world_rank: int, tp_size: int, pp_size: int,
+                 init_method: str) -> Worker:
+    """Build rank `world_rank` of a tp_size x pp_size engine in this process: join the process
+    groups at `init_method`, then load this rank's shard. Shared by the mp and ray executors.
+
+    On CUDA the rank uses device `cuda:<world_rank mod visible devices>`: with the ray executor
+    each actor sees exactly one GPU (cuda:0); with mp the engine's GPUs are all visible.
+    """
+    from vbatch.parallel.state import init_parallel_state
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", world_rank % max(1, torch.cuda.device_count()))
+        spec.device = str(device)
+    ps = init_parallel_state(world_rank=world_rank, tp_size=tp_size, pp_size=pp_size,
+                             init_method=init_method, device=device)
+    return Worker(spec, ps)

@@ -33,18 +33,10 @@ def _worker_main(rank: int, spec: WorkerSpec, tp_size: int, pp_size: int, init_m
     """Entry point of a worker process: build this rank, then serve (method, args) messages."""
     if visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
-    import torch
-
-    from vbatch.engine.worker import Worker
-    from vbatch.parallel.state import init_parallel_state
+    from vbatch.engine.worker import start_worker
     try:
-        device = torch.device(spec.device)
-        if device.type == "cuda":
-            device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
-            spec.device = str(device)
-        ps = init_parallel_state(world_rank=rank, tp_size=tp_size, pp_size=pp_size,
-                                 init_method=init_method, device=device)
-        worker = Worker(spec, ps)
+        worker = start_worker(spec, world_rank=rank, tp_size=tp_size, pp_size=pp_size,
+                              init_method=init_method)
         conn.send(("ok", None))
     except BaseException as error:  # report, then exit: the engine raises WorkerError
         conn.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
