@@ -29,13 +29,17 @@ def num_blocks_for(num_tokens: int, block_size: int) -> int:
 class BlockManager:
     """Reference-counted allocator of KV-cache blocks with a prefix-hash index."""
 
-    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
-        if num_blocks < 2:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
+                 block_ids: range | None = None):
+        """Manage blocks 1 .. num_blocks - 1 of a cache of `num_blocks` blocks, or only the
+        ids in `block_ids` (a slice of a shared cache: each pipeline virtual engine owns one)."""
+        block_ids = range(1, num_blocks) if block_ids is None else block_ids
+        if len(block_ids) < 1 or block_ids.start < 1 or block_ids.stop > num_blocks:
             raise ValueError("the KV cache must hold at least two blocks (one is the null block)")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.free_block_ids: list[int] = list(range(num_blocks - 1, 0, -1))
+        self.free_block_ids: list[int] = list(reversed(block_ids))
         self.ref_counts = [0] * num_blocks
         self.block_hash: dict[int, tuple[int, tuple[int, ...]]] = {}   # block -> (hash, tokens)
         self.hash_to_block: dict[int, int] = {}

@@ -54,9 +54,9 @@ class EngineConfig:
             raise ValueError("block_size must be >= 1")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.pipeline_parallel_size != 1:
-            raise ValueError("pipeline parallelism is not available yet in this build "
-                             "(pipeline_parallel_size must be 1)")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError("pipeline_parallel_size must be >= 1, got "
+                             f"{self.pipeline_parallel_size}")
         if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
             raise ValueError("distributed_executor_backend must be 'mp', 'ray' or 'uni'; got "
                              f"{self.distributed_executor_backend!r}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,9 +18,19 @@ from vbatch.engine.config import (DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UT
 from vbatch.engine.model_loader import model_class_for
 from vbatch.engine.outputs import CompletionOutput, RequestOutput
 from vbatch.engine.sampling_params import SamplingParams
-from vbatch.engine.scheduler import Scheduler
+from vbatch.engine.executor.base import PendingResult
+from vbatch.engine.scheduler import Scheduler, SchedulerOutput
 from vbatch.engine.sequence import ScheduledSequence, Sequence
 from vbatch.engine.stop_checker import StopChecker
+
+
+@dataclass
+class VirtualEngine:
+    """One independent stream of steps: a scheduler over its own slice of the KV blocks, and
+    the step it has in flight (at most one: its next step needs this one's tokens)."""
+
+    scheduler: Scheduler
+    in_flight: tuple[SchedulerOutput, PendingResult] | None = None
 
 
 class LLMEngine:
@@ -26,6 +38,11 @@ class LLMEngine:
 
     Use `add_request` for each prompt and call `step` until `has_unfinished_requests` is False;
     `step` returns the requests that finished in that step.
+
+    With pipeline parallelism (pp > 1) the engine runs pp virtual engines, as vLLM does: the
+    requests and the KV blocks are split among them, and each keeps one step in flight, so
+    while the last stage finishes virtual engine A's step, the first stage already runs B's;
+    every stage stays busy once the pipeline is full.
     """
 
     def __init__(self, config: EngineConfig):
@@ -54,14 +71,32 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids(model_dir)
         self.executor = self._make_executor(model_dir)
         self.num_kv_blocks = self._init_kv_cache()
-        self.scheduler = Scheduler(BlockManager(self.num_kv_blocks, self.block_size,
-                                                enable_prefix_caching=config.enable_prefix_caching),
-                                   max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=self.max_num_batched_tokens)
+        self.virtual_engines = self._make_virtual_engines()
+        self._in_flight: deque[VirtualEngine] = deque()
         self._seq_ids = itertools.count()
         self._stop_checkers: dict[int, StopChecker] = {}
 
     # ---- set-up -------------------------------------------------------------------------
+    def _make_virtual_engines(self) -> list[VirtualEngine]:
+        """pp schedulers, each over an equal slice of blocks 1.. and max_num_seqs / pp."""
+        pp_size = self.config.pipeline_parallel_size
+        per_engine = (self.num_kv_blocks - 1) // pp_size
+        engines = []
+        for index in range(pp_size):
+            first = 1 + index * per_engine
+            blocks = BlockManager(self.num_kv_blocks, self.block_size,
+                                  enable_prefix_caching=self.config.enable_prefix_caching,
+                                  block_ids=range(first, first + per_engine))
+            engines.append(VirtualEngine(Scheduler(
+                blocks, max_num_seqs=max(1, self.config.max_num_seqs // pp_size),
+                max_num_batched_tokens=self.max_num_batched_tokens)))
+        return engines
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler of the first virtual engine (the only one when pp = 1)."""
+        return self.virtual_engines[0].scheduler
+
     def _derive_max_model_len(self) -> int:
         limits = [getattr(self.hf_config, name) for name in
                   ("max_position_embeddings", "n_positions") if getattr(self.hf_config, name, None)]
@@ -88,7 +123,7 @@ class LLMEngine:
     def _make_executor(self, model_dir: Path):
         from vbatch.engine.worker import WorkerSpec
         tp_size = self.config.tensor_parallel_size
-        self._check_tensor_parallel_size(tp_size)
+        self._check_parallel_sizes(tp_size, self.config.pipeline_parallel_size)
         threads = os.environ.get("VBATCH_NUM_THREADS")
         spec = WorkerSpec(model_dir=str(model_dir), hf_config=self.hf_config, dtype=self.dtype,
                           device=str(self.device), block_size=self.block_size,
@@ -98,8 +133,9 @@ class LLMEngine:
         return make_executor(spec, tp_size=tp_size, pp_size=self.config.pipeline_parallel_size,
                              backend=self.config.distributed_executor_backend)
 
-    def _check_tensor_parallel_size(self, tp_size: int) -> None:
-        """tp must split the attention heads (and the KV heads, or be a multiple of them)."""
+    def _check_parallel_sizes(self, tp_size: int, pp_size: int) -> None:
+        """tp must split the attention heads (and the KV heads, or be a multiple of them); pp
+        at most the number of layers; with the mp executor, tp x pp GPUs on this node."""
         heads = self.hf_config.num_attention_heads
         kv_heads = getattr(self.hf_config, "num_key_value_heads", None) or heads
         valid = [t for t in range(1, heads + 1)
@@ -108,9 +144,19 @@ class LLMEngine:
             raise ValueError(f"tensor_parallel_size={tp_size} does not divide this model's "
                              f"{heads} attention heads ({kv_heads} KV heads); valid sizes: "
                              f"{', '.join(map(str, valid))}")
-        if self.device.type == "cuda" and tp_size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size={tp_size} needs {tp_size} GPUs; "
-                             f"{torch.cuda.device_count()} visible")
+        num_layers = self.hf_config.num_hidden_layers
+        if pp_size > num_layers:
+            raise ValueError(f"pipeline_parallel_size={pp_size} exceeds this model's "
+                             f"{num_layers} layers")
+        world_size = tp_size * pp_size
+        backend = self.config.distributed_executor_backend
+        if self.device.type == "cuda" and backend in (None, "mp", "uni") \
+                and world_size > torch.cuda.device_count():
+            from vbatch.engine.executor.factory import ray_is_available
+            if backend is not None or not ray_is_available():
+                raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world_size} "
+                                 f"needs {world_size} GPUs; {torch.cuda.device_count()} visible "
+                                 "on this node (use the ray executor for several nodes)")
 
     def _init_kv_cache(self) -> int:
         block_bytes = max(self.executor.collective_rpc("kv_cache_bytes_per_block"))
@@ -122,14 +168,16 @@ class LLMEngine:
             budget = (int(DEFAULT_CPU_KV_CACHE_GB * (1 << 30)) if available[0] is None
                       else min(available))
         # Never more than every running sequence at full length could use.
-        useful = self.config.max_num_seqs * num_blocks_for(self.max_model_len,
-                                                           self.block_size)
+        pp_size = self.config.pipeline_parallel_size
+        blocks_per_seq = num_blocks_for(self.max_model_len, self.block_size)
+        useful = max(self.config.max_num_seqs, pp_size) * blocks_per_seq
         num_blocks = min(budget // block_bytes, useful + 1)   # + the null block
-        min_blocks = num_blocks_for(self.max_model_len, self.block_size) + 1
+        min_blocks = pp_size * blocks_per_seq + 1
         if num_blocks < min_blocks:
+            per = "" if pp_size == 1 else f" per pipeline virtual engine ({pp_size})"
             raise ValueError(f"the KV cache budget ({budget / (1 << 30):.2f} GiB) holds "
                              f"{num_blocks * self.block_size} tokens, fewer than one "
-                             f"sequence of max_model_len={self.max_model_len}; raise "
+                             f"sequence of max_model_len={self.max_model_len}{per}; raise "
                              "kv_cache_memory_gb or lower max_model_len")
         self.executor.collective_rpc("init_kv_cache", num_blocks)
         self.kv_cache_bytes = num_blocks * block_bytes
@@ -166,30 +214,40 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, sampling_params,
                        seed=seed, row_key=row_key if row_key is not None else request_id,
                        prompt=prompt)
-        self._stop_checkers[seq.seq_id] = StopChecker(self.tokenizer, sampling_params,
-                                                      self.eos_token_ids, self.max_model_len)
-        self.scheduler.add(seq)
+        checker = StopChecker(self.tokenizer, sampling_params, self.eos_token_ids,
+                              self.max_model_len)
+        target = min(self.virtual_engines, key=lambda ve: ve.scheduler.num_unfinished)
+        target.scheduler.add(seq)
+        self._stop_checkers[seq.seq_id] = checker
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return any(ve.scheduler.has_unfinished() for ve in self.virtual_engines)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return self.scheduler.num_unfinished
+        return sum(ve.scheduler.num_unfinished for ve in self.virtual_engines)
 
     def step(self) -> list[RequestOutput]:
-        """Run one model step; return the requests that finished in it."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled.seqs:
+        """Start a step on every idle virtual engine with work, then finish the oldest step in
+        flight; return the requests that finished in it."""
+        for ve in self.virtual_engines:
+            if ve.in_flight is None and ve.scheduler.has_unfinished():
+                scheduled = ve.scheduler.schedule()
+                if scheduled.seqs:
+                    batch = [self._slim(seq) for seq in scheduled.seqs]
+                    ve.in_flight = (scheduled, self.executor.execute_model_async(batch))
+                    self._in_flight.append(ve)
+        if not self._in_flight:
             return []
-        batch = [self._slim(seq) for seq in scheduled.seqs]
-        token_ids = self.executor.execute_model(batch)
+        ve = self._in_flight.popleft()
+        (scheduled, pending), ve.in_flight = ve.in_flight, None
+        token_ids = pending.driver_result()
         finished = []
         for seq, token_id in zip(scheduled.seqs, token_ids):
             seq.num_computed_tokens = seq.num_tokens
             seq.append_token(token_id)
             if self._stop_checkers[seq.seq_id].check(seq):
-                self.scheduler.finish(seq)
+                ve.scheduler.finish(seq)
                 finished.append(self._to_output(seq))
         return finished
 

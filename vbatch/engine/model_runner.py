@@ -1,11 +1,16 @@
 """One rank's model step: scheduled sequences -> input tensors -> forward -> sampled tokens."""
 from __future__ import annotations
 
+import time
+from collections import deque
+
 import torch
 
 from vbatch.engine.attention import AttentionMetadata, allocate_kv_cache
 from vbatch.engine.sampler import SamplingMetadata, sample
 from vbatch.engine.sequence import ScheduledSequence
+from vbatch.parallel.comm import GroupCoordinator
+from vbatch.parallel.pipeline import StageLink
 
 # Sequences whose keys/values are gathered and attended together, so the gathered copy is
 # still in cache when attention reads it. On the 2-core CPU, whole 256-row jobs ran about as
@@ -17,17 +22,26 @@ class ModelRunner:
     """Owns this rank's model and KV cache, and runs one step at a time.
 
     `execute_model` returns the sampled token ids (one per sequence, in order) on the sampling
-    rank and None elsewhere.
+    rank and None elsewhere. Under pipeline parallelism every stage builds the same step
+    metadata from the same sequences (each stage's KV cache holds its own layers, under the
+    same block ids); a stage after the first receives its input hidden states from the
+    previous stage, and a stage before the last sends its output on and returns None.
     """
 
     def __init__(self, model: torch.nn.Module, *, block_size: int, device: torch.device,
-                 dtype: torch.dtype, is_driver: bool = True):
+                 dtype: torch.dtype, is_driver: bool = True,
+                 pp_group: GroupCoordinator | None = None):
         self.model = model
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
         self.is_driver = is_driver
+        self.stage = StageLink(pp_group or GroupCoordinator.single())
         self.num_blocks = 0
+        # (start, end) of recent steps on time.monotonic(), one clock for every process of the
+        # node: shows whether pipeline stages overlap (benchmarks/pipeline_overlap.py).
+        self.step_times: deque[tuple[float, float]] = deque(maxlen=4096)
+        self._compute_start = 0.0
 
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes one block costs over all of this rank's attention layers (keys + values)."""
@@ -53,21 +67,39 @@ class ModelRunner:
                        key=lambda i: seqs[i].start_position + len(seqs[i].token_ids))
         seqs = [seqs[i] for i in order]
         input_ids, positions, meta, logits_index = self._prepare(seqs)
-        hidden = self.model(input_ids, positions, meta)
-        logits = self.model.compute_logits(hidden[logits_index])
-        if not self.is_driver:
-            return None
-        sampled = sample(logits, SamplingMetadata.build(seqs, self.device)).tolist()
-        tokens = [0] * len(seqs)
-        for position, index in enumerate(order):
-            tokens[index] = sampled[position]
+        hidden = self._run_stage(input_ids, positions, meta)
+        tokens = None
+        if hidden is not None:
+            logits = self.model.compute_logits(hidden[logits_index])
+            if self.is_driver:
+                sampled = sample(logits, SamplingMetadata.build(seqs, self.device)).tolist()
+                tokens = [0] * len(seqs)
+                for position, index in enumerate(order):
+                    tokens[index] = sampled[position]
+        self.step_times.append((self._compute_start, time.monotonic()))
         return tokens
 
     @torch.inference_mode()
-    def compute_logits(self, seqs: list[ScheduledSequence]) -> torch.Tensor:
-        """Logits of every new token of the step ([T, V]); used by tests against Hugging Face."""
+    def compute_logits(self, seqs: list[ScheduledSequence]) -> torch.Tensor | None:
+        """Logits of every new token of the step ([T, V]) on the last stage (None on the
+        others); used by tests against Hugging Face."""
         input_ids, positions, meta, _ = self._prepare(seqs)
-        return self.model.compute_logits(self.model(input_ids, positions, meta))
+        hidden = self._run_stage(input_ids, positions, meta)
+        return None if hidden is None else self.model.compute_logits(hidden)
+
+    def _run_stage(self, input_ids, positions, meta) -> torch.Tensor | None:
+        """This stage's layers: the final hidden states on the last stage, else None (the
+        output went to the next stage)."""
+        hidden_in = None
+        if not self.stage.is_first:
+            hidden_in = self.stage.recv_from_previous(len(input_ids), self.model.hidden_size,
+                                                      self.dtype, self.device)
+        self._compute_start = time.monotonic()
+        hidden = self.model(input_ids, positions, meta, hidden_in)
+        if self.stage.is_last:
+            return hidden
+        self.stage.send_to_next(hidden)
+        return None
 
     def _chunks(self, context_lens: list[int]) -> list[tuple[int, int, int]]:
         """(start, end, num_blocks) per group of up to ROWS_PER_CHUNK consecutive sequences."""

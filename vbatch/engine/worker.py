@@ -41,7 +41,8 @@ class Worker:
         model = load_model(Path(spec.model_dir), spec.hf_config, self.parallel_state, spec.dtype,
                            spec.max_position)
         self.model_runner = ModelRunner(model, block_size=spec.block_size, device=self.device,
-                                        dtype=spec.dtype, is_driver=self.parallel_state.is_driver)
+                                        dtype=spec.dtype, is_driver=self.parallel_state.is_driver,
+                                        pp_group=self.parallel_state.pp)
 
     def kv_cache_bytes_per_block(self) -> int:
         return self.model_runner.kv_cache_bytes_per_block()
@@ -64,8 +65,14 @@ class Worker:
     def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
         return self.model_runner.execute_model(seqs)
 
+    def step_trace(self) -> list[tuple[float, float]]:
+        """(start, end) time.monotonic() of this rank's recent steps, counted from when its
+        input was ready (after the receive from the previous pipeline stage)."""
+        return list(self.model_runner.step_times)
+
     def compute_logits(self, seqs: list[ScheduledSequence]):
-        """Logits of every new token of a step (every TP rank holds them all); for tests."""
+        """Logits of every new token of a step on the last pipeline stage (every TP rank of it
+        holds them all), None on the other stages; for tests."""
         return self.model_runner.compute_logits(seqs)
 
 

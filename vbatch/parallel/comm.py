@@ -70,6 +70,11 @@ class GroupCoordinator:
         """Point-to-point send of a contiguous tensor to another member of the group."""
         dist.send(x.contiguous(), dst=self.ranks[dst_rank_in_group], group=self.device_group)
 
+    def isend(self, x: torch.Tensor, dst_rank_in_group: int):
+        """Start a send of contiguous `x`; returns the work handle (`.wait()`). Keep `x` alive
+        until the handle completes."""
+        return dist.isend(x, dst=self.ranks[dst_rank_in_group], group=self.device_group)
+
     def recv(self, x: torch.Tensor, src_rank_in_group: int) -> torch.Tensor:
         """Receive into the preallocated `x` from another member of the group; returns `x`."""
         dist.recv(x, src=self.ranks[src_rank_in_group], group=self.device_group)

@@ -18,6 +18,12 @@ from vbatch.engine.worker import WorkerSpec
 BACKENDS = ("uni", "mp", "ray")
 
 
+def ray_is_available() -> bool:
+    """True if Ray can be imported (it is an optional extra: `pip install 'vbatch[ray]'`)."""
+    import importlib.util
+    return importlib.util.find_spec("ray") is not None
+
+
 def in_ray_placement_group() -> bool:
     """True inside a Ray task/actor scheduled in a placement group (Ray is never imported
     here if the process has not imported it already)."""

@@ -128,11 +128,26 @@ class MultiprocExecutor(Executor):
                     raise WorkerError(f"worker rank {rank} died (connection closed)") from None
                 del pending[rank]
                 if status == "error":
+                    first_line = value.partition("\n")[0]
+                    dead = self._first_dead_rank(grace_s=2.0)
                     self.shutdown()
-                    first_line, _, detail = value.partition("\n")
+                    if dead is not None:   # the root cause: rank `rank` lost its peer
+                        raise WorkerError(f"worker rank {dead[0]} died (exit code {dead[1]}); "
+                                          f"rank {rank} then failed: {first_line}")
                     raise WorkerError(f"worker rank {rank} failed: {first_line}")
                 results[rank] = value
         return results
+
+    def _first_dead_rank(self, grace_s: float) -> tuple[int, int | None] | None:
+        """(rank, exit code) of a worker that has exited, waiting up to `grace_s` for one:
+        a collective fails on the survivors about when the dead rank's sentinel fires."""
+        ready = set(wait([process.sentinel for process in self.processes], timeout=grace_s))
+        for rank, process in enumerate(self.processes):
+            if process.sentinel in ready:
+                # The sentinel closes a moment before the process can be reaped.
+                process.join(timeout=1)
+                return rank, process.exitcode
+        return None
 
     def shutdown(self) -> None:
         for conn, process in zip(self.conns, self.processes):

@@ -16,6 +16,7 @@ from vbatch.engine.attention import AttentionMetadata, PagedAttention
 from vbatch.engine.models.loading import load_named_weights
 from vbatch.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from vbatch.parallel.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vbatch.parallel.pipeline import PPMissingLayer, layer_range
 from vbatch.parallel.state import ParallelState
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
@@ -78,35 +79,54 @@ class GPT2Block(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    """Our GPT-2: forward(token ids, positions, metadata) -> hidden; compute_logits(hidden)."""
+    """Our GPT-2: forward(token ids, positions, metadata[, hidden]) -> hidden; compute_logits.
+
+    Under pipeline parallelism this rank builds only its stage (blocks [start_layer,
+    end_layer); wte and wpe on the first stage; ln_f and the LM head, tied to wte, on the last,
+    which loads wte itself when it is not also the first stage).
+    """
 
     def __init__(self, config, ps: ParallelState, dtype: torch.dtype, max_position: int):
         super().__init__()
         self.config = config
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_group=ps.tp,
-                                          dtype=dtype, device=ps.device)
-        self.wpe = nn.Embedding(config.n_positions, config.hidden_size, dtype=dtype,
-                                device=ps.device)
-        self.wpe.requires_grad_(False)
-        self.h = nn.ModuleList(GPT2Block(config, ps, dtype) for _ in range(config.n_layer))
-        self.ln_f = _layer_norm(config.hidden_size, config.layer_norm_epsilon, dtype, ps.device)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_group=ps.tp,
-                                      dtype=dtype, device=ps.device, tie_to=self.wte)
+        self.hidden_size = config.hidden_size
+        self.is_first_stage, self.is_last_stage = ps.pp.is_first_rank, ps.pp.is_last_rank
+        self.start_layer, self.end_layer = layer_range(config.n_layer, ps.pp_rank, ps.pp_size)
+        if self.is_first_stage:
+            self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                              tp_group=ps.tp, dtype=dtype, device=ps.device)
+            self.wpe = nn.Embedding(config.n_positions, config.hidden_size, dtype=dtype,
+                                    device=ps.device)
+            self.wpe.requires_grad_(False)
+        self.h = nn.ModuleList(
+            GPT2Block(config, ps, dtype) if self.start_layer <= i < self.end_layer
+            else PPMissingLayer() for i in range(config.n_layer))
+        if self.is_last_stage:
+            self.ln_f = _layer_norm(config.hidden_size, config.layer_norm_epsilon, dtype,
+                                    ps.device)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          tp_group=ps.tp, dtype=dtype, device=ps.device,
+                                          tie_to=self.wte if self.is_first_stage else None)
+
+    def local_blocks(self) -> list[GPT2Block]:
+        return list(self.h[self.start_layer:self.end_layer])
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [block.attn.attn for block in self.h]
+        return [block.attn.attn for block in self.local_blocks()]
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
+    def forward(self, input_ids, positions, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: embeds; later stages continue from `hidden`; the last applies ln_f."""
+        x = self.wte(input_ids) + self.wpe(positions) if self.is_first_stage else hidden
+        for block in self.local_blocks():
             x = block(x, meta)
-        return self.ln_f(x)
+        return self.ln_f(x) if self.is_last_stage else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
-        """Load HF GPT-2 tensors (Conv1D weights transposed on read)."""
+        """Load HF GPT-2 tensors of this stage (Conv1D weights transposed on read)."""
         def transposed(items):
             for name, tensor in items:
                 if name.endswith(_CONV1D_WEIGHTS):
@@ -116,7 +136,19 @@ class GPT2LMHeadModel(nn.Module):
         def rename(name: str) -> str | None:
             if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
                 return None  # causal-mask buffers of old checkpoints; the head is tied
-            return name.removeprefix("transformer.")
+            name = name.removeprefix("transformer.")
+            if name == "wte.weight":
+                if self.is_first_stage:
+                    return name
+                return "lm_head.weight" if self.is_last_stage else None
+            if name.startswith("wpe."):
+                return name if self.is_first_stage else None
+            if name.startswith("ln_f."):
+                return name if self.is_last_stage else None
+            if name.startswith("h."):
+                index = int(name.split(".")[1])
+                return name if self.start_layer <= index < self.end_layer else None
+            return name
         return load_named_weights(self, transposed(weights), rename)
 
 

@@ -17,6 +17,7 @@ from vbatch.engine.rotary import RotaryEmbedding
 from vbatch.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from vbatch.parallel.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                     RowParallelLinear)
+from vbatch.parallel.pipeline import PPMissingLayer, layer_range
 from vbatch.parallel.state import ParallelState
 
 
@@ -97,7 +98,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Our LLaMA: forward(token ids, positions, metadata) -> hidden; compute_logits(hidden)."""
+    """Our LLaMA: forward(token ids, positions, metadata[, hidden]) -> hidden; compute_logits.
+
+    Under pipeline parallelism this rank builds only its stage: layers [start_layer,
+    end_layer), the embedding on the first stage, the final norm and LM head on the last (with
+    tied embeddings, a last stage that is not also the first loads the embedding matrix into
+    its own LM head). Layers of other stages are parameter-free placeholders.
+    """
 
     stacked_params = (
         StackedParam("qkv_proj", "q_proj", "q"),
@@ -110,37 +117,64 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config, ps: ParallelState, dtype: torch.dtype, max_position: int):
         super().__init__()
         self.config = config
+        self.hidden_size = config.hidden_size
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.is_first_stage, self.is_last_stage = ps.pp.is_first_rank, ps.pp.is_last_rank
+        self.start_layer, self.end_layer = layer_range(config.num_hidden_layers, ps.pp_rank,
+                                                       ps.pp_size)
         self.rotary = RotaryEmbedding(config, head_dim_of(config), max_position, dtype,
                                       ps.device)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                   tp_group=ps.tp, dtype=dtype, device=ps.device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ps, dtype)
-                                    for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ps.device)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_group=ps.tp,
-                                      dtype=dtype, device=ps.device,
-                                      tie_to=self.embed_tokens if self.tie_word_embeddings else None)
+        if self.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                       tp_group=ps.tp, dtype=dtype,
+                                                       device=ps.device)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, ps, dtype) if self.start_layer <= i < self.end_layer
+            else PPMissingLayer() for i in range(config.num_hidden_layers))
+        if self.is_last_stage:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ps.device)
+            tie_to = (self.embed_tokens if self.tie_word_embeddings and self.is_first_stage
+                      else None)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          tp_group=ps.tp, dtype=dtype, device=ps.device,
+                                          tie_to=tie_to)
+
+    def local_layers(self) -> list[LlamaDecoderLayer]:
+        return list(self.layers[self.start_layer:self.end_layer])
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
+        return [layer.self_attn.attn for layer in self.local_layers()]
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids, positions, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: embeds `input_ids`; later stages continue from `hidden`. The last stage
+        returns normed hidden states, the others their layers' output."""
+        x = self.embed_tokens(input_ids) if self.is_first_stage else hidden
         cos_sin = self.rotary.cos_sin(positions)
-        for layer in self.layers:
+        for layer in self.local_layers():
             x = layer(cos_sin, x, meta)
-        return self.norm(x)
+        return self.norm(x) if self.is_last_stage else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
-        """Load HF-named checkpoint tensors; returns the names of the parameters loaded."""
+        """Load HF-named checkpoint tensors of this stage; returns the parameters loaded."""
         def rename(name: str) -> str | None:
             if "rotary_emb.inv_freq" in name:
                 return None
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                return None
-            return name.removeprefix("model.")
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight":
+                return name if self.is_last_stage and not self.tie_word_embeddings else None
+            if name == "embed_tokens.weight":
+                if self.is_first_stage:
+                    return name
+                return "lm_head.weight" if self.is_last_stage and self.tie_word_embeddings \
+                    else None
+            if name.startswith("norm."):
+                return name if self.is_last_stage else None
+            if name.startswith("layers."):
+                index = int(name.split(".")[1])
+                return name if self.start_layer <= index < self.end_layer else None
+            return name
         return load_named_weights(self, weights, rename, self.stacked_params)
