@@ -1,7 +1,8 @@
 """Finding the input files: INPUT (a file, a directory or a glob) -> a sorted list of files.
 
 Supported: Parquet, JSON lines, CSV, and Arrow files (including `datasets.save_to_disk`
-directories). Row keys are relative to `input_root(INPUT)`.
+directories), and `hf://NAME[:SPLIT]` datasets (`hf_inputs.py`). Row keys are relative to
+`input_root(INPUT)`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vbatch.errors import InputError
+from vbatch.io.hf_inputs import hf_dataset_files, is_hf_uri
 
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -69,8 +71,11 @@ def resolve_input_files(input: str) -> list[Path]:
     "." or "_" (`_SUCCESS`, `.cache/`) and `*.vbatch` output directories; a `datasets` directory
     saved with `save_to_disk` yields its Arrow files. Raises InputError for a missing path, a
     glob matching nothing, an unsupported file type or a directory without supported files.
+    `hf://NAME[:SPLIT]` yields the Arrow files of that Hugging Face dataset, in order.
     """
     kinds = "/".join(SUPPORTED_SUFFIXES)
+    if is_hf_uri(input):
+        return hf_dataset_files(input)
     if "://" in input:
         raise InputError(f"{input}: remote URLs are not supported; pass a local path")
     path = Path(input).expanduser()
@@ -100,9 +105,13 @@ def resolve_input_files(input: str) -> list[Path]:
     return sorted(set(files), key=lambda file: file.as_posix())
 
 
-def input_root(input: str) -> Path:
+def input_root(input: str) -> Path | None:
     """The directory that row keys are relative to: a file's parent, the directory itself, or
-    the part of a glob before its first wildcard. Pass it to `read_batches(root=...)`."""
+    the part of a glob before its first wildcard; None for `hf://` inputs (keys are then
+    relative to the dataset's cache folder, `read_batches`' default). Pass it to
+    `read_batches(root=...)`."""
+    if is_hf_uri(input):
+        return None
     path = Path(input).expanduser()
     if _is_glob(input):
         fixed = list(_leading_fixed_parts(path))

@@ -4,6 +4,8 @@ Layout of a finished job directory::
 
     part-00000.parquet  part-00001.parquet  ...   (at most rows_per_file rows each)
     _manifest.json                                 (the job's manifest plus the part list)
+    _run_summary.json                              (counts, timings, plan, per-replica stats;
+                                                    "_" so Parquet readers skip it)
     _SUCCESS                                       (empty; written last)
 
 Each file is first written under a hidden temporary name in the same directory, fsync'd, then
@@ -23,11 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vbatch.errors import VBatchUsageError
+from vbatch.io.hf_inputs import hf_output_name, is_hf_uri
 
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "_manifest.json"
+SUMMARY_FILE = "_run_summary.json"
 PART_FILE_PATTERN = re.compile(r"part-\d{5,}\.parquet")
-_TEMP_FILE_PATTERN = re.compile(r"\.(part-\d{5,}\.parquet|_manifest\.json|_SUCCESS)\.tmp")
+_TEMP_FILE_PATTERN = re.compile(
+    r"\.(part-\d{5,}\.parquet|_manifest\.json|_run_summary\.json|_SUCCESS)\.tmp")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -38,7 +43,7 @@ def part_file_name(index: int) -> str:
 
 def _is_vbatch_file(name: str) -> bool:
     return (
-        name in (SUCCESS_FILE, MANIFEST_FILE)
+        name in (SUCCESS_FILE, MANIFEST_FILE, SUMMARY_FILE)
         or PART_FILE_PATTERN.fullmatch(name) is not None
         or _TEMP_FILE_PATTERN.fullmatch(name) is not None
     )
@@ -94,7 +99,10 @@ def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Path
 def default_output_dir(input: str) -> Path:
     """Where a job's output goes when `--output` is not given: `<name>.vbatch` next to the
     input. `data/x.jsonl` -> `data/x.vbatch`; directory `data/` -> `data.vbatch`; glob
-    `data/*.parquet` -> `data.vbatch` (named after the glob's fixed directory)."""
+    `data/*.parquet` -> `data.vbatch` (named after the glob's fixed directory); `hf://org/ds:test`
+    -> `ds-test.vbatch` in the current directory."""
+    if is_hf_uri(input):
+        return Path(hf_output_name(input))
     path = Path(input).expanduser()
     if any(char in _GLOB_CHARS for char in input):
         fixed_parts: list[str] = []
@@ -134,6 +142,20 @@ def _replace_atomically(temp_path: Path, final_path: Path) -> None:
 
 def _temp_path(final_path: Path) -> Path:
     return final_path.with_name(f".{final_path.name}.tmp")
+
+
+def write_json_file(output_dir: str | os.PathLike[str], name: str, content: dict) -> Path:
+    """Write `content` as indented JSON to `output_dir/name` atomically (temporary name, fsync,
+    rename); values JSON cannot encode are written as strings. Returns the path."""
+    final_path = Path(output_dir) / name
+    temp_path = _temp_path(final_path)
+    try:
+        temp_path.write_text(json.dumps(content, indent=2, default=str) + "\n")
+        _replace_atomically(temp_path, final_path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    return final_path
 
 
 class ParquetPartWriter:
