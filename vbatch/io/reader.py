@@ -28,6 +28,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from vbatch.errors import InputError
+from vbatch.io.csv_quoting import check_csv_quoting
 from vbatch.io.inputs import (ARROW_SUFFIXES, CSV_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES,
                               SUPPORTED_SUFFIXES, input_root, resolve_input_files)
 
@@ -76,22 +77,29 @@ def _is_blank(path: Path) -> bool:
 
 
 def _jsonl_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (number of the chunk's first line, whole lines) of about BLOCK_SIZE bytes each."""
+    """Yield (number of the chunk's first line, whole lines) of about BLOCK_SIZE bytes each.
+
+    The last chunk runs to the end of the file, a last line without a newline included, so a
+    file of at most BLOCK_SIZE bytes is exactly one chunk (a truncated last line is in it)."""
     with open(path, "rb") as handle:
         pending, line_number = b"", 1
-        while data := handle.read(BLOCK_SIZE):
-            if line_number == 1 and not pending and data.startswith(b"\xef\xbb\xbf"):
-                data = data[3:]  # UTF-8 byte order mark
-            data = pending + data
+        data = handle.read(BLOCK_SIZE)
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]  # UTF-8 byte order mark
+        while data:
+            following = handle.read(BLOCK_SIZE)
+            data, pending = pending + data, b""
+            if not following:
+                yield line_number, data
+                return
             cut = data.rfind(b"\n") + 1
             if cut == 0:
                 pending = data  # one line longer than a block: keep reading
-                continue
-            chunk, pending = data[:cut], data[cut:]
-            yield line_number, chunk
-            line_number += chunk.count(b"\n")
-        if pending:
-            yield line_number, pending
+            else:
+                chunk, pending = data[:cut], data[cut:]
+                yield line_number, chunk
+                line_number += chunk.count(b"\n")
+            data = following
 
 
 def _parse_jsonl_chunk(path: Path, first_line: int, chunk: bytes) -> pa.Table | None:
@@ -191,6 +199,7 @@ def _read_file_schema(
         return None
     is_one_block = path.stat().st_size <= BLOCK_SIZE
     if suffix in CSV_SUFFIXES:
+        check_csv_quoting(path)
         with _open_csv(path, {name: pa.string() for name in text_columns}) as reader:
             first_block = reader.schema
         if not exact or is_one_block or len(set(first_block.names)) < len(first_block):

@@ -6,7 +6,9 @@ differ slightly in inferred column types; `unify_input_schemas` merges them into
 and `conform_batch` casts each batch to it, so every batch the reader yields has that schema.
 
 Output rows are the input row (all its columns, the row key `id` included) followed by the
-generation columns in `OUTPUT_FIELDS`.
+generation columns in `OUTPUT_FIELDS`. A row that could not be generated (empty prompt, prompt
+too long, bad per-row sampling value, ...) has `error` set ("<code>: <message>") and every other
+generation column null; a generated row has `error` null.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ GENERATED_TEXT = "generated_text"
 FINISH_REASON = "finish_reason"
 NUM_PROMPT_TOKENS = "num_prompt_tokens"
 NUM_GENERATED_TOKENS = "num_generated_tokens"
+ERROR = "error"
 
 #: Columns vbatch appends to every input row, in order.
 OUTPUT_FIELDS: tuple[pa.Field, ...] = (
@@ -29,6 +32,7 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field(FINISH_REASON, pa.string()),
     pa.field(NUM_PROMPT_TOKENS, pa.int32()),
     pa.field(NUM_GENERATED_TOKENS, pa.int32()),
+    pa.field(ERROR, pa.string()),
 )
 OUTPUT_COLUMNS: tuple[str, ...] = tuple(field.name for field in OUTPUT_FIELDS)
 #: "stop": the model ended the text (EOS or a stop string); "length": max_tokens was reached.
@@ -190,21 +194,32 @@ def output_schema(input_schema: pa.Schema) -> pa.Schema:
 def build_output_batch(input_batch: pa.RecordBatch, results: Sequence[dict]) -> pa.RecordBatch:
     """Append the generation results to `input_batch`, row for row.
 
-    `results[i]` belongs to row i and has the keys generated_text (str), finish_reason ("stop"
-    or "length"), num_prompt_tokens and num_generated_tokens (ints). Returns a batch with schema
-    `output_schema(input_batch.schema)`. Raises InputError on a column-name clash and
-    ValueError when results do not match the batch (a bug in the caller, not in the data).
+    `results[i]` belongs to row i. A generated row has the keys generated_text (str),
+    finish_reason ("stop" or "length"), num_prompt_tokens and num_generated_tokens (ints), and
+    optionally error=None. An error row has `error` (a non-empty "<code>: <message>" string)
+    and no other key, or those keys set to None; its generation columns are written as nulls.
+    Returns a batch with schema `output_schema(input_batch.schema)`. Raises InputError on a
+    column-name clash and ValueError when results do not match the batch (a bug in the caller,
+    not in the data).
     """
     schema = output_schema(input_batch.schema)
     if len(results) != input_batch.num_rows:
         raise ValueError(f"got {len(results)} results for a batch of {input_batch.num_rows} rows")
     for row, result in enumerate(results):
-        if result[FINISH_REASON] not in FINISH_REASONS:
+        error = result.get(ERROR)
+        if error is not None:
+            if not isinstance(error, str) or not error:
+                raise ValueError(f"row {row}: error must be a non-empty string, got {error!r}")
+            filled = [name for name in OUTPUT_COLUMNS if name != ERROR
+                      and result.get(name) is not None]
+            if filled:
+                raise ValueError(f"row {row}: an error row must not set {filled[0]!r}")
+        elif result[FINISH_REASON] not in FINISH_REASONS:
             raise ValueError(
                 f"row {row}: finish_reason {result[FINISH_REASON]!r} not in {FINISH_REASONS}"
             )
     generated = [
-        pa.array([result[field.name] for result in results], type=field.type)
+        pa.array([result.get(field.name) for result in results], type=field.type)
         for field in OUTPUT_FIELDS
     ]
     return pa.RecordBatch.from_arrays(list(input_batch.columns) + generated, schema=schema)

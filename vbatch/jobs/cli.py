@@ -1,8 +1,9 @@
 """The `vbatch` command line: a Click group with `run`.
 
 Exit codes: 0 success; 2 for anything the user can fix (a click usage error, or any `ValueError`,
-which includes `VBatchUsageError`/`InputError`, from config loading or from the job); 1 for an
-internal error; 130 when interrupted. Errors print as ONE line on stderr; `VBATCH_DEBUG=1` adds
+which includes `VBatchUsageError`/`InputError`, from config loading or from the job); 3 when more
+rows errored than `--max-error-rate` allows (`TooManyRowErrors`); 1 for an internal error; 130
+when interrupted. Errors print as ONE line on stderr; `VBATCH_DEBUG=1` adds
 the traceback. Importing this module stays light (no torch): the runner is imported inside `run`.
 """
 from __future__ import annotations
@@ -16,11 +17,14 @@ from typing import Any
 
 import click
 
-from vbatch.jobs.config import VALID_DTYPES, field_default, load_job_config
+from vbatch.errors import TooManyRowErrors
+from vbatch.jobs.config import (ON_LONG_PROMPT_CHOICES, VALID_DTYPES, field_default,
+                                load_job_config)
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
 EXIT_USAGE_ERROR = 2
+EXIT_TOO_MANY_ROW_ERRORS = 3
 EXIT_INTERRUPTED = 130
 
 # Parameters of `run` that are not JobConfig fields.
@@ -157,6 +161,17 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True, default=field_default("allow_pickle"),
               help="Allow pickle checkpoints (*.bin, *.pt), read with torch's weights-only "
                    "loader. Only for models you trust.")
+@click.option("--on-long-prompt", type=click.Choice(ON_LONG_PROMPT_CHOICES),
+              default=field_default("on_long_prompt"), show_default=True,
+              envvar="VBATCH_ON_LONG_PROMPT", show_envvar=True,
+              help="A prompt with no room to generate within max-model-len: error = write the "
+                   "row with `error` set; truncate = keep its last tokens, leaving room for "
+                   "max-tokens.")
+@click.option("--max-error-rate", type=float, metavar="R",
+              envvar="VBATCH_MAX_ERROR_RATE", show_envvar=True,
+              help="Fail the job (exit code 3, no _SUCCESS) when more than this fraction of "
+                   "rows (0..1) errored. Default: no limit; error rows are written and the job "
+                   "succeeds.")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress output (the final summary is still printed).")
 @click.pass_context
@@ -204,6 +219,10 @@ def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet
         return EXIT_TERMINATED
     except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
+    except TooManyRowErrors as exc:
+        reporter.close()
+        _report_error(one_line(str(exc)))
+        return EXIT_TOO_MANY_ROW_ERRORS
     except ValueError as exc:
         reporter.close()
         _report_error(one_line(str(exc)) or type(exc).__name__)

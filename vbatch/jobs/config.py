@@ -5,8 +5,8 @@ Precedence, highest first:
 1. command-line flags the user actually typed;
 2. `VBATCH_*` environment variables (only for the few options that declare one in `cli.py`:
    `VBATCH_MODEL`, `VBATCH_DTYPE`, `VBATCH_MAX_NUM_SEQS`, `VBATCH_MAX_NUM_BATCHED_TOKENS`,
-   `VBATCH_KV_CACHE_MEMORY_GB`); click reports them as explicitly set, so they rank with flags
-   and beat the YAML file;
+   `VBATCH_KV_CACHE_MEMORY_GB`, `VBATCH_ON_LONG_PROMPT`, `VBATCH_MAX_ERROR_RATE`); click
+   reports them as explicitly set, so they rank with flags and beat the YAML file;
 3. the `--config job.yaml` file;
 4. the defaults of the `JobConfig` fields below.
 
@@ -23,6 +23,7 @@ from typing import Any, Callable, NoReturn
 from vbatch.errors import VBatchUsageError
 
 VALID_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ON_LONG_PROMPT_CHOICES = ("error", "truncate")
 
 
 @dataclass(slots=True)
@@ -32,6 +33,9 @@ class JobConfig:
     `top_k` of 0 or -1 both mean "disabled" (-1 is normalized to 0 on construction, as in vLLM).
     `model=None` means vbatch's default model; `output=None` lets the runner pick a directory;
     `kv_cache_memory_gb=None` lets the engine size the KV cache itself.
+    `on_long_prompt`: a prompt that leaves no room to generate becomes an error row ("error") or
+    keeps its last tokens ("truncate"). `max_error_rate=None`: error rows never fail the job;
+    a rate R in [0, 1] fails it (exit code 3) when more than that fraction of rows errored.
     """
 
     input: str
@@ -61,6 +65,8 @@ class JobConfig:
     distributed_executor_backend: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    on_long_prompt: str = "error"
+    max_error_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -113,6 +119,14 @@ class JobConfig:
             _fail("--distributed-executor-backend must be mp or ray, got "
                   f"{self.distributed_executor_backend!r}")
         _require_at_least("batch_size", self.batch_size, 1)
+        if self.on_long_prompt not in ON_LONG_PROMPT_CHOICES:
+            _fail(f"--on-long-prompt must be one of {', '.join(ON_LONG_PROMPT_CHOICES)}, "
+                  f"got {self.on_long_prompt!r}")
+        if self.max_error_rate is not None and not (
+            math.isfinite(self.max_error_rate) and 0 <= self.max_error_rate <= 1
+        ):
+            _fail(f"--max-error-rate must be in [0, 1] (leave it out for no limit), "
+                  f"got {self.max_error_rate}")
         return self
 
     def engine_config(self):
@@ -220,6 +234,8 @@ _FIELD_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "distributed_executor_backend": _optional(_as_str),
     "trust_remote_code": _as_bool,
     "allow_pickle": _as_bool,
+    "on_long_prompt": _as_str,
+    "max_error_rate": _optional(_as_float),
 }
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobConfig))

@@ -18,8 +18,10 @@ class JobStats:
     """Counts and timings of one finished job.
 
     `wall_time_s` is the whole job's wall time, model loading included; `load_time_s` is the part
-    of it spent loading the model. Throughputs are measured over the generation time
-    (`wall_time_s - load_time_s`), so a large model's load time does not hide engine speed.
+    of it spent loading the model. `num_rows` counts every output row; `num_error_rows` those
+    written with `error` set instead of a completion. Throughputs are measured over the
+    generation time (`wall_time_s - load_time_s`), so a large model's load time does not hide
+    engine speed.
     """
 
     num_rows: int
@@ -31,6 +33,9 @@ class JobStats:
     dtype: str
     load_time_s: float = 0.0
     num_part_files: int = 0
+    num_error_rows: int = 0
+    runner: str = "local"
+    num_replicas: int = 1
 
     @property
     def generation_time_s(self) -> float:
@@ -64,8 +69,9 @@ def format_summary(stats: JobStats) -> str:
     """The multi-line end-of-job summary printed by `ProgressReporter.summary`."""
     load_note = f" (model load {format_duration(stats.load_time_s)})" if stats.load_time_s else ""
     part_note = f" ({stats.num_part_files} part files)" if stats.num_part_files else ""
+    error_note = f" ({stats.num_error_rows:,} with errors)" if stats.num_error_rows else ""
     rows = [
-        ("rows", f"{stats.num_rows:,}"),
+        ("rows", f"{stats.num_rows:,}{error_note}"),
         ("prompt tokens", f"{stats.num_prompt_tokens:,}"),
         ("output tokens", f"{stats.num_output_tokens:,}"),
         ("output tok/s", f"{stats.output_tokens_per_s:,.1f}"),
@@ -73,6 +79,7 @@ def format_summary(stats: JobStats) -> str:
         ("wall time", f"{format_duration(stats.wall_time_s)}{load_note}"),
         ("model", stats.model),
         ("dtype", stats.dtype),
+        ("replicas", f"{stats.num_replicas} ({stats.runner} runner)"),
         ("output", f"{stats.output_dir}{part_note}"),
     ]
     lines = [f"{LINE_PREFIX} job finished"]
@@ -107,10 +114,12 @@ class ProgressReporter:
         self.total_rows: int | None = None
         self.num_rows_done = 0
         self.num_output_tokens = 0
+        self.num_error_rows = 0
         self._start_time: float | None = None
         self._last_line_time = 0.0
         self._rows_at_last_line = -1
         self._bar: Any = None
+        self.replica_states: dict[int, str] = {}
 
     @property
     def stream(self) -> TextIO:
@@ -128,6 +137,7 @@ class ProgressReporter:
         self.total_rows = total_rows
         self.num_rows_done = 0
         self.num_output_tokens = 0
+        self.num_error_rows = 0
         self._start_time = self._clock()
         self._last_line_time = self._start_time
         self._rows_at_last_line = -1
@@ -144,21 +154,35 @@ class ProgressReporter:
             smoothing=0.1,
         )
 
-    def update(self, num_rows: int, num_output_tokens: int) -> None:
-        """Add `num_rows` finished rows that generated `num_output_tokens` tokens in total."""
+    def update(self, num_rows: int, num_output_tokens: int, num_error_rows: int = 0) -> None:
+        """Add `num_rows` finished rows (`num_error_rows` of them error rows) that generated
+        `num_output_tokens` tokens in total."""
         if self._start_time is None:
             self.start(None)
         self.num_rows_done += num_rows
         self.num_output_tokens += num_output_tokens
+        self.num_error_rows += num_error_rows
         if self.quiet:
             return
         if self._bar is not None:
-            self._bar.set_postfix_str(f"{self._output_tokens_per_s():,.0f} out tok/s", refresh=False)
+            errors = f", {self.num_error_rows} errors" if self.num_error_rows else ""
+            self._bar.set_postfix_str(f"{self._output_tokens_per_s():,.0f} out tok/s{errors}",
+                                      refresh=False)
             self._bar.update(num_rows)
             return
         now = self._clock()
         if now - self._last_line_time >= self.interval_s:
             self._write_line(now)
+
+    def set_replica_state(self, index: int, state: str) -> None:
+        """Record what replica `index` is doing ("loading", "running", "done", ...); with more
+        than one replica the states are shown after the job's counts."""
+        self.replica_states[index] = state
+        if self._bar is not None and len(self.replica_states) > 1:
+            self._bar.set_description_str(f"vbatch [{self._replica_summary()}]", refresh=False)
+
+    def _replica_summary(self) -> str:
+        return " ".join(f"r{index}:{state}" for index, state in sorted(self.replica_states.items()))
 
     def close(self) -> None:
         """Finish the bar, or print a last plain line if progress moved since the previous one.
@@ -188,10 +212,14 @@ class ProgressReporter:
             rows = f"{self.num_rows_done}/{self.total_rows} rows ({percent:.1f}%)"
         else:
             rows = f"{self.num_rows_done} rows"
+        if self.num_error_rows:
+            rows += f" ({self.num_error_rows} errors)"
         line = (
             f"{LINE_PREFIX} {rows}, {self._output_tokens_per_s(now):.0f} out tok/s, "
             f"elapsed {format_duration(elapsed_s)}"
         )
+        if len(self.replica_states) > 1:
+            line += f", replicas {self._replica_summary()}"
         rows_per_s = _rate(self.num_rows_done, elapsed_s)
         if self.total_rows and rows_per_s > 0:
             remaining_rows = max(self.total_rows - self.num_rows_done, 0)

@@ -3,28 +3,27 @@
 Rows are streamed into the engine so it stays full across input-batch boundaries: up to
 `max_in_flight` rows are queued at once, and an input batch is emitted (with its generation
 columns appended, rows in input order) as soon as its last row finishes.
+
+A row that cannot be generated (see `row_prompts`, `row_sampling`) never reaches the engine: it
+finishes at once as an error row (`error` set, generation columns null), so one bad row never
+fails the job and every input row appears in the output exactly once.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from vbatch.engine.llm_engine import LLMEngine
 from vbatch.engine.sampling_params import SamplingParams
-from vbatch.errors import InputError
-from vbatch.io.schema import (FINISH_REASON, GENERATED_TEXT, MESSAGES_COLUMN,
-                              NUM_GENERATED_TOKENS, NUM_PROMPT_TOKENS, build_output_batch)
+from vbatch.io.schema import (ERROR, FINISH_REASON, GENERATED_TEXT, NUM_GENERATED_TOKENS,
+                              NUM_PROMPT_TOKENS, build_output_batch)
+from vbatch.jobs.row_errors import REJECTED, RowError
+from vbatch.jobs.row_prompts import PromptEncoder, RowPrompts
+from vbatch.jobs.row_sampling import RowSampling
 
-
-@dataclass
-class RowPrompts:
-    """How to read prompts from a batch: the column, whether to chat-template raw text."""
-
-    prompt_column: str
-    id_column: str
-    chat: bool
+__all__ = ["Replica", "ReplicaCounters", "RowPrompts"]
 
 
 @dataclass
@@ -35,91 +34,147 @@ class _PendingBatch:
 
 
 @dataclass
+class _Row:
+    """One input row on its way to the engine: token ids and params, or why it cannot go."""
+
+    batch_index: int
+    row: int
+    key: str
+    token_ids: list[int] | None
+    params: SamplingParams | None
+    error: RowError | None
+
+    @property
+    def request_id(self) -> str:
+        return f"{self.batch_index}:{self.row}"
+
+
+@dataclass
 class ReplicaCounters:
-    """Running totals of what a replica has finished."""
+    """Running totals of what a replica has finished. `num_rows` counts every finished row,
+    error rows included; `num_error_rows` the rows written with `error` set (the first one as
+    "row <key>: <error>" in `first_error`); `num_truncated_rows` the prompts cut by
+    `--on-long-prompt truncate`. Token counts cover generated rows only."""
 
     num_rows: int = 0
+    num_error_rows: int = 0
+    num_truncated_rows: int = 0
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    first_error: str | None = None
+
+
+ProgressCallback = Callable[[int, int, int], None]
 
 
 class Replica:
-    """Drives one `LLMEngine` over a stream of input batches (see module docstring)."""
+    """Drives one `LLMEngine` over a stream of input batches (see module docstring).
+
+    `sampling_params` are the job's; per-row sampling columns override them row by row.
+    Raises VBatchUsageError when the prompts need a chat template the tokenizer lacks.
+    """
 
     def __init__(self, engine: LLMEngine, sampling_params: SamplingParams, prompts: RowPrompts,
                  *, max_in_flight: int | None = None):
         self.engine = engine
         self.sampling_params = sampling_params
         self.prompts = prompts
+        self.encoder = PromptEncoder(engine, prompts)
+        self.sampling = RowSampling(sampling_params)
         self.max_in_flight = max_in_flight or 2 * engine.config.max_num_seqs
         self.counters = ReplicaCounters()
 
-    def process(self, batches: Iterable[pa.RecordBatch], on_progress=None
-                ) -> Iterator[pa.RecordBatch]:
+    def process(self, batches: Iterable[pa.RecordBatch],
+                on_progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
         """Yield one output batch per input batch, in completion order.
 
-        `on_progress(num_rows, num_output_tokens)` is called with increments as rows finish.
+        `on_progress(num_rows, num_output_tokens, num_error_rows)` is called with increments
+        as rows finish (error rows count in `num_rows` too).
         """
         pending: dict[int, _PendingBatch] = {}
-        row_queue: Iterator = self._rows(batches, pending)
+        row_queue: Iterator[_Row] = self._rows(batches, pending)
         exhausted = False
         engine = self.engine
         while True:
+            num_errors = 0
             while not exhausted and engine.num_unfinished_requests < self.max_in_flight:
                 item = next(row_queue, None)
                 if item is None:
                     exhausted = True
                     break
-                request_id, token_ids, row_key = item
-                try:
-                    engine.add_request(request_id, token_ids, self.sampling_params,
-                                       row_key=row_key)
-                except ValueError as error:
-                    raise InputError(f"row {row_key}: {error}") from None
-            if not engine.has_unfinished_requests():
+                if item.error is None:
+                    try:
+                        engine.add_request(item.request_id, item.token_ids, item.params,
+                                           row_key=item.key)
+                        continue
+                    except ValueError as refused:
+                        item.error = RowError(REJECTED, str(refused))
+                num_errors += 1
+                done = self._finish(pending, item.batch_index, item.row,
+                                    self._error_result(item))
+                if done is not None:
+                    yield done
+            if num_errors and on_progress is not None:
+                on_progress(num_errors, 0, num_errors)
+            if not engine.has_unfinished_requests():    # so every row was queued
                 break
             finished = engine.step()
             new_tokens = 0
             for output in finished:
                 batch_index, row = map(int, output.request_id.split(":"))
                 completion = output.outputs[0]
-                entry = pending[batch_index]
-                entry.results[row] = {
+                num_prompt, num_generated = len(output.prompt_token_ids), len(completion.token_ids)
+                new_tokens += num_generated
+                self.counters.num_prompt_tokens += num_prompt
+                self.counters.num_output_tokens += num_generated
+                done = self._finish(pending, batch_index, row, {
                     GENERATED_TEXT: completion.text, FINISH_REASON: completion.finish_reason,
-                    NUM_PROMPT_TOKENS: len(output.prompt_token_ids),
-                    NUM_GENERATED_TOKENS: len(completion.token_ids)}
-                entry.num_done += 1
-                new_tokens += len(completion.token_ids)
-                self.counters.num_rows += 1
-                self.counters.num_prompt_tokens += len(output.prompt_token_ids)
-                self.counters.num_output_tokens += len(completion.token_ids)
-                if entry.num_done == entry.batch.num_rows:
-                    del pending[batch_index]
-                    yield build_output_batch(entry.batch, entry.results)
+                    NUM_PROMPT_TOKENS: num_prompt, NUM_GENERATED_TOKENS: num_generated})
+                if done is not None:
+                    yield done
             if finished and on_progress is not None:
-                on_progress(len(finished), new_tokens)
+                on_progress(len(finished), new_tokens, 0)
         for batch_index in sorted(pending):   # batches of zero rows
             entry = pending.pop(batch_index)
             yield build_output_batch(entry.batch, entry.results)
 
-    def _rows(self, batches: Iterable[pa.RecordBatch], pending: dict[int, _PendingBatch]):
+    def _finish(self, pending: dict[int, _PendingBatch], batch_index: int, row: int,
+                result: dict) -> pa.RecordBatch | None:
+        """Record one finished row; return its batch's output batch when that was the last."""
+        entry = pending[batch_index]
+        entry.results[row] = result
+        entry.num_done += 1
+        self.counters.num_rows += 1
+        if entry.num_done < entry.batch.num_rows:
+            return None
+        del pending[batch_index]
+        return build_output_batch(entry.batch, entry.results)
+
+    def _error_result(self, item: _Row) -> dict:
+        text = str(item.error)
+        self.counters.num_error_rows += 1
+        if self.counters.first_error is None:
+            self.counters.first_error = f"row {item.key}: {text}"
+        return {ERROR: text}
+
+    def _rows(self, batches: Iterable[pa.RecordBatch],
+              pending: dict[int, _PendingBatch]) -> Iterator[_Row]:
         for batch_index, batch in enumerate(batches):
             pending[batch_index] = _PendingBatch(batch, [None] * batch.num_rows)
             keys = [str(k) for k in batch.column(self.prompts.id_column).to_pylist()]
-            token_ids = self._encode(batch, keys)
-            for row, (key, ids) in enumerate(zip(keys, token_ids)):
-                yield f"{batch_index}:{row}", ids, key
-
-    def _encode(self, batch: pa.RecordBatch, keys: list[str]) -> list[list[int]]:
-        column = self.prompts.prompt_column
-        values = batch.column(column).to_pylist()
-        for key, value in zip(keys, values):
-            if value is None or (isinstance(value, str) and not value.strip()) \
-                    or (isinstance(value, list) and not value):
-                raise InputError(f"row {key}: the prompt in column {column!r} is empty or null")
-        if column == MESSAGES_COLUMN:
-            return [self.engine.encode_prompt(messages=m) for m in values]
-        if self.prompts.chat:
-            return [self.engine.encode_prompt(messages=[{"role": "user", "content": text}])
-                    for text in values]
-        return self.engine.encode_prompts(values)
+            encoded = self.encoder.encode(batch)
+            params = self.sampling.for_batch(batch)
+            for row, (key, token_ids, row_params) in enumerate(zip(keys, encoded, params)):
+                error = next((x for x in (token_ids, row_params) if isinstance(x, RowError)),
+                             None)
+                if error is None:
+                    fitted = self.encoder.fit(token_ids, row_params.max_tokens)
+                    if isinstance(fitted, RowError):
+                        error = fitted
+                    elif len(fitted) < len(token_ids):
+                        self.counters.num_truncated_rows += 1
+                    token_ids = fitted
+                if error is not None:
+                    yield _Row(batch_index, row, key, None, None, error)
+                else:
+                    yield _Row(batch_index, row, key, token_ids, row_params, None)

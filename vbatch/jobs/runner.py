@@ -2,7 +2,9 @@
 
 Order of work: check the output path and scan the inputs once (before any model loads), load the
 engine, stream batches through the replica, write part files atomically, then the manifest and
-`_SUCCESS` last. Any failure leaves no `_SUCCESS` (and no temporary files).
+`_SUCCESS` last. Any failure leaves no `_SUCCESS` (and no temporary files). Bad rows become
+error rows; when more of them than `--max-error-rate` allows, the rows so far are flushed to
+part files and `TooManyRowErrors` is raised (no manifest, no `_SUCCESS`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     """Run the job described by `config`; returns its statistics.
 
     Raises ValueError subclasses for anything the user can fix (bad input, bad model, output
-    directory not empty) and other exceptions for internal failures.
+    directory not empty), `TooManyRowErrors` past `--max-error-rate`, and other exceptions
+    for internal failures.
     """
     from vbatch.io import inputs, reader, writer
     from vbatch.io.schema import output_schema
@@ -33,24 +36,35 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     out_schema = output_schema(scan.schema)
 
     from vbatch.engine.llm_engine import LLMEngine
+    from vbatch.errors import TooManyRowErrors
     from vbatch.jobs.replica import Replica, RowPrompts
+    from vbatch.jobs.row_errors import ErrorBudget
     engine = LLMEngine(config.engine_config())
     try:
         load_time = time.perf_counter() - started
         replica = Replica(engine, config.sampling_params(),
-                          RowPrompts(prompt_column, config.id_column, config.chat))
+                          RowPrompts(prompt_column, config.id_column, config.chat,
+                                     on_long_prompt=config.on_long_prompt))
         output_dir = writer.prepare_output_dir(output_dir, overwrite=config.overwrite)
-        reporter.start(reader.count_rows(files))
+        total_rows = reader.count_rows(files)
+        budget = ErrorBudget(config.max_error_rate, total_rows)
+        reporter.start(total_rows)
         batches = reader.read_batches(files, batch_size=config.batch_size,
                                       prompt_column=config.prompt_column,
                                       id_column=config.id_column,
                                       root=inputs.input_root(config.input), scan=scan)
         with writer.ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file,
                                       schema=out_schema) as part_writer:
-            for out_batch in replica.process(batches, on_progress=reporter.update):
-                part_writer.write(out_batch)
-            reporter.close()
             counters = replica.counters
+            try:
+                for out_batch in replica.process(batches, on_progress=reporter.update):
+                    part_writer.write(out_batch)
+                    budget.check_progress(counters)
+                budget.check_final(counters)
+            except TooManyRowErrors:
+                part_writer.close()         # keep the rows so far, error rows included
+                raise
+            reporter.close()
             part_writer.commit(_manifest(config, engine, counters, files))
     finally:
         engine.shutdown()       # no worker process outlives the job
@@ -58,7 +72,8 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
                     num_output_tokens=counters.num_output_tokens,
                     wall_time_s=time.perf_counter() - started, output_dir=str(output_dir),
                     model=engine.resolved_model.source, dtype=_dtype_name(engine),
-                    load_time_s=load_time, num_part_files=len(part_writer.part_files))
+                    load_time_s=load_time, num_part_files=len(part_writer.part_files),
+                    num_error_rows=counters.num_error_rows)
 
 
 def _dtype_name(engine) -> str:
@@ -81,6 +96,8 @@ def _manifest(config: JobConfig, engine, counters, files) -> dict:
                   "fingerprint": engine.resolved_model.fingerprint,
                   "dtype": _dtype_name(engine)},
         "input_files": [str(f) for f in files],
-        "counts": {"rows": counters.num_rows, "prompt_tokens": counters.num_prompt_tokens,
+        "counts": {"rows": counters.num_rows, "error_rows": counters.num_error_rows,
+                   "truncated_rows": counters.num_truncated_rows,
+                   "prompt_tokens": counters.num_prompt_tokens,
                    "output_tokens": counters.num_output_tokens},
     }
