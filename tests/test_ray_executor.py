@@ -1,6 +1,6 @@
 """The `ray` executor (one Ray actor per rank) and the backend rule of executor/factory.py.
 
-Proves: tp=2 over Ray actors gives greedy tokens identical to tp=1; a rank actor killed
+Proves: tp=2 and pp=2 over Ray actors give greedy tokens identical to a single rank; a rank actor killed
 mid-generation fails the engine within seconds naming the rank, and leaves no actor process or
 placement group behind; a rank that raises while loading is named too; an engine started inside
 a caller's placement group (a Ray Data replica, say) picks `ray` and runs in that group's
@@ -37,9 +37,9 @@ def ray_instance():
     ray.shutdown()
 
 
-def _llm(path, tp, backend=None):
+def _llm(path, tp, backend=None, pp=1):
     return LLM(str(path), dtype="float32", kv_cache_memory_gb=0.01, tensor_parallel_size=tp,
-               distributed_executor_backend=backend)
+               pipeline_parallel_size=pp, distributed_executor_backend=backend)
 
 
 def _tokens(llm):
@@ -67,10 +67,12 @@ def _all_cpus_free(ray) -> bool:
     return ray.available_resources().get("CPU", 0) == NUM_CPUS
 
 
-def test_ray_tp2_matches_tp1(tiny_models, ray_instance):
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_ray_matches_single_rank(tiny_models, ray_instance, tp, pp):
+    """tp=2, and pp=2 (several steps in flight: each actor must run its calls in order)."""
     path = tiny_models["llama-gqa-untied"]
     expected = _tokens(_llm(path, 1))
-    llm = _llm(path, 2, "ray")
+    llm = _llm(path, tp, "ray", pp=pp)
     executor = llm.llm_engine.executor
     try:
         assert type(executor).__name__ == "RayExecutor"
@@ -156,6 +158,13 @@ def test_engine_inside_a_placement_group_uses_its_bundles(tiny_models, ray_insta
         remove_placement_group(group)
     assert (name, owned) == ("RayExecutor", False)         # the caller's bundles, not a new PG
     assert tokens == expected
+
+
+def test_failure_message_names_the_dead_rank_first():
+    from vbatch.engine.executor.ray_executor import _describe
+    assert _describe({1: ("failed", "ValueError: x")}) == "worker rank 1 failed: ValueError: x"
+    assert _describe({0: ("failed", "RuntimeError: peer lost"), 1: ("died", "killed")}) == \
+        "worker rank 1 died: killed; rank 0 then failed: RuntimeError: peer lost"
 
 
 def test_missing_ray_is_a_one_line_value_error(tiny_models, monkeypatch):

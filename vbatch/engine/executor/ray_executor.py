@@ -133,12 +133,9 @@ class RayExecutor(Executor):
         if failures:
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=_FAILURE_GRACE_S)
             failures.update(self._failures(ready, rank_of))
-            died = {r: f for r, f in failures.items() if f[0] == "died"}
-            rank = min(died or failures)
-            kind, cause = failures[rank]
             self._failed = True
             self.shutdown()
-            raise WorkerError(f"worker rank {rank} {kind}: {cause}")
+            raise WorkerError(_describe(failures))
         return ray.get(refs)
 
     def _failures(self, ready: list, rank_of: dict) -> dict[int, tuple[str, str]]:
@@ -185,6 +182,18 @@ class RayExecutor(Executor):
     def __del__(self):
         if getattr(self, "actors", None):
             self.shutdown()
+
+
+def _describe(failures: dict[int, tuple[str, str]]) -> str:
+    """One line naming the root cause first: the lowest rank that died, else the lowest that
+    raised (a survivor's collective error, if any, follows the dead rank)."""
+    died = sorted(r for r, (kind, _) in failures.items() if kind == "died")
+    failed = sorted(r for r, (kind, _) in failures.items() if kind == "failed")
+    rank = (died or failed)[0]
+    message = f"worker rank {rank} {failures[rank][0]}: {failures[rank][1]}"
+    if died and failed:
+        message += f"; rank {failed[0]} then failed: {failures[failed[0]][1]}"
+    return message
 
 
 def _first_line(text: str) -> str:
