@@ -117,6 +117,44 @@ def test_job_config_fields_yaml_and_env(tmp_path):
     assert (config.on_long_prompt, config.max_error_rate) == ("truncate", 0.25)
 
 
+def test_flags_and_env_vars_reach_the_config_and_exit_code_3(monkeypatch):
+    """--on-long-prompt / --max-error-rate and their VBATCH_* variables reach JobConfig; a
+    TooManyRowErrors from the job is exit code 3 with one line (runner faked: no model)."""
+    import types
+
+    from click.testing import CliRunner
+
+    import vbatch.jobs
+    from vbatch.jobs.cli import main
+
+    seen = []
+
+    def run_job(config, reporter):
+        seen.append(config)
+        raise TooManyRowErrors("3 of 10 rows failed (30.0%), more than --max-error-rate 0.1")
+
+    fake = types.ModuleType("vbatch.jobs.runner")
+    fake.run_job = run_job
+    monkeypatch.setitem(sys.modules, "vbatch.jobs.runner", fake)
+    monkeypatch.setattr(vbatch.jobs, "runner", fake, raising=False)
+    for name in [name for name in os.environ if name.startswith("VBATCH_")]:
+        monkeypatch.delenv(name)
+    invoke = CliRunner().invoke
+    result = invoke(main, ["run", "in.jsonl", "--on-long-prompt", "truncate",
+                           "--max-error-rate", "0.1"], catch_exceptions=False)
+    assert result.exit_code == 3
+    assert result.output.strip().splitlines() == [
+        "Error: 3 of 10 rows failed (30.0%), more than --max-error-rate 0.1"]
+    assert (seen[-1].on_long_prompt, seen[-1].max_error_rate) == ("truncate", 0.1)
+    invoke(main, ["run", "in.jsonl"], catch_exceptions=False,
+           env={"VBATCH_ON_LONG_PROMPT": "truncate", "VBATCH_MAX_ERROR_RATE": "0.5"})
+    assert (seen[-1].on_long_prompt, seen[-1].max_error_rate) == ("truncate", 0.5)
+    invoke(main, ["run", "in.jsonl"], catch_exceptions=False)
+    assert (seen[-1].on_long_prompt, seen[-1].max_error_rate) == ("error", None)
+    bad = invoke(main, ["run", "in.jsonl", "--max-error-rate", "2"], catch_exceptions=False)
+    assert bad.exit_code == 2 and "--max-error-rate must be in [0, 1]" in bad.output
+
+
 def test_chat_without_a_template_fails_the_job_not_every_row():
     engine = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None), max_model_len=64)
     PromptEncoder(engine, RowPrompts("prompt", "id", chat=False))
