@@ -126,3 +126,19 @@ def test_killed_stage_fails_fast_without_orphans(tiny_models):
     for process in processes:
         process.join(timeout=10)
         assert not process.is_alive()
+
+
+def test_each_rank_holds_its_share_of_the_weights(tiny_models):
+    """tp=2 x pp=2: every rank holds about a quarter of the weights (3 layers split 2 | 1, so
+    stage 0's ranks hold a little more; replicated norms are the only duplicates)."""
+    path = tiny_models["llama-gqa-untied"]
+    reference = _llm(path)
+    total = reference.llm_engine.executor.collective_rpc("parameter_bytes")[0]
+    llm = _llm(path, 2, 2)
+    try:
+        per_rank = llm.llm_engine.executor.collective_rpc("parameter_bytes")
+    finally:
+        llm.llm_engine.shutdown()
+    assert len(per_rank) == 4
+    assert all(share < 0.35 * total for share in per_rank), (per_rank, total)
+    assert sum(per_rank) < 1.05 * total

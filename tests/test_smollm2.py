@@ -69,18 +69,60 @@ def test_dtype_auto_rule():
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
 
-@pytest.mark.slow
-def test_tensor_parallel_3_matches_tp1_on_the_real_model():
-    """SmolLM2 has 9 heads / 3 KV heads: tp=3 puts one KV head on each rank."""
+@pytest.fixture(scope="module")
+def parallel_reference():
+    """tp = pp = 1 greedy token ids of 4 chat prompts (the reference for every layout)."""
     from vbatch import LLM, SamplingParams
 
     conversations = [[{"role": "user", "content": p}] for p in _varied_prompts()[:4]]
     params = SamplingParams(temperature=0, max_tokens=24)
-    kwargs = dict(dtype="float32", kv_cache_memory_gb=0.2, max_model_len=512)
-    expected = [o.outputs[0].token_ids for o in LLM(**kwargs).chat(conversations, params)]
-    llm = LLM(**kwargs, tensor_parallel_size=3)
+    llm = LLM(**PARALLEL_KWARGS)
+    return conversations, params, [o.outputs[0].token_ids for o in llm.chat(conversations,
+                                                                               params)]
+
+
+PARALLEL_KWARGS = dict(dtype="float32", kv_cache_memory_gb=0.2, max_model_len=512)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2), (3, 2)])
+def test_parallel_layouts_match_tp1_on_the_real_model(tp, pp, parallel_reference):
+    """SmolLM2 has 9 heads / 3 KV heads (tp=3: one KV head per rank) and 30 layers (pp=2:
+    15 per stage)."""
+    from vbatch import LLM
+
+    conversations, params, expected = parallel_reference
+    llm = LLM(**PARALLEL_KWARGS, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     try:
         got = [o.outputs[0].token_ids for o in llm.chat(conversations, params)]
     finally:
         llm.llm_engine.shutdown()
     assert got == expected
+
+
+@pytest.mark.slow
+def test_cli_tp3_pp2_matches_tp1_on_the_real_model(tmp_path):
+    """`vbatch run --tp 3 --pp 2` (6 worker processes) writes the texts tp=1 generates."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from vbatch import LLM, SamplingParams
+
+    source = Path(__file__).resolve().parent.parent / "examples" / "prompts_small.csv"
+    exe = shutil.which("vbatch")
+    command = [exe] if exe else [sys.executable, "-m", "vbatch"]
+    result = subprocess.run(command + [
+        "run", str(source), "--tp", "3", "--pp", "2", "--dtype", "float32",
+        "--temperature", "0", "--max-tokens", "16", "--max-model-len", "512",
+        "--kv-cache-memory-gb", "0.2", "--output", str(tmp_path / "out"), "-q"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    llm = LLM(**PARALLEL_KWARGS)
+    expected = llm.generate([r["prompt"] for r in rows],
+                            SamplingParams(temperature=0, max_tokens=16))
+    assert [r["generated_text"] for r in rows] == [o.outputs[0].text for o in expected]

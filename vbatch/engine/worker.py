@@ -65,6 +65,11 @@ class Worker:
     def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
         return self.model_runner.execute_model(seqs)
 
+    def parameter_bytes(self) -> int:
+        """Bytes of model weights this rank holds (a tied tensor counted once)."""
+        params = {id(p): p for p in self.model_runner.model.parameters()}
+        return sum(p.numel() * p.element_size() for p in params.values())
+
     def step_trace(self) -> list[tuple[float, float]]:
         """(start, end) time.monotonic() of this rank's recent steps, counted from when its
         input was ready (after the receive from the previous pipeline stage)."""
