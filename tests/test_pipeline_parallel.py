@@ -117,12 +117,21 @@ def test_bad_pp_size_is_refused(tiny_models):
 
 def test_killed_stage_fails_fast_without_orphans(tiny_models):
     llm = _llm(tiny_models["llama-gqa-untied"], 1, 2)
-    processes = list(llm.llm_engine.executor.processes)
-    os.kill(processes[0].pid, signal.SIGKILL)     # the first stage: the last one waits on it
-    started = time.monotonic()
-    with pytest.raises(WorkerError, match="rank 0"):
-        llm.generate(PROMPTS, GREEDY)
-    assert time.monotonic() - started < 30
+    engine = llm.llm_engine
+    processes = list(engine.executor.processes)
+    step, calls, killed_at = engine.step, [], []
+
+    def step_then_kill():
+        calls.append(1)
+        if len(calls) == 5:      # mid-generation: the first stage dies, the last waits on it
+            os.kill(processes[0].pid, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+        return step()
+
+    engine.step = step_then_kill
+    with pytest.raises(WorkerError, match="rank 0 died"):
+        llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    assert killed_at and time.monotonic() - killed_at[0] < 30
     for process in processes:
         process.join(timeout=10)
         assert not process.is_alive()
