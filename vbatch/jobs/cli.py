@@ -18,8 +18,8 @@ from typing import Any
 import click
 
 from vbatch.errors import TooManyRowErrors
-from vbatch.jobs.config import (ON_LONG_PROMPT_CHOICES, VALID_DTYPES, field_default,
-                                load_job_config)
+from vbatch.jobs.config import (ON_LONG_PROMPT_CHOICES, VALID_DTYPES, VALID_RUNNERS,
+                                field_default, load_job_config)
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -28,7 +28,7 @@ EXIT_TOO_MANY_ROW_ERRORS = 3
 EXIT_INTERRUPTED = 130
 
 # Parameters of `run` that are not JobConfig fields.
-_CLI_ONLY_PARAMS = ("config", "quiet")
+_CLI_ONLY_PARAMS = ("config", "quiet", "dry_run")
 _EXPLICIT_SOURCES = (
     click.core.ParameterSource.COMMANDLINE,
     click.core.ParameterSource.ENVIRONMENT,
@@ -152,9 +152,14 @@ def main() -> None:
               default=field_default("tensor_parallel_size"), show_default=True,
               help="Tensor-parallel ranks per engine (Megatron column/row-parallel layers); must "
                    "divide the attention heads.")
+@click.option("--pipeline-parallel-size", "--pp", "-pp", "pipeline_parallel_size", type=int,
+              default=field_default("pipeline_parallel_size"), show_default=True,
+              help="Pipeline stages per engine (contiguous layer ranges; several micro-batches "
+                   "in flight); at most the number of layers.")
 @click.option("--distributed-executor-backend", type=click.Choice(["mp", "ray"]),
-              help="How the ranks run: mp = local worker processes (default; the ray executor "
-                   "is not built yet).")
+              help="How the tp x pp ranks run: mp = local worker processes, ray = one Ray actor "
+                   "per rank (may span nodes). Default: mp unless inside a Ray placement group "
+                   "or this node has fewer GPUs than tp x pp.")
 @click.option("--trust-remote-code", is_flag=True, default=field_default("trust_remote_code"),
               help="Allow code shipped with the model (config auto_map). Only for models you "
                    "trust.")
@@ -172,6 +177,23 @@ def main() -> None:
               help="Fail the job (exit code 3, no _SUCCESS) when more than this fraction of "
                    "rows (0..1) errored. Default: no limit; error rows are written and the job "
                    "succeeds.")
+@click.option("--runner", type=click.Choice(VALID_RUNNERS), default=field_default("runner"),
+              show_default=True,
+              help="Where the replicas run. ray: Ray Data actors (a private local Ray when no "
+                   "cluster address is given); local: processes on this node; auto: ray when "
+                   "Ray is installed and a cluster address is set or the job needs more GPUs "
+                   "than this node has, else local.")
+@click.option("--ray-address", metavar="ADDRESS", envvar="RAY_ADDRESS", show_envvar=True,
+              help="Address of a running Ray cluster (e.g. HEAD:6379 or ray://HEAD:10001).")
+@click.option("--replicas", "--data-parallel-size", "-dp", "replicas", type=int,
+              help="Engine replicas (each over its own tp x pp devices) working through the "
+                   "dataset. Default: as many as fit on this node's GPUs, 1 on CPU.")
+@click.option("--preserve-order", is_flag=True, default=field_default("preserve_order"),
+              help="Write output rows in input order (default: in completion order; the id "
+                   "column says which row is which).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (runner, replicas, tp, pp, executor, device groups, inputs) "
+                   "and exit without loading the model or writing anything.")
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress output (the final summary is still printed).")
 @click.pass_context
@@ -184,19 +206,22 @@ def run_command(ctx: click.Context, **params: Any) -> None:
     """
     config_path = params.pop("config")
     is_quiet = params.pop("quiet")
+    is_dry_run = params.pop("dry_run")
     cli_values = {
         name: value
         for name, value in params.items()
         if ctx.get_parameter_source(name) in _EXPLICIT_SOURCES
     }
-    exit_code = execute_job(cli_values, config_path, is_quiet=is_quiet)
+    exit_code = execute_job(cli_values, config_path, is_quiet=is_quiet, is_dry_run=is_dry_run)
     ctx.exit(exit_code)
 
 
-def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet: bool) -> int:
+def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet: bool,
+                is_dry_run: bool = False) -> int:
     """Load the config, run the job, print the summary or a one-line error; return the exit code.
 
-    `cli_values` holds only explicitly set values (see `load_job_config`).
+    `cli_values` holds only explicitly set values (see `load_job_config`). `is_dry_run`: print
+    the job's plan on stdout instead of running it (no model load, nothing written).
     """
     from vbatch.jobs.progress import ProgressReporter
 
@@ -204,6 +229,10 @@ def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet
     previous_sigterm = _raise_on_sigterm()
     try:
         config = load_job_config(cli_values, config_path)
+        if is_dry_run:
+            from vbatch.jobs.dry_run import describe_job
+            click.echo(describe_job(config))
+            return EXIT_OK
         from vbatch.jobs import runner  # lazy: torch is imported only when a job runs
 
         stats = runner.run_job(config, reporter)

@@ -23,6 +23,7 @@ from typing import Any, Callable, NoReturn
 from vbatch.errors import VBatchUsageError
 
 VALID_DTYPES = ("auto", "float32", "bfloat16", "float16")
+VALID_RUNNERS = ("auto", "ray", "local")
 ON_LONG_PROMPT_CHOICES = ("error", "truncate")
 
 
@@ -36,6 +37,8 @@ class JobConfig:
     `on_long_prompt`: a prompt that leaves no room to generate becomes an error row ("error") or
     keeps its last tokens ("truncate"). `max_error_rate=None`: error rows never fail the job;
     a rate R in [0, 1] fails it (exit code 3) when more than that fraction of rows errored.
+    `runner`/`ray_address`/`replicas`: how the job is spread (see `jobs/plan.py`); `replicas=None`
+    lets the plan pick (as many as fit on GPUs, 1 on CPU).
     """
 
     input: str
@@ -62,11 +65,16 @@ class JobConfig:
     rows_per_file: int = 10_000
     batch_size: int = 1024
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
     on_long_prompt: str = "error"
     max_error_rate: float | None = None
+    runner: str = "auto"
+    ray_address: str | None = None
+    replicas: int | None = None
+    preserve_order: bool = False
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -115,6 +123,13 @@ class JobConfig:
             )
         _require_at_least("rows_per_file", self.rows_per_file, 1)
         _require_at_least("tensor_parallel_size", self.tensor_parallel_size, 1)
+        _require_at_least("pipeline_parallel_size", self.pipeline_parallel_size, 1)
+        if self.runner not in VALID_RUNNERS:
+            _fail(f"--runner must be one of {', '.join(VALID_RUNNERS)}, got {self.runner!r}")
+        if self.replicas is not None:
+            _require_at_least("replicas", self.replicas, 1)
+        if self.ray_address is not None and not self.ray_address.strip():
+            _fail("--ray-address must not be empty (leave it out to start a private local Ray)")
         if self.distributed_executor_backend not in (None, "mp", "ray"):
             _fail("--distributed-executor-backend must be mp or ray, got "
                   f"{self.distributed_executor_backend!r}")
@@ -138,6 +153,7 @@ class JobConfig:
                             kv_cache_memory_gb=self.kv_cache_memory_gb,
                             enable_prefix_caching=self.enable_prefix_caching,
                             tensor_parallel_size=self.tensor_parallel_size,
+                            pipeline_parallel_size=self.pipeline_parallel_size,
                             distributed_executor_backend=self.distributed_executor_backend,
                             trust_remote_code=self.trust_remote_code,
                             allow_pickle=self.allow_pickle)
@@ -231,11 +247,16 @@ _FIELD_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "rows_per_file": _as_int,
     "batch_size": _as_int,
     "tensor_parallel_size": _as_int,
+    "pipeline_parallel_size": _as_int,
     "distributed_executor_backend": _optional(_as_str),
     "trust_remote_code": _as_bool,
     "allow_pickle": _as_bool,
     "on_long_prompt": _as_str,
     "max_error_rate": _optional(_as_float),
+    "runner": _as_str,
+    "ray_address": _optional(_as_str),
+    "replicas": _optional(_as_int),
+    "preserve_order": _as_bool,
 }
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobConfig))

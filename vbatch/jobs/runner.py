@@ -5,15 +5,22 @@ engine, stream batches through the replica, write part files atomically, then th
 `_SUCCESS` last. Any failure leaves no `_SUCCESS` (and no temporary files). Bad rows become
 error rows; when more of them than `--max-error-rate` allows, the rows so far are flushed to
 part files and `TooManyRowErrors` is raised (no manifest, no `_SUCCESS`).
+
+The plan (`jobs/plan.py`) decides where the job runs: one local replica runs here, in this
+process (the fast path below); several replicas, or the Ray runner, go through
+`jobs/driver.py`, which writes the same output from replica processes or Ray actors.
+`build_replica`, `model_info` and `build_manifest` are shared by every runner.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.progress import JobStats, ProgressReporter
+from vbatch.jobs.run_summary import build_run_summary
 
 
 def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
@@ -25,8 +32,14 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     """
     from vbatch.io import inputs, reader, writer
     from vbatch.io.schema import output_schema
+    from vbatch.jobs.plan import local_resources, make_plan
 
     started = time.perf_counter()
+    started_at = datetime.now(timezone.utc)
+    plan = make_plan(config, local_resources())
+    if plan.runner == "ray" or plan.num_replicas > 1:
+        from vbatch.jobs.driver import run_replicated
+        return run_replicated(config, plan, reporter)
     files = inputs.resolve_input_files(config.input)
     output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
     writer.check_output_dir(output_dir, overwrite=config.overwrite)
@@ -37,14 +50,11 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
 
     from vbatch.engine.llm_engine import LLMEngine
     from vbatch.errors import TooManyRowErrors
-    from vbatch.jobs.replica import Replica, RowPrompts
     from vbatch.jobs.row_errors import ErrorBudget
     engine = LLMEngine(config.engine_config())
     try:
         load_time = time.perf_counter() - started
-        replica = Replica(engine, config.sampling_params(),
-                          RowPrompts(prompt_column, config.id_column, config.chat,
-                                     on_long_prompt=config.on_long_prompt))
+        replica = build_replica(config, engine, prompt_column)
         output_dir = writer.prepare_output_dir(output_dir, overwrite=config.overwrite)
         total_rows = reader.count_rows(files)
         budget = ErrorBudget(config.max_error_rate, total_rows)
@@ -65,15 +75,37 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
                 part_writer.close()         # keep the rows so far, error rows included
                 raise
             reporter.close()
-            part_writer.commit(_manifest(config, engine, counters, files))
+            part_writer.close()
+            stats = JobStats(num_rows=counters.num_rows,
+                             num_prompt_tokens=counters.num_prompt_tokens,
+                             num_output_tokens=counters.num_output_tokens,
+                             wall_time_s=time.perf_counter() - started,
+                             output_dir=str(output_dir), model=engine.resolved_model.source,
+                             dtype=_dtype_name(engine), load_time_s=load_time,
+                             num_part_files=len(part_writer.part_files),
+                             num_error_rows=counters.num_error_rows)
+            replicas = [{"index": 0, "state": "done", **dataclasses.asdict(counters)}]
+            writer.write_json_file(output_dir, writer.SUMMARY_FILE, build_run_summary(
+                config, plan, stats, started_at=started_at, replicas=replicas))
+            part_writer.commit(build_manifest(config, model_info(engine), counters, files))
     finally:
         engine.shutdown()       # no worker process outlives the job
-    return JobStats(num_rows=counters.num_rows, num_prompt_tokens=counters.num_prompt_tokens,
-                    num_output_tokens=counters.num_output_tokens,
-                    wall_time_s=time.perf_counter() - started, output_dir=str(output_dir),
-                    model=engine.resolved_model.source, dtype=_dtype_name(engine),
-                    load_time_s=load_time, num_part_files=len(part_writer.part_files),
-                    num_error_rows=counters.num_error_rows)
+    return stats
+
+
+def build_replica(config: JobConfig, engine, prompt_column: str):
+    """The `Replica` that drives `engine` for this job (every runner builds it here)."""
+    from vbatch.jobs.replica import Replica, RowPrompts
+    return Replica(engine, config.sampling_params(),
+                   RowPrompts(prompt_column, config.id_column, config.chat,
+                              on_long_prompt=config.on_long_prompt))
+
+
+def model_info(engine) -> dict:
+    """The manifest's `model` entry for a loaded engine: source, fingerprint, dtype."""
+    return {"source": engine.resolved_model.source,
+            "fingerprint": engine.resolved_model.fingerprint,
+            "dtype": _dtype_name(engine)}
 
 
 def _dtype_name(engine) -> str:
@@ -81,7 +113,9 @@ def _dtype_name(engine) -> str:
     return f"{name} (auto)" if engine.config.dtype == "auto" else name
 
 
-def _manifest(config: JobConfig, engine, counters, files) -> dict:
+def build_manifest(config: JobConfig, model: dict, counters, files) -> dict:
+    """The `_manifest.json` content (the writer adds the part list). `model`: `model_info()`;
+    `counters`: the job's (merged) `ReplicaCounters`."""
     import torch
     import transformers
 
@@ -92,9 +126,7 @@ def _manifest(config: JobConfig, engine, counters, files) -> dict:
         "transformers_version": transformers.__version__,
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "config": config.to_dict(),
-        "model": {"source": engine.resolved_model.source,
-                  "fingerprint": engine.resolved_model.fingerprint,
-                  "dtype": _dtype_name(engine)},
+        "model": dict(model),
         "input_files": [str(f) for f in files],
         "counts": {"rows": counters.num_rows, "error_rows": counters.num_error_rows,
                    "truncated_rows": counters.num_truncated_rows,

@@ -1,0 +1,245 @@
+"""The Ray runner: a Ray Data pipeline of input blocks through a pool of replica actors.
+
+    read_datasource(InputDatasource)            one read task per input file, streaming the
+                                                file through vbatch's own reader
+      -> map_batches(ReplicaActor, concurrency=N)  each actor owns one LLMEngine via `Replica`
+      -> iter_batches() in the driver           written by our ParquetPartWriter (not
+                                                ray's write_parquet: we keep our commit protocol)
+
+Reading goes through `io/reader.py` inside Ray read tasks (not `ray.data.read_json/read_csv`)
+so that the rows, their types (unified across files) and the derived row keys
+(`<file>:<row>`) are exactly those of the local runner. Ray Data streams blocks with
+backpressure, so memory is bounded by the blocks in flight. Read tasks reserve no CPU: the
+replica actors may hold every CPU of a node.
+
+Each actor reserves tp x pp GPUs (tp x pp CPUs on CPU-only clusters) and runs its ranks as local
+processes (the mp executor). A `ReplicaLedger` actor collects each replica's node, model and
+counters for the summary and the exactly-once check. With no `--ray-address` and no Ray already
+running in this process, a private Ray is started (dashboard off, bound to 127.0.0.1, enough
+logical CPUs for every replica plus the readers) and shut down at the end. Ray's own progress
+bars are off: the job's `ProgressReporter` shows rows as output batches arrive. Work starts once
+every replica has loaded; each actor then gets a block whenever it has room for one (at most 2
+queued per actor). An actor drains its engine at the end of each block (`batch_size` rows), so
+keep blocks well above `max_num_seqs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+from vbatch.jobs.config import JobConfig
+from vbatch.jobs.plan import JobPlan
+
+#: How long Ray may take to start every replica actor (resources, model load) before the job
+#: fails with Ray's "not enough resources for the requested actor pool".
+ACTOR_START_TIMEOUT_S = 900
+
+
+class InputDatasource(Datasource):
+    """The job's input files as a Ray Data source: one read task per file, each streaming that
+    file with `reader.read_batches` (same batches, schema and row keys as the local runner)."""
+
+    def __init__(self, config: JobConfig, job):
+        super().__init__()
+        self.config = config
+        self.files = [path for path, schema in job.scan.file_schemas.items() if schema]
+        self.file_schemas = job.scan.file_schemas
+        self.schema = job.scan.schema
+        self.root = job.root if job.root is not None else _common_root(self.files)
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return sum(path.stat().st_size for path in self.files)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
+                       data_context=None) -> list[ReadTask]:
+        tasks = []
+        for path in self.files:
+            metadata = BlockMetadata(num_rows=None, size_bytes=path.stat().st_size,
+                                     exec_stats=None, input_files=[str(path)])
+            tasks.append(ReadTask(self._reader(path), metadata, schema=self.schema,
+                                  per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def _reader(self, path):
+        from vbatch.io.reader import InputScan
+
+        config, root = self.config, self.root
+        scan = InputScan({path: self.file_schemas[path]}, self.schema)
+
+        def read() -> Iterator[pa.Table]:
+            from vbatch.io.reader import read_batches
+            for batch in read_batches([path], batch_size=config.batch_size,
+                                      prompt_column=config.prompt_column,
+                                      id_column=config.id_column, root=root, scan=scan):
+                yield pa.Table.from_batches([batch])
+        return read
+
+
+def _common_root(files) -> str:
+    return os.path.commonpath([os.path.abspath(path.parent) for path in files])
+
+
+class ReplicaLedger:
+    """Where replica actors register (getting their index) and report their counters."""
+
+    def __init__(self):
+        self.replicas: list[dict] = []
+
+    def register(self, node_id: str, pid: int, model: dict, counters: dict) -> int:
+        self.replicas.append({"index": len(self.replicas), "node_id": node_id, "pid": pid,
+                              "model": model, "state": "running", "num_calls": 0,
+                              "counters": counters})
+        return len(self.replicas) - 1
+
+    def report(self, index: int, counters: dict) -> None:
+        entry = self.replicas[index]
+        entry["num_calls"] += 1
+        entry["counters"] = counters
+
+    def snapshot(self) -> list[dict]:
+        return [dict(entry) for entry in self.replicas]
+
+
+class ReplicaActor:
+    """One replica as a Ray Data callable class: loads the engine once, then turns each input
+    block into its output block (`Replica.process` on that block's batches)."""
+
+    def __init__(self, config: JobConfig, prompt_column: str, input_schema: pa.Schema,
+                 ledger, num_threads: int | None):
+        if num_threads and "VBATCH_NUM_THREADS" not in os.environ:
+            os.environ["VBATCH_NUM_THREADS"] = str(num_threads)
+        from vbatch.engine.llm_engine import LLMEngine
+        from vbatch.jobs.runner import build_replica, model_info
+        self.input_schema = input_schema
+        self.engine = LLMEngine(config.engine_config())
+        self.replica = build_replica(config, self.engine, prompt_column)
+        self.ledger = ledger
+        node_id = ray.get_runtime_context().get_node_id()
+        self.index = ray.get(ledger.register.remote(
+            node_id, os.getpid(), model_info(self.engine),
+            dataclasses.asdict(self.replica.counters)))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if not table.schema.equals(self.input_schema):
+            table = table.select(self.input_schema.names).cast(self.input_schema)
+        outputs = list(self.replica.process(table.combine_chunks().to_batches()))
+        ray.get(self.ledger.report.remote(self.index, dataclasses.asdict(self.replica.counters)))
+        if not outputs:
+            return table.slice(0, 0)
+        return pa.Table.from_batches(outputs)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+class RayReplicaPool:
+    """`plan.num_replicas` Ray Data replica actors (see module docstring); a context manager
+    that connects to (or starts) Ray on entry and disconnects (or shuts it down) on exit."""
+
+    def __init__(self, config: JobConfig, plan: JobPlan):
+        self.config, self.plan = config, plan
+        self._owns_ray = False
+        self._ledger = None
+        self._ledger_snapshot: list[dict] = []
+        self._rows_written = 0
+        self.model_info: dict = {}
+        self.load_time_s = 0.0
+
+    def __enter__(self) -> RayReplicaPool:
+        if not ray.is_initialized():
+            self._owns_ray = True
+            if self.plan.ray_address:
+                ray.init(address=self.plan.ray_address, log_to_driver=False,
+                         logging_level="warning")
+            else:
+                cpus = max(os.cpu_count() or 1, self.plan.num_replicas * self.plan.world_size + 1)
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", log_to_driver=False,
+                         logging_level="warning")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._ledger is not None:
+            try:
+                ray.kill(self._ledger)
+            except Exception:  # noqa: BLE001 - Ray may already be gone (e.g. after Ctrl-C)
+                pass
+        if self._owns_ray:
+            ray.shutdown()
+
+    def outputs(self, job, reporter) -> Iterator[pa.RecordBatch]:
+        """Run the pipeline; yield output batches (input order with `preserve_order`)."""
+        from ray.data import DataContext
+
+        started = time.perf_counter()
+        context = DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        context.execution_options.preserve_order = self.config.preserve_order
+        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S   # every replica loads first
+        self._ledger = ray.remote(num_cpus=0)(ReplicaLedger).remote()
+        on_gpu = self.plan.device == "cuda"
+        world = self.plan.world_size
+        resources = {"num_gpus": world, "num_cpus": 1} if on_gpu else {"num_cpus": world}
+        dataset = ray.data.read_datasource(InputDatasource(self.config, job), num_cpus=0)
+        pool = ray.data.ActorPoolStrategy(size=self.plan.num_replicas,
+                                          max_tasks_in_flight_per_actor=2)
+        dataset = dataset.map_batches(
+            ReplicaActor, batch_size=self.config.batch_size, batch_format="pyarrow",
+            compute=pool, zero_copy_batch=True,
+            fn_constructor_kwargs={"config": self.config, "prompt_column": job.prompt_column,
+                                   "input_schema": job.scan.schema, "ledger": self._ledger,
+                                   "num_threads": None if on_gpu else 1},
+            **resources)
+        for index in range(self.plan.num_replicas):
+            reporter.set_replica_state(index, "loading")
+        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow",
+                                          prefetch_batches=1):
+            if not self.model_info:
+                self.load_time_s = time.perf_counter() - started
+                self._refresh(reporter)
+            for batch in table.combine_chunks().to_batches():
+                self._rows_written += batch.num_rows
+                reporter.update(batch.num_rows, _num_output_tokens(batch))
+                yield batch
+        self._refresh(reporter, state="done")
+
+    def _refresh(self, reporter, state: str = "running") -> None:
+        self._ledger_snapshot = ray.get(self._ledger.snapshot.remote())
+        for entry in self._ledger_snapshot:
+            reporter.set_replica_state(entry["index"], state)
+            self.model_info = self.model_info or entry["model"]
+
+    def counters(self) -> list:
+        """Each replica's last reported `ReplicaCounters`."""
+        from vbatch.jobs.replica import ReplicaCounters
+
+        return [ReplicaCounters(**entry["counters"]) for entry in self._ledger_snapshot]
+
+    def replica_stats(self) -> list[dict]:
+        """Per-replica summary entries: index, node id, pid, calls, counters."""
+        stats = []
+        for entry in self._ledger_snapshot:
+            item = {key: value for key, value in entry.items() if key not in ("model",
+                                                                              "counters")}
+            item["state"] = "done"
+            item.update(entry["counters"])
+            stats.append(item)
+        return stats
+
+
+def _num_output_tokens(batch: pa.RecordBatch) -> int:
+    from vbatch.io.schema import NUM_GENERATED_TOKENS
+
+    column = batch.column(NUM_GENERATED_TOKENS)
+    return int(pc.sum(column).as_py() or 0)
