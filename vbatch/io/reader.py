@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from vbatch.errors import InputError
 from vbatch.io.csv_quoting import check_csv_quoting
+from vbatch.io.positions import POSITION_COLUMN, IntervalSet, position_array
 from vbatch.io.inputs import (ARROW_SUFFIXES, CSV_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES,
                               SUPPORTED_SUFFIXES, input_root, resolve_input_files)
 
@@ -349,8 +350,12 @@ def _keyed_batches(
     id_column: str,
     key_prefix: str,
     batch_size: int,
+    file_index: int | None = None,
+    skip: IntervalSet | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """`path`'s batches with row keys added (when it has no `id_column`), cast to `schema`."""
+    """`path`'s batches with row keys added (when it has no `id_column`), cast to `schema`;
+    with a `file_index`, a last column `POSITION_COLUMN` of row positions, and the rows whose
+    positions are in `skip` left out."""
     needs_keys = id_column not in file_schema.names
     num_rows_read = 0
     for batch in _file_batches(path, file_schema, batch_size):
@@ -359,8 +364,18 @@ def _keyed_batches(
             keys = pa.array([f"{key_prefix}:{row}" for row in rows], type=pa.string())
             key_schema = pa.schema([pa.field(id_column, pa.string()), *batch.schema])
             batch = pa.RecordBatch.from_arrays([keys, *batch.columns], schema=key_schema)
+        first_row = num_rows_read
         num_rows_read += batch.num_rows
-        yield conform_batch(batch, schema, file=str(path))
+        batch = conform_batch(batch, schema, file=str(path))
+        if file_index is not None:
+            positions = position_array(file_index, first_row, batch.num_rows)
+            batch = batch.append_column(pa.field(POSITION_COLUMN, pa.int64()), positions)
+            if skip is not None and len(skip):
+                keep = ~skip.contains(positions.to_numpy())
+                if not keep.all():
+                    batch = batch.filter(pa.array(keep))
+        if batch.num_rows:
+            yield batch
 
 
 def read_batches(
@@ -371,6 +386,9 @@ def read_batches(
     id_column: str = "id",
     root: str | os.PathLike[str] | None = None,
     scan: InputScan | None = None,
+    with_positions: bool = False,
+    skip: IntervalSet | None = None,
+    first_file_index: int = 0,
 ) -> Iterator[pa.RecordBatch]:
     """Stream all rows of `files` (in order) as record batches of at most `batch_size` rows.
 
@@ -382,6 +400,10 @@ def read_batches(
     checked before any of its rows are yielded; a batch never spans two files. Raises
     InputError (one line, naming the file and line where known) on bad input. `scan`: the
     `scan_inputs` result for these same files and columns, if the caller already has it.
+
+    `with_positions`: add the hidden int64 column `POSITION_COLUMN` (io/positions.py; file
+    i of `files` counts as input file `first_file_index + i`) and leave out the rows whose
+    positions are in `skip` (the rows a resumed job already committed).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -392,7 +414,7 @@ def read_batches(
     if root is None:
         root = os.path.commonpath([os.path.abspath(path.parent) for path in files])
     root_dir = os.path.abspath(root)
-    for path, file_schema in file_schemas.items():
+    for index, (path, file_schema) in enumerate(file_schemas.items()):
         if file_schema is None:
             continue
         key_prefix = Path(os.path.relpath(os.path.abspath(path), root_dir)).as_posix()
@@ -403,5 +425,7 @@ def read_batches(
             id_column=id_column,
             key_prefix=key_prefix,
             batch_size=batch_size,
+            file_index=first_file_index + index if with_positions else None,
+            skip=skip,
         )
         yield from _rebatch(batches, batch_size)
