@@ -11,8 +11,10 @@ A replica is one `LLMEngine` over its own group of tp x pp devices (its ranks). 
 - **executor**: how one replica runs its ranks: `uni` (in-process, tp x pp = 1), else the
   `--distributed-executor-backend` asked for, else `mp` (local worker processes).
 - **device groups** (local runner on GPUs): replica r gets GPUs [r*w, (r+1)*w) of this node (w =
-  tp x pp), named as `CUDA_VISIBLE_DEVICES` ids. On CPUs ranks are processes, not devices; on
-  Ray each replica actor reserves w GPUs (or w CPUs) and Ray places it.
+  tp x pp), named as `CUDA_VISIBLE_DEVICES` ids. On CPUs ranks are processes, not devices. On
+  Ray each replica actor reserves w GPUs (or w CPUs) for its local rank processes and Ray
+  places it; with the `ray` executor its ranks are Ray actors in the engine's own placement
+  group of w bundles instead, and the replica actor reserves nothing.
 
 `make_plan` raises `VBatchUsageError` (one actionable line) for a plan that cannot run.
 """
@@ -96,10 +98,6 @@ def make_plan(config: JobConfig, resources: Resources, *,
     needed_gpus = replicas * world if on_gpu else 0
     runner, reason = _choose_runner(config, resources, needed_gpus, ray_available)
     executor = config.distributed_executor_backend or ("uni" if world == 1 else "mp")
-    if runner == "ray" and executor == "ray":
-        raise VBatchUsageError("--runner ray runs each replica's ranks as local processes of its "
-                               "actor; drop --distributed-executor-backend ray (or use "
-                               "--runner local)")
     groups: tuple[tuple[str, ...], ...] = tuple(() for _ in range(replicas))
     if runner == "local" and on_gpu:
         if needed_gpus > resources.num_gpus:
@@ -147,6 +145,8 @@ def format_plan(plan: JobPlan) -> list[str]:
     for index, group in enumerate(plan.device_groups):
         if group:
             where = f"GPUs {','.join(group)} (CUDA_VISIBLE_DEVICES)"
+        elif plan.runner == "ray" and plan.executor == "ray":
+            where = f"a placement group of {plan.world_size} bundle(s), one Ray actor per rank"
         elif plan.runner == "ray":
             kind = "GPU" if plan.device == "cuda" else "CPU"
             where = f"{plan.world_size} {kind}(s) reserved by its Ray actor, placed by Ray"

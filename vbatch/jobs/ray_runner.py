@@ -9,11 +9,14 @@
 Reading goes through `io/reader.py` inside Ray read tasks (not `ray.data.read_json/read_csv`)
 so that the rows, their types (unified across files) and the derived row keys
 (`<file>:<row>`) are exactly those of the local runner. Ray Data streams blocks with
-backpressure, so memory is bounded by the blocks in flight. Read tasks reserve no CPU: the
+backpressure, so memory is bounded by the blocks in flight. Read tasks run on the driver's node
+(where the inputs were checked; other nodes need not see the files) and reserve no CPU: the
 replica actors may hold every CPU of a node.
 
 Each actor reserves tp x pp GPUs (tp x pp CPUs on CPU-only clusters) and runs its ranks as local
-processes (the mp executor). A `ReplicaLedger` actor collects each replica's node, model and
+processes (the mp executor); with `--distributed-executor-backend ray` the actor reserves
+nothing and its engine places one Ray actor per rank in its own placement group of tp x pp
+bundles (`engine/executor/ray_executor.py`), so a replica may span nodes. A `ReplicaLedger` actor collects each replica's node, model and
 counters for the summary and the exactly-once check. With no `--ray-address` and no Ray already
 running in this process, a private Ray is started (dashboard off, bound to 127.0.0.1, enough
 logical CPUs for every replica plus the readers) and shut down at the end. Ray's own progress
@@ -54,6 +57,12 @@ class InputDatasource(Datasource):
         self.file_schemas = job.scan.file_schemas
         self.schema = job.scan.schema
         self.root = job.root if job.root is not None else _common_root(self.files)
+
+    @property
+    def supports_distributed_reads(self) -> bool:
+        """False: read on the driver's node, where the inputs were checked (other nodes need
+        not see the files); blocks reach the replicas through the object store."""
+        return False
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(path.stat().st_size for path in self.files)
@@ -190,7 +199,12 @@ class RayReplicaPool:
         self._ledger = ray.remote(num_cpus=0)(ReplicaLedger).remote()
         on_gpu = self.plan.device == "cuda"
         world = self.plan.world_size
-        resources = {"num_gpus": world, "num_cpus": 1} if on_gpu else {"num_cpus": world}
+        if self.plan.executor == "ray":      # the ranks are Ray actors in the engine's own
+            resources = {"num_cpus": 0}      # placement group of tp x pp bundles
+        elif on_gpu:
+            resources = {"num_gpus": world, "num_cpus": 1}
+        else:
+            resources = {"num_cpus": world}
         dataset = ray.data.read_datasource(InputDatasource(self.config, job), num_cpus=0)
         pool = ray.data.ActorPoolStrategy(size=self.plan.num_replicas,
                                           max_tasks_in_flight_per_actor=2)
