@@ -129,7 +129,5 @@ def load_resume_state(output_dir: Path, fingerprint: dict, *, force: bool) -> Re
                                    f"record which rows {part['name']} holds; rerun with "
                                    "--overwrite")
         committed.update(IntervalSet(part.get("positions", [])))
-    was_complete = (output_dir / SUCCESS_FILE).is_file()
-    if not was_complete:
-        (output_dir / SUCCESS_FILE).unlink(missing_ok=True)
-    return ResumeState(committed=committed, parts=parts, was_complete=was_complete)
+    return ResumeState(committed=committed, parts=parts,
+                       was_complete=(output_dir / SUCCESS_FILE).is_file())

@@ -55,18 +55,20 @@ def _is_vbatch_file(name: str) -> bool:
     )
 
 
-def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool,
+                     resume: bool = False) -> Path:
     """Refuse an unusable output path without touching it (cheap: call it before any model
-    loads): a file, a non-empty directory without `overwrite`, or a directory holding files
-    vbatch did not write. Returns the path. Raises VBatchUsageError (one line)."""
+    loads): a file, a non-empty directory without `overwrite` or `resume`, or a directory
+    holding files vbatch did not write. Returns the path. Raises VBatchUsageError (one line)."""
     output_dir = Path(path).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         raise VBatchUsageError(f"output path {output_dir} is a file, not a directory")
     if output_dir.is_dir():
         names = sorted(entry.name for entry in output_dir.iterdir())
-        if names and not overwrite:
+        if names and not (overwrite or resume):
             raise VBatchUsageError(
-                f"output directory {output_dir} is not empty; pass --overwrite to replace it"
+                f"output directory {output_dir} is not empty; pass --resume to continue the "
+                "job that wrote it or --overwrite to replace it"
             )
         foreign = [
             name for name in names if not _is_vbatch_file(name) or (output_dir / name).is_dir()

@@ -95,6 +95,16 @@ def main() -> None:
                    "Default: <input stem>.vbatch/ next to the input.")
 @click.option("--overwrite", is_flag=True, default=field_default("overwrite"),
               help="Replace an existing output directory instead of failing.")
+@click.option("--resume", is_flag=True, default=field_default("resume"),
+              help="Continue a killed job in its output directory: committed rows are kept and "
+                   "skipped, only the rest is computed.")
+@click.option("--force", is_flag=True, default=field_default("force"),
+              help="With --resume: resume even if the inputs, model or generation settings "
+                   "differ from the run that wrote the directory.")
+@click.option("--max-replica-restarts", type=int, default=field_default("max_replica_restarts"),
+              show_default=True,
+              help="Restart a replica that dies at most this many times (its unfinished rows "
+                   "are retried) before the job fails.")
 @click.option("--prompt-column", default=field_default("prompt_column"), show_default=True,
               help="Input column holding the prompt text. A `messages` column (list of "
                    "role/content) is used, chat-templated, when this column is absent.")

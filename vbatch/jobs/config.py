@@ -39,6 +39,9 @@ class JobConfig:
     a rate R in [0, 1] fails it (exit code 3) when more than that fraction of rows errored.
     `runner`/`ray_address`/`replicas`: how the job is spread (see `jobs/plan.py`); `replicas=None`
     lets the plan pick (as many as fit on GPUs, 1 on CPU).
+    `resume`: continue a killed job in the same output directory, computing only the rows not
+    yet committed; `force` resumes even when the job's fingerprint (inputs, model, generation
+    settings) differs. `max_replica_restarts`: how often a dead replica is restarted.
     """
 
     input: str
@@ -75,6 +78,9 @@ class JobConfig:
     ray_address: str | None = None
     replicas: int | None = None
     preserve_order: bool = False
+    resume: bool = False
+    force: bool = False
+    max_replica_restarts: int = 3
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -89,6 +95,12 @@ class JobConfig:
             _fail("missing INPUT: pass it as `vbatch run INPUT` or set `input:` in the --config file")
         if self.output is not None and not self.output.strip():
             _fail("--output must not be empty")
+        if self.resume and self.overwrite:
+            _fail("--resume and --overwrite exclude each other: resume keeps the committed "
+                  "rows, overwrite deletes them")
+        if self.force and not self.resume:
+            _fail("--force only applies to --resume")
+        _require_at_least("max_replica_restarts", self.max_replica_restarts, 0)
         if self.model is not None and not self.model.strip():
             _fail("--model must not be empty (leave it out to use the default model)")
         for name in ("prompt_column", "id_column"):
@@ -257,6 +269,9 @@ _FIELD_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "ray_address": _optional(_as_str),
     "replicas": _optional(_as_int),
     "preserve_order": _as_bool,
+    "resume": _as_bool,
+    "force": _as_bool,
+    "max_replica_restarts": _as_int,
 }
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobConfig))

@@ -16,6 +16,7 @@ summary) and `load_time_s`.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -42,6 +43,7 @@ class JobInputs:
     out_schema: pa.Schema
     total_rows: int | None
     output_dir: Path
+    skip: object = None          # IntervalSet of positions committed earlier (--resume)
 
 
 def check_job_inputs(config: JobConfig) -> JobInputs:
@@ -52,7 +54,7 @@ def check_job_inputs(config: JobConfig) -> JobInputs:
 
     files = inputs.resolve_input_files(config.input)
     output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
-    writer.check_output_dir(output_dir, overwrite=config.overwrite)
+    writer.check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume)
     scan = reader.scan_inputs(files, prompt_column=config.prompt_column,
                               id_column=config.id_column)
     prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)
@@ -94,13 +96,18 @@ def run_replicated(config: JobConfig, plan: JobPlan, reporter: ProgressReporter)
     from vbatch.io import writer
     from vbatch.jobs.row_errors import ErrorBudget
     from vbatch.jobs.run_summary import build_run_summary, merge_counters
+    from vbatch.jobs.commit import model_identity, prepare_commit
     from vbatch.jobs.runner import build_manifest
 
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc)
     job = check_job_inputs(config)
-    resolve_model(config.model, allow_pickle=config.allow_pickle,
-                  trust_remote_code=config.trust_remote_code)
+    resolved = resolve_model(config.model, allow_pickle=config.allow_pickle,
+                             trust_remote_code=config.trust_remote_code)
+    commit = prepare_commit(config, job.files, job.output_dir, model_identity(resolved))
+    num_resumed = commit.resumed.num_committed_rows
+    job = dataclasses.replace(job, skip=commit.skip, total_rows=None if job.total_rows is None
+                              else job.total_rows - num_resumed)
     budget = ErrorBudget(config.max_error_rate, job.total_rows)
     tally = OutputTally()
     with _make_pool(config, plan) as pool:
@@ -109,12 +116,12 @@ def run_replicated(config: JobConfig, plan: JobPlan, reporter: ProgressReporter)
         try:
             for batch in pool.outputs(job, reporter):
                 if part_writer is None:   # the first result: every replica loaded fine
-                    part_writer = _open_writer(config, job)
+                    part_writer = _open_writer(config, job, commit)
                 part_writer.write(batch)
                 tally.add(batch, config.id_column)
                 budget.check_progress(tally)
             if part_writer is None:
-                part_writer = _open_writer(config, job)
+                part_writer = _open_writer(config, job, commit)
             counters = merge_counters(pool.counters())
             budget.check_final(counters)
         except TooManyRowErrors:
@@ -136,10 +143,11 @@ def run_replicated(config: JobConfig, plan: JobPlan, reporter: ProgressReporter)
                          dtype=pool.model_info["dtype"], load_time_s=pool.load_time_s,
                          num_part_files=len(part_writer.part_files),
                          num_error_rows=counters.num_error_rows, runner=plan.runner,
-                         num_replicas=plan.num_replicas)
+                         num_replicas=plan.num_replicas, num_resumed_rows=num_resumed)
         writer.write_json_file(job.output_dir, writer.SUMMARY_FILE, build_run_summary(
             config, plan, stats, started_at=started_at, replicas=pool.replica_stats()))
-        part_writer.commit(build_manifest(config, pool.model_info, counters, job.files))
+        part_writer.commit(build_manifest(config, pool.model_info, counters, job.files,
+                                          num_resumed_rows=num_resumed))
     return stats
 
 
@@ -151,9 +159,6 @@ def _make_pool(config: JobConfig, plan: JobPlan):
     return LocalReplicaPool(config, plan)
 
 
-def _open_writer(config: JobConfig, job: JobInputs):
-    from vbatch.io import writer
-
-    output_dir = writer.prepare_output_dir(job.output_dir, overwrite=config.overwrite)
-    return writer.ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file,
-                                    schema=job.out_schema)
+def _open_writer(config: JobConfig, job: JobInputs, commit):
+    from vbatch.jobs.commit import open_writer
+    return open_writer(config, job.output_dir, job.out_schema, commit)

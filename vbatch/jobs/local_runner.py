@@ -231,7 +231,7 @@ class LocalReplicaPool:
         batches = reader.read_batches(job.files, batch_size=self.config.batch_size,
                                       prompt_column=self.config.prompt_column,
                                       id_column=self.config.id_column, root=job.root,
-                                      scan=job.scan)
+                                      scan=job.scan, with_positions=True, skip=job.skip)
         yield from self._run(batches, reporter)
 
     def _run(self, batches: Iterable[pa.RecordBatch], reporter) -> Iterator[pa.RecordBatch]:

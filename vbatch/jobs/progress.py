@@ -18,7 +18,8 @@ class JobStats:
     """Counts and timings of one finished job.
 
     `wall_time_s` is the whole job's wall time, model loading included; `load_time_s` is the part
-    of it spent loading the model. `num_rows` counts every output row; `num_error_rows` those
+    of it spent loading the model. `num_rows` counts every row this run wrote (a resumed job's
+    earlier rows are `num_resumed_rows`); `num_error_rows` those
     written with `error` set instead of a completion. Throughputs are measured over the
     generation time (`wall_time_s - load_time_s`), so a large model's load time does not hide
     engine speed.
@@ -36,6 +37,7 @@ class JobStats:
     num_error_rows: int = 0
     runner: str = "local"
     num_replicas: int = 1
+    num_resumed_rows: int = 0
 
     @property
     def generation_time_s(self) -> float:
@@ -70,6 +72,8 @@ def format_summary(stats: JobStats) -> str:
     load_note = f" (model load {format_duration(stats.load_time_s)})" if stats.load_time_s else ""
     part_note = f" ({stats.num_part_files} part files)" if stats.num_part_files else ""
     error_note = f" ({stats.num_error_rows:,} with errors)" if stats.num_error_rows else ""
+    if stats.num_resumed_rows:
+        error_note += f"; {stats.num_resumed_rows:,} more committed by an earlier run (resumed)"
     rows = [
         ("rows", f"{stats.num_rows:,}{error_note}"),
         ("prompt tokens", f"{stats.num_prompt_tokens:,}"),

@@ -42,11 +42,17 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
         return run_replicated(config, plan, reporter)
     files = inputs.resolve_input_files(config.input)
     output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
-    writer.check_output_dir(output_dir, overwrite=config.overwrite)
+    writer.check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume)
     scan = reader.scan_inputs(files, prompt_column=config.prompt_column,
                               id_column=config.id_column)
     prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)
     out_schema = output_schema(scan.schema)
+
+    from vbatch.engine.loader import resolve_model
+    from vbatch.jobs.commit import model_identity, open_writer, prepare_commit
+    resolved = resolve_model(config.model, allow_pickle=config.allow_pickle,
+                             trust_remote_code=config.trust_remote_code)
+    commit = prepare_commit(config, files, output_dir, model_identity(resolved))
 
     from vbatch.engine.llm_engine import LLMEngine
     from vbatch.errors import TooManyRowErrors
@@ -55,16 +61,19 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     try:
         load_time = time.perf_counter() - started
         replica = build_replica(config, engine, prompt_column)
-        output_dir = writer.prepare_output_dir(output_dir, overwrite=config.overwrite)
         total_rows = reader.count_rows(files)
+        num_resumed = commit.resumed.num_committed_rows
+        if total_rows is not None:
+            total_rows -= num_resumed
         budget = ErrorBudget(config.max_error_rate, total_rows)
         reporter.start(total_rows)
         batches = reader.read_batches(files, batch_size=config.batch_size,
                                       prompt_column=config.prompt_column,
                                       id_column=config.id_column,
-                                      root=inputs.input_root(config.input), scan=scan)
-        with writer.ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file,
-                                      schema=out_schema) as part_writer:
+                                      root=inputs.input_root(config.input), scan=scan,
+                                      with_positions=True, skip=commit.skip)
+        with open_writer(config, output_dir, out_schema, commit) as part_writer:
+            output_dir = part_writer.output_dir
             counters = replica.counters
             try:
                 for out_batch in replica.process(batches, on_progress=reporter.update):
@@ -83,11 +92,13 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
                              output_dir=str(output_dir), model=engine.resolved_model.source,
                              dtype=_dtype_name(engine), load_time_s=load_time,
                              num_part_files=len(part_writer.part_files),
-                             num_error_rows=counters.num_error_rows)
+                             num_error_rows=counters.num_error_rows,
+                             num_resumed_rows=num_resumed)
             replicas = [{"index": 0, "state": "done", **dataclasses.asdict(counters)}]
             writer.write_json_file(output_dir, writer.SUMMARY_FILE, build_run_summary(
                 config, plan, stats, started_at=started_at, replicas=replicas))
-            part_writer.commit(build_manifest(config, model_info(engine), counters, files))
+            part_writer.commit(build_manifest(config, model_info(engine), counters, files,
+                                              num_resumed_rows=num_resumed))
     finally:
         engine.shutdown()       # no worker process outlives the job
     return stats
@@ -113,9 +124,11 @@ def _dtype_name(engine) -> str:
     return f"{name} (auto)" if engine.config.dtype == "auto" else name
 
 
-def build_manifest(config: JobConfig, model: dict, counters, files) -> dict:
-    """The `_manifest.json` content (the writer adds the part list). `model`: `model_info()`;
-    `counters`: the job's (merged) `ReplicaCounters`."""
+def build_manifest(config: JobConfig, model: dict, counters, files, *,
+                   num_resumed_rows: int = 0) -> dict:
+    """The `_manifest.json` content (the writer adds the fingerprint and the part list).
+    `model`: `model_info()`; `counters`: this run's (merged) `ReplicaCounters`;
+    `num_resumed_rows`: rows committed by earlier runs of a resumed job."""
     import torch
     import transformers
 
@@ -128,7 +141,8 @@ def build_manifest(config: JobConfig, model: dict, counters, files) -> dict:
         "config": config.to_dict(),
         "model": dict(model),
         "input_files": [str(f) for f in files],
-        "counts": {"rows": counters.num_rows, "error_rows": counters.num_error_rows,
+        "counts": {"rows": counters.num_rows, "resumed_rows": num_resumed_rows,
+                   "error_rows": counters.num_error_rows,
                    "truncated_rows": counters.num_truncated_rows,
                    "prompt_tokens": counters.num_prompt_tokens,
                    "output_tokens": counters.num_output_tokens},
