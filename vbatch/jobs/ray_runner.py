@@ -38,6 +38,7 @@ import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from vbatch.io.positions import POSITION_COLUMN
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.plan import JobPlan
 
@@ -55,6 +56,9 @@ class InputDatasource(Datasource):
         self.config = config
         self.files = [path for path, schema in job.scan.file_schemas.items() if schema]
         self.file_schemas = job.scan.file_schemas
+        # Positions number the files as the local reader does (io/positions.py).
+        self.file_indices = {path: index for index, path in enumerate(job.scan.file_schemas)}
+        self.skip = job.skip
         self.schema = job.scan.schema
         self.root = job.root if job.root is not None else _common_root(self.files)
 
@@ -80,14 +84,17 @@ class InputDatasource(Datasource):
     def _reader(self, path):
         from vbatch.io.reader import InputScan
 
-        config, root = self.config, self.root
+        config, root, skip = self.config, self.root, self.skip
         scan = InputScan({path: self.file_schemas[path]}, self.schema)
+        file_index = self.file_indices[path]
 
         def read() -> Iterator[pa.Table]:
             from vbatch.io.reader import read_batches
             for batch in read_batches([path], batch_size=config.batch_size,
                                       prompt_column=config.prompt_column,
-                                      id_column=config.id_column, root=root, scan=scan):
+                                      id_column=config.id_column, root=root, scan=scan,
+                                      with_positions=True, skip=skip,
+                                      first_file_index=file_index):
                 yield pa.Table.from_batches([batch])
         return read
 
@@ -212,7 +219,9 @@ class RayReplicaPool:
             ReplicaActor, batch_size=self.config.batch_size, batch_format="pyarrow",
             compute=pool, zero_copy_batch=True,
             fn_constructor_kwargs={"config": self.config, "prompt_column": job.prompt_column,
-                                   "input_schema": job.scan.schema, "ledger": self._ledger,
+                                   "input_schema": job.scan.schema.append(
+                                       pa.field(POSITION_COLUMN, pa.int64())),
+                                   "ledger": self._ledger,
                                    "num_threads": None if on_gpu else 1},
             **resources)
         for index in range(self.plan.num_replicas):
