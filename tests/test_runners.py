@@ -123,3 +123,16 @@ def test_replica_error_reaches_the_driver_and_nothing_is_written(tmp_path, tiny_
         _run(mixed_inputs, tiny_models["llama-gqa-tied"], tmp_path / "out", runner="local",
              replicas=2, tensor_parallel_size=3)
     assert not (tmp_path / "out").exists()
+
+
+def test_batches_cross_process_queues_as_compact_ipc():
+    """A 64-row slice of a 100k-row table travels as its own rows only (pickling a slice would
+    ship all 100k: the driver's memory then grew with the dataset), and comes back equal."""
+    from vbatch.jobs.local_runner import from_ipc, tag_batch, to_ipc, untag_batch
+
+    table = pa.table({"id": [f"r{i}" for i in range(100_000)], "n": list(range(100_000))})
+    batch = table.combine_chunks().to_batches(max_chunksize=64)[7]
+    payload = to_ipc(tag_batch(batch, 7))
+    assert len(payload) < 10_000
+    seq, back = untag_batch(from_ipc(payload))
+    assert seq == 7 and back.equals(batch)

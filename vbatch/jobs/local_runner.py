@@ -13,7 +13,8 @@ batches waiting in the queue (replicas acknowledge each batch they take), so mem
 by the batches in flight, not by the dataset. Output batches come back on one result queue and
 the driver alone writes them. Every batch carries a hidden sequence-number column, added here
 and dropped before writing, so the driver can check that each batch came back exactly once
-with all its rows and, with `--preserve-order`, write them in input order.
+with all its rows and, with `--preserve-order`, write them in input order. Batches cross the
+queues as Arrow IPC bytes (`to_ipc`), never as pickled batches (see there).
 
 Stopping. On success each replica gets a sentinel, finishes its rows, reports its counters and
 exits. On any error, Ctrl-C or SIGTERM in the driver, leaving the pool sends SIGTERM to every
@@ -76,7 +77,7 @@ def _replica_main(index: int, config: JobConfig, prompt_column: str, env: dict[s
         for out_batch in replica.process(_taken_batches(tasks, results, index),
                                          on_progress=progress):
             progress.flush()
-            results.put((_OUTPUT, index, out_batch))
+            results.put((_OUTPUT, index, to_ipc(out_batch)))
         progress.flush()
         results.put((_DONE, index, replica.counters))
     except _Stop:
@@ -100,7 +101,7 @@ def _taken_batches(tasks, results, index: int) -> Iterator[pa.RecordBatch]:
         if item is None:
             return
         results.put((_TAKEN, index, None))
-        yield item
+        yield from_ipc(item)
 
 
 class _ProgressForwarder:
@@ -140,6 +141,21 @@ def _portable_error(index: int, error: BaseException) -> BaseException:
     failed = ReplicaFailed(f"replica {index}: {type(error).__name__}: {detail}")
     failed.remote_traceback = traceback.format_exc()
     return failed
+
+
+def to_ipc(batch: pa.RecordBatch) -> bytes:
+    """`batch` as Arrow IPC stream bytes. Unlike pickling a RecordBatch, which ships the whole
+    buffers a slice points into (a 64-row slice of a 100k-row table would carry all 100k rows),
+    IPC writes only the slice's rows."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as stream:
+        stream.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(payload: bytes) -> pa.RecordBatch:
+    """The batch `to_ipc` wrote."""
+    return pa.ipc.open_stream(payload).read_next_batch()
 
 
 # ---- driver side ------------------------------------------------------------------------------
@@ -250,7 +266,7 @@ class LocalReplicaPool:
                         self._tasks.put(None)
                     break
                 seq, batch = item
-                self._tasks.put(tag_batch(batch, seq))
+                self._tasks.put(to_ipc(tag_batch(batch, seq)))
                 outstanding[seq] = batch.num_rows
                 waiting += 1
             kind, index, payload = self._receive()
@@ -268,7 +284,7 @@ class LocalReplicaPool:
             elif kind == _ERROR:
                 raise payload
             elif kind == _OUTPUT:
-                seq, out_batch = untag_batch(payload)
+                seq, out_batch = untag_batch(from_ipc(payload))
                 if seq is None:
                     continue
                 if outstanding.pop(seq, None) != out_batch.num_rows:
