@@ -25,6 +25,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vbatch.io.positions import POSITION_COLUMN, IntervalSet
+
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.plan import JobPlan
 from vbatch.jobs.progress import JobStats, ProgressReporter
@@ -64,21 +66,40 @@ def check_job_inputs(config: JobConfig) -> JobInputs:
 
 
 class OutputTally:
-    """Counts of the rows written so far, read from the output batches themselves (the
-    `RowCounts` an `ErrorBudget` checks while the job runs)."""
+    """What has been written so far, read from the output batches themselves: row, error-row
+    and token counts (the `RowCounts` an `ErrorBudget` checks while the job runs), and the
+    positions written. `accept` drops rows whose positions were already written, so a batch a
+    restarted replica or a Ray task retry computes twice is still written once."""
 
     def __init__(self) -> None:
         self.num_rows = 0
         self.num_error_rows = 0
+        self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
+        self.num_duplicate_rows = 0
         self.first_error: str | None = None
+        self.written = IntervalSet()
 
-    def add(self, batch: pa.RecordBatch, id_column: str) -> None:
-        """Count `batch`'s rows and its error rows (non-null `error`, when that column exists)."""
-        from vbatch.io.schema import ERROR
+    def accept(self, batch: pa.RecordBatch, id_column: str) -> pa.RecordBatch:
+        """`batch` without rows already written; counts what it returns."""
+        from vbatch.io.schema import ERROR, NUM_GENERATED_TOKENS, NUM_PROMPT_TOKENS
 
+        if POSITION_COLUMN in batch.schema.names:
+            positions = batch.column(POSITION_COLUMN).to_numpy(zero_copy_only=False)
+            seen = self.written.contains(positions)
+            if seen.any():
+                self.num_duplicate_rows += int(seen.sum())
+                batch = batch.filter(pa.array(~seen))
+                positions = positions[~seen]
+            self.written.add_positions(positions)
         self.num_rows += batch.num_rows
+        for name, attribute in ((NUM_PROMPT_TOKENS, "num_prompt_tokens"),
+                                (NUM_GENERATED_TOKENS, "num_output_tokens")):
+            if name in batch.schema.names and batch.num_rows:
+                total = pc.sum(batch.column(name)).as_py() or 0
+                setattr(self, attribute, getattr(self, attribute) + total)
         if ERROR not in batch.schema.names:
-            return
+            return batch
         errors = batch.column(ERROR)
         num_errors = batch.num_rows - errors.null_count
         if num_errors and self.first_error is None:
@@ -86,6 +107,7 @@ class OutputTally:
             key = batch.column(id_column)[row].as_py()
             self.first_error = f"row {key}: {errors[row].as_py()}"
         self.num_error_rows += num_errors
+        return batch
 
 
 def run_replicated(config: JobConfig, plan: JobPlan, reporter: ProgressReporter) -> JobStats:
@@ -117,12 +139,17 @@ def run_replicated(config: JobConfig, plan: JobPlan, reporter: ProgressReporter)
             for batch in pool.outputs(job, reporter):
                 if part_writer is None:   # the first result: every replica loaded fine
                     part_writer = _open_writer(config, job, commit)
+                batch = tally.accept(batch, config.id_column)
                 part_writer.write(batch)
-                tally.add(batch, config.id_column)
                 budget.check_progress(tally)
             if part_writer is None:
                 part_writer = _open_writer(config, job, commit)
-            counters = merge_counters(pool.counters())
+            # Counts from what was written: exact even when a replica died and was restarted
+            # (its own counters died with it).
+            counters = dataclasses.replace(
+                merge_counters(pool.counters()), num_rows=tally.num_rows,
+                num_error_rows=tally.num_error_rows, num_prompt_tokens=tally.num_prompt_tokens,
+                num_output_tokens=tally.num_output_tokens)
             budget.check_final(counters)
         except TooManyRowErrors:
             part_writer.close()           # keep the rows so far, error rows included
@@ -133,9 +160,9 @@ def run_replicated(config: JobConfig, plan: JobPlan, reporter: ProgressReporter)
             raise
         reporter.close()
         part_writer.close()
-        if tally.num_rows != counters.num_rows:
-            raise RuntimeError(f"replicas finished {counters.num_rows} rows but "
-                               f"{tally.num_rows} were written")
+        if job.total_rows is not None and tally.num_rows != job.total_rows:
+            raise RuntimeError(f"{job.total_rows} input rows to compute but {tally.num_rows} "
+                               "were written; not committing")
         stats = JobStats(num_rows=counters.num_rows, num_prompt_tokens=counters.num_prompt_tokens,
                          num_output_tokens=counters.num_output_tokens,
                          wall_time_s=time.perf_counter() - started,

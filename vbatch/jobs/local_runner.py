@@ -1,161 +1,53 @@
-"""The local runner: N replica processes on this node, fed from one shared work queue.
+"""The local runner: N replica processes on this node, fed through a work queue, restarted
+when they die.
 
-Each replica is a spawned, non-daemonic process (its engine may spawn tp x pp worker processes
-of its own, which a daemon could not) that owns one `LLMEngine` through the `Replica` class,
-pinned to its device group with `CUDA_VISIBLE_DEVICES` (on CPU: `VBATCH_NUM_THREADS` splits the
-cores between replicas unless set). The mp executor picks a free rendezvous port per engine, so
-replicas never collide.
+Each replica is a spawned, non-daemonic process (`jobs/replica_process.py`; its engine may
+spawn tp x pp worker processes of its own, which a daemon could not) that owns one `LLMEngine`
+through the `Replica` class, pinned to its device group with `CUDA_VISIBLE_DEVICES` (on CPU:
+`VBATCH_NUM_THREADS` splits the cores between replicas unless set). The mp executor picks a
+free rendezvous port per engine, so replicas never collide.
 
-Data flow. The driver reads input batches and puts them on one task queue shared by all
-replicas; a replica takes the next batch whenever its engine has room (`Replica.process` pulls
-from the queue), so a slow replica never holds the job. The driver keeps at most `prefetch`
-batches waiting in the queue (replicas acknowledge each batch they take), so memory is bounded
-by the batches in flight, not by the dataset. Output batches come back on one result queue and
-the driver alone writes them. Every batch carries a hidden sequence-number column, added here
-and dropped before writing, so the driver can check that each batch came back exactly once
-with all its rows and, with `--preserve-order`, write them in input order. Batches cross the
-queues as Arrow IPC bytes (`to_ipc`), never as pickled batches (see there).
+Data flow. The driver reads input batches and hands each to the replica with the fewest
+batches waiting (each has its own task queue, at most `prefetch_per_replica` waiting), so a
+slow replica never holds the job and the driver always knows which replica holds which batch.
+Memory is bounded by the batches in flight, not by the dataset. Output batches come back on one
+result queue and the driver alone writes them. Every batch carries a hidden sequence-number
+column, added here and dropped before writing, so the driver can check that each batch came
+back once with all its rows and, with `--preserve-order`, write them in input order.
 
-Stopping. On success each replica gets a sentinel, finishes its rows, reports its counters and
-exits. On any error, Ctrl-C or SIGTERM in the driver, leaving the pool sends SIGTERM to every
-replica (which unwinds and shuts its engine's workers down), then SIGKILL after a grace period.
-Replicas ignore SIGINT (the driver decides) and exit if the driver disappears.
+Each replica answers on its own result pipe, so a replica killed in the middle of a message
+garbles nothing but its own pipe, which is dropped with it. Failures. A replica that dies
+(SIGKILL, OOM) or raises an internal error is replaced by a new process (at most `--max-replica-restarts` times per replica, then the job fails naming it), and
+the batches it held go back to the front of the queue for the live replicas; whatever the dead
+process still had in its pipe is dropped, and a batch that comes back twice is written once. A user error
+(ValueError: a bad model, say) fails the job at once: a restart would fail the same way.
+
+Stopping. On success each replica gets a sentinel, reports its counters and exits. On any
+error, Ctrl-C or SIGTERM in the driver, leaving the pool sends SIGTERM to every replica (which
+unwinds and shuts its engine's workers down), then SIGKILL after a grace period.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
-import queue
-import signal
 import time
-import traceback
+from collections import deque
 from collections.abc import Iterable, Iterator
+from multiprocessing.connection import wait
 
 import pyarrow as pa
 
-from vbatch.errors import InputError, VBatchUsageError
+from vbatch.errors import InputError
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.plan import JobPlan
+from vbatch.jobs.replica_process import (DONE, ERROR, OUTPUT, PROGRESS, READY, TAKEN,
+                                         ReplicaFailed, from_ipc, replica_main, to_ipc)
+
+__all__ = ["LocalReplicaPool", "ReplicaFailed", "from_ipc", "tag_batch", "to_ipc",
+           "untag_batch"]
 
 SEQ_COLUMN = "__vbatch_batch_seq__"
-_READY, _TAKEN, _PROGRESS, _OUTPUT, _DONE, _ERROR = (
-    "ready", "taken", "progress", "output", "done", "error")
-_PROGRESS_INTERVAL_S = 0.5
 _STOP_GRACE_S = 20.0
-
-
-class ReplicaFailed(RuntimeError):
-    """A replica process raised an internal error or died; the message names the replica."""
-
-
-class _Stop(BaseException):
-    """SIGTERM in a replica process, or its driver is gone: unwind and shut the engine down."""
-
-
-def _raise_stop(signum, frame):
-    raise _Stop()
-
-
-# ---- replica process side ---------------------------------------------------------------------
-
-def _replica_main(index: int, config: JobConfig, prompt_column: str, env: dict[str, str],
-                  tasks, results) -> None:
-    """Entry point of replica process `index`: load the engine, then process batches from
-    `tasks` until a sentinel (None), sending messages to `results` (see `LocalReplicaPool`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    os.environ.update(env)
-    engine = None
-    try:
-        from vbatch.engine.llm_engine import LLMEngine
-        from vbatch.jobs.runner import build_replica, model_info
-        engine = LLMEngine(config.engine_config())
-        replica = build_replica(config, engine, prompt_column)
-        results.put((_READY, index, model_info(engine)))
-        progress = _ProgressForwarder(results, index)
-        for out_batch in replica.process(_taken_batches(tasks, results, index),
-                                         on_progress=progress):
-            progress.flush()
-            results.put((_OUTPUT, index, to_ipc(out_batch)))
-        progress.flush()
-        results.put((_DONE, index, replica.counters))
-    except _Stop:
-        results.cancel_join_thread()     # never block the exit on a result nobody reads
-    except BaseException as error:      # noqa: BLE001 - every failure is reported to the driver
-        results.put((_ERROR, index, _portable_error(index, error)))
-    finally:
-        if engine is not None:
-            engine.shutdown()
-
-
-def _taken_batches(tasks, results, index: int) -> Iterator[pa.RecordBatch]:
-    parent = multiprocessing.parent_process()
-    while True:
-        try:
-            item = tasks.get(timeout=1.0)
-        except queue.Empty:
-            if parent is not None and not parent.is_alive():
-                raise _Stop() from None
-            continue
-        if item is None:
-            return
-        results.put((_TAKEN, index, None))
-        yield from_ipc(item)
-
-
-class _ProgressForwarder:
-    """`on_progress` of a replica process: sums the increments, sends them at most every
-    `_PROGRESS_INTERVAL_S` seconds (and on `flush`)."""
-
-    def __init__(self, results, index: int):
-        self.results, self.index = results, index
-        self.pending: list[int] = []
-        self.last_sent = time.monotonic()
-
-    def __call__(self, *increments: int) -> None:
-        if len(self.pending) < len(increments):
-            self.pending += [0] * (len(increments) - len(self.pending))
-        for position, value in enumerate(increments):
-            self.pending[position] += value
-        if time.monotonic() - self.last_sent >= _PROGRESS_INTERVAL_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if any(self.pending):
-            self.results.put((_PROGRESS, self.index, tuple(self.pending)))
-            self.pending = [0] * len(self.pending)
-        self.last_sent = time.monotonic()
-
-
-def _portable_error(index: int, error: BaseException) -> BaseException:
-    """`error` itself when it is a user error (ValueError) that pickles; else a ReplicaFailed
-    with a one-line message and the replica's traceback in `remote_traceback`."""
-    if isinstance(error, ValueError):
-        try:
-            pickle.loads(pickle.dumps(error))
-            return error
-        except Exception:  # noqa: BLE001 - unpicklable: send its text instead
-            return VBatchUsageError(str(error))
-    detail = " ".join(str(error).split())
-    failed = ReplicaFailed(f"replica {index}: {type(error).__name__}: {detail}")
-    failed.remote_traceback = traceback.format_exc()
-    return failed
-
-
-def to_ipc(batch: pa.RecordBatch) -> bytes:
-    """`batch` as Arrow IPC stream bytes. Unlike pickling a RecordBatch, which ships the whole
-    buffers a slice points into (a 64-row slice of a 100k-row table would carry all 100k rows),
-    IPC writes only the slice's rows."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as stream:
-        stream.write_batch(batch)
-    return sink.getvalue().to_pybytes()
-
-
-def from_ipc(payload: bytes) -> pa.RecordBatch:
-    """The batch `to_ipc` wrote."""
-    return pa.ipc.open_stream(payload).read_next_batch()
 
 
 # ---- driver side ------------------------------------------------------------------------------
@@ -175,42 +67,67 @@ def untag_batch(batch: pa.RecordBatch) -> tuple[int | None, pa.RecordBatch]:
     return seq, batch.remove_column(index)
 
 
+class _Slot:
+    """One replica index: its current process, task queue, and the batches it holds."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.process = None
+        self.tasks = None
+        self.results = None                   # the read end of its result pipe
+        self.wid = -1
+        self.held: dict[int, tuple[bytes, int]] = {}  # seq -> (payload, rows), not yet back
+        self.num_waiting = 0                  # sent, not yet taken into the engine
+        self.num_restarts = 0
+        self.is_done = False
+        self.is_retired = False               # its process failed and is being replaced
+
+
 class LocalReplicaPool:
     """`plan.num_replicas` replica processes on this node (see module docstring). Use as a
     context manager; `outputs()` runs the job once."""
 
-    def __init__(self, config: JobConfig, plan: JobPlan, *, prefetch: int | None = None):
+    def __init__(self, config: JobConfig, plan: JobPlan, *,
+                 prefetch_per_replica: int = 2):
         self.config, self.plan = config, plan
-        self.prefetch = prefetch or max(2, plan.num_replicas)
+        self.prefetch_per_replica = prefetch_per_replica
         self._context = multiprocessing.get_context("spawn")
-        self._processes: list = []
-        self._tasks = self._results = None
+        self._slots = [_Slot(index) for index in range(plan.num_replicas)]
+        self._next_wid = 0
+        self._prompt_column = ""
         self._done: dict[int, object] = {}
         self._rows: dict[int, int] = {}
         self._states: dict[int, str] = {}
         self.model_info: dict = {}
         self.load_time_s = 0.0
+        self.num_restarts = 0
+        self._source_drained = False
+        self._is_stopping = False
         self._started = time.perf_counter()
 
     # -- lifecycle
     def __enter__(self) -> LocalReplicaPool:
-        self._tasks = self._context.Queue()
-        self._results = self._context.Queue()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop(graceful=exc_type is None)
 
-    def _start(self, prompt_column: str) -> None:
-        for index in range(self.plan.num_replicas):
-            process = self._context.Process(
-                target=_replica_main, name=f"vbatch-replica-{index}", daemon=False,
-                args=(index, self.config, prompt_column, self._replica_env(index),
-                      self._tasks, self._results))
-            process.start()
-            self._processes.append(process)
-            self._states[index] = "loading"
-            self._rows[index] = 0
+    def _start(self, slot: _Slot, reporter=None) -> None:
+        """Start (or restart) the process of `slot` with a fresh task queue."""
+        self._close_channels(slot)
+        slot.tasks = self._context.Queue()
+        slot.results, writer = self._context.Pipe(duplex=False)
+        slot.wid, self._next_wid = self._next_wid, self._next_wid + 1
+        slot.is_retired = False
+        slot.num_waiting = 0
+        slot.process = self._context.Process(
+            target=replica_main, name=f"vbatch-replica-{slot.index}", daemon=False,
+            args=(slot.wid, slot.index, self.config, self._prompt_column,
+                  self._replica_env(slot.index), slot.tasks, writer))
+        slot.process.start()
+        writer.close()                        # the child holds the only write end
+        self._rows.setdefault(slot.index, 0)
+        self._set_state(reporter, slot.index, "loading")
 
     def _replica_env(self, index: int) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -224,26 +141,37 @@ class LocalReplicaPool:
 
     def _stop(self, *, graceful: bool) -> None:
         deadline = time.monotonic() + (60.0 if graceful else _STOP_GRACE_S)
-        for process in self._processes:
+        processes = [slot.process for slot in self._slots if slot.process is not None]
+        for process in processes:
             if not graceful and process.is_alive():
                 process.terminate()
-        for process in self._processes:
+        for process in processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
                 process.join(timeout=5.0)
-        for channel in (self._tasks, self._results):
-            if channel is not None:
-                channel.cancel_join_thread()
-                channel.close()
+        for slot in self._slots:
+            self._close_channels(slot)
+
+    @staticmethod
+    def _close_channels(slot: _Slot) -> None:
+        if slot.tasks is not None:
+            slot.tasks.cancel_join_thread()
+            slot.tasks.close()
+        if slot.results is not None:
+            slot.results.close()
+        slot.tasks = slot.results = None
 
     # -- the job
     def outputs(self, job, reporter) -> Iterator[pa.RecordBatch]:
         """Start the replicas, feed them `job`'s input batches, yield output batches (input
-        order with `preserve_order`, else completion order). Raises the first replica error."""
+        order with `preserve_order`, else completion order). Raises the first user error, or
+        ReplicaFailed once a replica has failed more than `max_replica_restarts` times."""
         from vbatch.io import reader
 
-        self._start(job.prompt_column)
+        self._prompt_column = job.prompt_column
+        for slot in self._slots:
+            self._start(slot, reporter)
         batches = reader.read_batches(job.files, batch_size=self.config.batch_size,
                                       prompt_column=self.config.prompt_column,
                                       id_column=self.config.id_column, root=job.root,
@@ -252,45 +180,56 @@ class LocalReplicaPool:
 
     def _run(self, batches: Iterable[pa.RecordBatch], reporter) -> Iterator[pa.RecordBatch]:
         source = enumerate(batches)
-        outstanding: dict[int, int] = {}       # seq -> rows, sent but not yet back
-        finished: dict[int, pa.RecordBatch] = {}  # preserve_order: back, waiting for earlier
+        retry: deque[tuple[int, tuple[bytes, int]]] = deque()  # failed replicas' batches
+        returned: set[int] = set()
+        finished: dict[int, pa.RecordBatch] = {}    # preserve_order: back, waiting for earlier
         next_to_yield = 0
-        waiting = 0
         is_exhausted = False
-        while len(self._done) < len(self._processes):
-            while not is_exhausted and waiting < self.prefetch:
-                item = next(source, None)
-                if item is None:
-                    is_exhausted = True
-                    for _ in self._processes:
-                        self._tasks.put(None)
-                    break
-                seq, batch = item
-                self._tasks.put(to_ipc(tag_batch(batch, seq)))
-                outstanding[seq] = batch.num_rows
-                waiting += 1
-            kind, index, payload = self._receive()
-            if kind == _TAKEN:
-                waiting -= 1
-            elif kind == _PROGRESS:
+        while not all(slot.is_done for slot in self._slots):
+            self._dispatch(source, retry, is_exhausted)
+            if not is_exhausted and not retry and self._source_drained:
+                is_exhausted = True
+            if is_exhausted and not retry and not self._is_stopping \
+                    and not any(slot.held for slot in self._slots):
+                self._is_stopping = True            # every batch is back: let them finish
+                for slot in self._slots:
+                    if not slot.is_done:
+                        slot.tasks.put(None)
+            kind, slot, payload = self._receive(retry, reporter)
+            if slot is None:
+                continue
+            if kind == TAKEN:
+                slot.num_waiting -= 1
+            elif kind == PROGRESS:
                 reporter.update(*payload)
-            elif kind == _READY:
+            elif kind == READY:
                 self.model_info = self.model_info or payload
                 self.load_time_s = max(self.load_time_s, time.perf_counter() - self._started)
-                self._set_state(reporter, index, "running")
-            elif kind == _DONE:
-                self._done[index] = payload
-                self._set_state(reporter, index, "done")
-            elif kind == _ERROR:
-                raise payload
-            elif kind == _OUTPUT:
+                self._set_state(reporter, slot.index, "running")
+            elif kind == DONE:
+                slot.is_done = True
+                self._done[slot.index] = payload
+                self._set_state(reporter, slot.index, "done")
+            elif kind == ERROR:
+                if isinstance(payload, ValueError):
+                    raise payload                   # the user's: a restart fails the same way
+                cause = str(payload).removeprefix(f"replica {slot.index}: ")
+                self._replace(slot, retry, reporter, f"failed ({cause})")
+            elif kind == OUTPUT:
                 seq, out_batch = untag_batch(from_ipc(payload))
-                if seq is None:
-                    continue
-                if outstanding.pop(seq, None) != out_batch.num_rows:
-                    raise ReplicaFailed(f"replica {index} returned batch {seq} with "
-                                        f"{out_batch.num_rows} rows, not the rows sent once")
-                self._rows[index] += out_batch.num_rows
+                if seq is None or seq in returned:
+                    continue                        # a retried batch's second copy
+                owner = next((s for s in self._slots if seq in s.held), None)
+                expected = None if owner is None else owner.held.pop(seq)[1]
+                retry_copy = next((entry for entry in retry if entry[0] == seq), None)
+                if retry_copy is not None:        # back after all, from the dead replica
+                    retry.remove(retry_copy)
+                    expected = retry_copy[1][1]
+                if expected != out_batch.num_rows:
+                    raise ReplicaFailed(f"replica {slot.index} returned batch {seq} with "
+                                        f"{out_batch.num_rows} rows, not the rows sent")
+                returned.add(seq)
+                self._rows[slot.index] += out_batch.num_rows
                 if not self.config.preserve_order:
                     yield out_batch
                     continue
@@ -298,30 +237,85 @@ class LocalReplicaPool:
                 while next_to_yield in finished:
                     yield finished.pop(next_to_yield)
                     next_to_yield += 1
-        if outstanding:
-            raise ReplicaFailed(f"replicas finished but {len(outstanding)} batch(es) never came "
-                                "back")
+        if finished or retry or any(slot.held for slot in self._slots):
+            raise ReplicaFailed("replicas finished but some batches never came back")
+
+    def _dispatch(self, source, retry: deque, is_exhausted: bool) -> None:
+        """Send batches (retries first) to the live replicas with room, fewest waiting first."""
+        while True:
+            live = [slot for slot in self._slots if not slot.is_retired and not slot.is_done
+                    and slot.num_waiting < self.prefetch_per_replica]
+            if not live:
+                return
+            if retry:
+                seq, task = retry.popleft()
+            elif not is_exhausted and not self._source_drained:
+                item = next(source, None)
+                if item is None:
+                    self._source_drained = True
+                    return
+                seq, batch = item
+                task = (to_ipc(tag_batch(batch, seq)), batch.num_rows)
+            else:
+                return
+            slot = min(live, key=lambda s: (s.num_waiting, len(s.held)))
+            slot.held[seq] = task
+            slot.num_waiting += 1
+            slot.tasks.put((seq, task[0]))
+
+    def _replace(self, slot: _Slot, retry: deque, reporter, cause: str) -> None:
+        """Retire `slot`'s failed process, queue its batches again, start a new one."""
+        slot.is_retired = True
+        self._close_channels(slot)            # its late messages are dropped with the pipe
+        if slot.process.is_alive():
+            slot.process.terminate()
+            slot.process.join(timeout=_STOP_GRACE_S)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join(timeout=5.0)
+        retry.extendleft(sorted(slot.held.items(), reverse=True))
+        slot.held = {}
+        if self._is_stopping:      # all batches were back: nothing left for it to do
+            slot.is_done = True
+            self._set_state(reporter, slot.index, "done")
+            return
+        if slot.num_restarts >= self.config.max_replica_restarts:
+            raise ReplicaFailed(f"replica {slot.index} {cause}; it was restarted "
+                                f"{slot.num_restarts} times (--max-replica-restarts "
+                                f"{self.config.max_replica_restarts}); giving up")
+        slot.num_restarts += 1
+        self.num_restarts += 1
+        self._set_state(reporter, slot.index, "restarting")
+        self._start(slot, reporter)
 
     def _set_state(self, reporter, index: int, state: str) -> None:
         self._states[index] = state
-        reporter.set_replica_state(index, state)
+        if reporter is not None:
+            reporter.set_replica_state(index, state)
 
-    def _receive(self) -> tuple:
-        """The next message from any replica; raises ReplicaFailed when a replica that has not
-        finished is dead and left no message behind."""
-        while True:
-            try:
-                return self._results.get(timeout=1.0)
-            except queue.Empty:
-                pass
-            for index, process in enumerate(self._processes):
-                if index in self._done or process.is_alive():
-                    continue
-                try:        # its last messages may still be in the pipe
-                    return self._results.get(timeout=2.0)
-                except queue.Empty:
-                    raise ReplicaFailed(f"replica {index} died (exit code {process.exitcode})"
-                                        ) from None
+    def _receive(self, retry: deque, reporter) -> tuple:
+        """(kind, slot, payload) of the next message from a live replica, or (None, None,
+        None) after replacing a replica that died (its pipe closed or its process exited with
+        nothing left to read) or when a second passed quietly."""
+        live = [slot for slot in self._slots if not slot.is_done and not slot.is_retired]
+        readers = {slot.results: slot for slot in live}
+        sentinels = {slot.process.sentinel: slot for slot in live}
+        for ready in wait(list(readers) + list(sentinels), timeout=1.0):
+            slot = readers.get(ready)
+            if slot is not None:
+                try:
+                    kind, _wid, payload = slot.results.recv()
+                except (EOFError, OSError):
+                    self._replace(slot, retry, reporter, "died (its result pipe closed)")
+                    return None, None, None
+                return kind, slot, payload
+            slot = sentinels[ready]
+            if not slot.results.poll():      # exited and said all it had to say
+                slot.process.join(timeout=1.0)
+                self._replace(slot, retry, reporter,
+                              f"died (exit code {slot.process.exitcode})")
+                return None, None, None
+        return None, None, None
 
     def counters(self) -> list:
         """Each replica's final `ReplicaCounters` (after `outputs` is exhausted)."""
@@ -332,11 +326,13 @@ class LocalReplicaPool:
         import dataclasses
 
         stats = []
-        for index, process in enumerate(self._processes):
+        for slot in self._slots:
+            index = slot.index
             counters = self._done.get(index)
             entry = {"index": index, "state": self._states.get(index, "unknown"),
                      "device_group": list(self.plan.device_groups[index]),
-                     "pid": process.pid, "rows_written": self._rows.get(index, 0)}
+                     "pid": slot.process.pid if slot.process else None,
+                     "restarts": slot.num_restarts, "rows_written": self._rows.get(index, 0)}
             if counters is not None:
                 entry.update(dataclasses.asdict(counters))
             stats.append(entry)

@@ -218,6 +218,9 @@ class RayReplicaPool:
         dataset = dataset.map_batches(
             ReplicaActor, batch_size=self.config.batch_size, batch_format="pyarrow",
             compute=pool, zero_copy_batch=True,
+            # A dead replica actor is restarted this often (Ray Data's default is forever) and
+            # its block retried; the driver writes each row once whatever is retried.
+            max_restarts=self.config.max_replica_restarts,
             fn_constructor_kwargs={"config": self.config, "prompt_column": job.prompt_column,
                                    "input_schema": job.scan.schema.append(
                                        pa.field(POSITION_COLUMN, pa.int64())),

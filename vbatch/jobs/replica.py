@@ -66,6 +66,11 @@ class ReplicaCounters:
 
 ProgressCallback = Callable[[int, int, int], None]
 
+#: What a batch source may yield instead of a batch to say "none ready yet": the replica then
+#: steps its engine instead of waiting (a source fed by another process must not block while
+#: the engine holds rows, or those rows never finish).
+NO_BATCH_YET = object()
+
 
 class Replica:
     """Drives one `LLMEngine` over a stream of input batches (see module docstring).
@@ -86,7 +91,8 @@ class Replica:
 
     def process(self, batches: Iterable[pa.RecordBatch],
                 on_progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
-        """Yield one output batch per input batch, in completion order.
+        """Yield one output batch per input batch, in completion order. `batches` may yield
+        `NO_BATCH_YET` (see there) between batches.
 
         `on_progress(num_rows, num_output_tokens, num_error_rows)` is called with increments
         as rows finish (error rows count in `num_rows` too).
@@ -102,6 +108,8 @@ class Replica:
                 if item is None:
                     exhausted = True
                     break
+                if item is NO_BATCH_YET:
+                    break
                 if item.error is None:
                     try:
                         engine.add_request(item.request_id, item.token_ids, item.params,
@@ -116,8 +124,10 @@ class Replica:
                     yield done
             if num_errors and on_progress is not None:
                 on_progress(num_errors, 0, num_errors)
-            if not engine.has_unfinished_requests():    # so every row was queued
-                break
+            if not engine.has_unfinished_requests():
+                if exhausted:                           # so every row was queued
+                    break
+                continue             # none ready yet and nothing to step: ask the source again
             finished = engine.step()
             new_tokens = 0
             for output in finished:
@@ -159,7 +169,12 @@ class Replica:
 
     def _rows(self, batches: Iterable[pa.RecordBatch],
               pending: dict[int, _PendingBatch]) -> Iterator[_Row]:
-        for batch_index, batch in enumerate(batches):
+        batch_index = -1
+        for batch in batches:
+            if batch is NO_BATCH_YET:
+                yield NO_BATCH_YET
+                continue
+            batch_index += 1
             pending[batch_index] = _PendingBatch(batch, [None] * batch.num_rows)
             keys = [str(k) for k in batch.column(self.prompts.id_column).to_pylist()]
             encoded = self.encoder.encode(batch)
