@@ -112,3 +112,33 @@ def test_replica_that_cannot_start_fails_the_job_after_its_restarts(source, tiny
     assert "Traceback" not in result.stderr
     assert not (output / "_SUCCESS").exists()
     assert time.monotonic() - started < 240
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds replica actors in /proc")
+def test_killed_ray_replica_actor_is_restarted_and_rows_are_written_once(source, tiny_models,
+                                                                          tmp_path):
+    pytest.importorskip("ray")
+    model = tiny_models["llama-gqa-untied"]
+    reference = tmp_path / "reference"
+    one = subprocess.run(_args(source, model, reference, "--replicas", "1"),
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert one.returncode == 0, one.stderr
+    expected = {r["id"]: r["generated_text"] for r in pq.read_table(reference).to_pylist()}
+
+    output = tmp_path / "out"
+    args = [a if a != "local" else "ray" for a in _args(source, model, output)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=_env())
+    deadline = time.monotonic() + 240
+    while not list(output.glob("part-*.parquet")):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "no part was written"
+        time.sleep(0.05)
+    killed = subprocess.run(["pkill", "-9", "-o", "-f", r"MapBatches\(ReplicaActor\)"])
+    assert killed.returncode == 0, "no replica actor process found"
+    assert not (output / "_SUCCESS").exists()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    rows = pq.read_table(output).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(expected)        # each row exactly once
+    assert {r["id"]: r["generated_text"] for r in rows} == expected

@@ -149,3 +149,33 @@ def test_uncommitted_parts_are_dropped_on_resume(tmp_path):
                                                                     "part-00001.parquet"]
     assert [p["positions"] for p in manifest["output"]["part_files"]] == [[[0, 2]], [[5, 6]]]
     assert pq.read_table(tmp_path).column("id").to_pylist() == ["a", "b", "c"]
+
+
+def test_ctrl_c_stops_within_10s_and_resume_completes(job_input, tiny_models, uninterrupted,
+                                                      tmp_path):
+    output = tmp_path / "out"
+    args = _job_args(job_input, tiny_models["llama-gqa-untied"], output, "--replicas", "2",
+                     "--runner", "local")
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while _num_committed_parts(output) < 1 and process.poll() is None:
+        assert time.monotonic() < deadline, "no part was committed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)         # Ctrl-C reaches the whole foreground group
+    interrupted = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - interrupted < 10
+    assert "Traceback" not in stderr
+    for _ in range(50):       # multiprocessing's resource tracker leaves just after its users
+        leftover = subprocess.run(["pgrep", "-a", "-s", str(process.pid)], capture_output=True,
+                                  text=True).stdout.strip()
+        if not leftover:
+            break
+        time.sleep(0.1)
+    assert leftover == "", f"outlived the job: {leftover}"
+    resumed = _run(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert _texts(output) == uninterrupted
