@@ -234,3 +234,15 @@ def test_read_generate_write_round_trip(tmp_path):
         [f"a.jsonl:{i}" for i in range(13)] + ["b.csv:0"]
     )
     assert resolve_input_files(str(data)) == files  # the output dir is not read back as input
+
+
+def test_output_root_refuses_paths_that_escape_it(tmp_path):
+    check_output_dir = writer_module.check_output_dir
+    root = tmp_path / "jobs"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path)               # a symlink out of the root
+    assert check_output_dir(root / "a" / "out", overwrite=False, root=root) == root / "a" / "out"
+    for escaping in (root / ".." / "out", root / "link" / "out", tmp_path / "elsewhere"):
+        with pytest.raises(VBatchUsageError, match="outside the output root"):
+            check_output_dir(escaping, overwrite=False, root=root)
+    assert check_output_dir(tmp_path / "elsewhere", overwrite=False) == tmp_path / "elsewhere"

@@ -56,11 +56,19 @@ def _is_vbatch_file(name: str) -> bool:
 
 
 def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool,
-                     resume: bool = False) -> Path:
+                     resume: bool = False, root: str | os.PathLike[str] | None = None) -> Path:
     """Refuse an unusable output path without touching it (cheap: call it before any model
-    loads): a file, a non-empty directory without `overwrite` or `resume`, or a directory
+    loads): a path that resolves (symlinks and `..` followed) outside `root` when a root is
+    configured, a file, a non-empty directory without `overwrite` or `resume`, or a directory
     holding files vbatch did not write. Returns the path. Raises VBatchUsageError (one line)."""
     output_dir = Path(path).expanduser()
+    if root is not None:
+        resolved_root = Path(root).expanduser().resolve()
+        resolved = output_dir.resolve()
+        if not resolved.is_relative_to(resolved_root):
+            raise VBatchUsageError(f"output path {output_dir} resolves to {resolved}, outside "
+                                   f"the output root {resolved_root} (--output-root / "
+                                   "VBATCH_OUTPUT_ROOT)")
     if output_dir.exists() and not output_dir.is_dir():
         raise VBatchUsageError(f"output path {output_dir} is a file, not a directory")
     if output_dir.is_dir():

@@ -95,6 +95,9 @@ def main() -> None:
                    "Default: <input stem>.vbatch/ next to the input.")
 @click.option("--overwrite", is_flag=True, default=field_default("overwrite"),
               help="Replace an existing output directory instead of failing.")
+@click.option("--output-root", metavar="DIR", envvar="VBATCH_OUTPUT_ROOT", show_envvar=True,
+              help="Refuse any output directory that does not resolve inside DIR (symlinks "
+                   "and .. followed); for shared job servers.")
 @click.option("--resume", is_flag=True, default=field_default("resume"),
               help="Continue a killed job in its output directory: committed rows are kept and "
                    "skipped, only the rest is computed.")

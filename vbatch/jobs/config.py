@@ -5,7 +5,8 @@ Precedence, highest first:
 1. command-line flags the user actually typed;
 2. `VBATCH_*` environment variables (only for the few options that declare one in `cli.py`:
    `VBATCH_MODEL`, `VBATCH_DTYPE`, `VBATCH_MAX_NUM_SEQS`, `VBATCH_MAX_NUM_BATCHED_TOKENS`,
-   `VBATCH_KV_CACHE_MEMORY_GB`, `VBATCH_ON_LONG_PROMPT`, `VBATCH_MAX_ERROR_RATE`); click
+   `VBATCH_KV_CACHE_MEMORY_GB`, `VBATCH_ON_LONG_PROMPT`, `VBATCH_MAX_ERROR_RATE`,
+   `VBATCH_OUTPUT_ROOT`); click
    reports them as explicitly set, so they rank with flags and beat the YAML file;
 3. the `--config job.yaml` file;
 4. the defaults of the `JobConfig` fields below.
@@ -42,6 +43,7 @@ class JobConfig:
     `resume`: continue a killed job in the same output directory, computing only the rows not
     yet committed; `force` resumes even when the job's fingerprint (inputs, model, generation
     settings) differs. `max_replica_restarts`: how often a dead replica is restarted.
+    `output_root`: when set, the output directory must resolve inside it (no `..` escapes).
     """
 
     input: str
@@ -81,6 +83,7 @@ class JobConfig:
     resume: bool = False
     force: bool = False
     max_replica_restarts: int = 3
+    output_root: str | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -272,6 +275,7 @@ _FIELD_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "resume": _as_bool,
     "force": _as_bool,
     "max_replica_restarts": _as_int,
+    "output_root": _optional(_as_str),
 }
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobConfig))

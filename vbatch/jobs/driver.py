@@ -56,7 +56,8 @@ def check_job_inputs(config: JobConfig) -> JobInputs:
 
     files = inputs.resolve_input_files(config.input)
     output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
-    writer.check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume)
+    writer.check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
+                            root=config.output_root)
     scan = reader.scan_inputs(files, prompt_column=config.prompt_column,
                               id_column=config.id_column)
     prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)

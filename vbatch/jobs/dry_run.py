@@ -24,7 +24,8 @@ def describe_job(config: JobConfig) -> str:
 
     files = inputs.resolve_input_files(config.input)
     output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
-    writer.check_output_dir(output_dir, overwrite=config.overwrite)
+    writer.check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
+                            root=config.output_root)
     reader.validate_inputs(files, config.prompt_column, id_column=config.id_column)
     num_rows = reader.count_rows(files)
     plan = make_plan(config, local_resources())
