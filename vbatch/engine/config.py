@@ -96,3 +96,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def check_parallel_sizes(*, num_heads: int, num_kv_heads: int, num_layers: int, tp_size: int,
+                         pp_size: int) -> None:
+    """tp must split the attention heads, and the KV heads or be a multiple of them (KV heads
+    are then replicated); pp at most one stage per layer. Raises ValueError naming the valid
+    tensor-parallel sizes."""
+    valid = [t for t in range(1, num_heads + 1)
+             if num_heads % t == 0 and (num_kv_heads % t == 0 or t % num_kv_heads == 0)]
+    if tp_size not in valid:
+        raise ValueError(f"tensor_parallel_size={tp_size} does not divide this model's "
+                         f"{num_heads} attention heads ({num_kv_heads} KV heads); valid sizes: "
+                         f"{', '.join(map(str, valid))}")
+    if pp_size > num_layers:
+        raise ValueError(f"pipeline_parallel_size={pp_size} exceeds this model's {num_layers} "
+                         "layers; use at most one stage per layer")

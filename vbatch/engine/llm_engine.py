@@ -13,8 +13,8 @@ import torch
 
 from vbatch.engine.block_manager import BlockManager, num_blocks_for
 from vbatch.engine.config import (DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION,
-                                  EngineConfig, resolve_block_size, resolve_device,
-                                  resolve_dtype)
+                                  EngineConfig, check_parallel_sizes, resolve_block_size,
+                                  resolve_device, resolve_dtype)
 from vbatch.engine.model_loader import model_class_for
 from vbatch.engine.outputs import CompletionOutput, RequestOutput
 from vbatch.engine.sampling_params import SamplingParams
@@ -137,17 +137,10 @@ class LLMEngine:
         """tp must split the attention heads (and the KV heads, or be a multiple of them); pp
         at most the number of layers; with the mp executor, tp x pp GPUs on this node."""
         heads = self.hf_config.num_attention_heads
-        kv_heads = getattr(self.hf_config, "num_key_value_heads", None) or heads
-        valid = [t for t in range(1, heads + 1)
-                 if heads % t == 0 and (kv_heads % t == 0 or t % kv_heads == 0)]
-        if tp_size not in valid:
-            raise ValueError(f"tensor_parallel_size={tp_size} does not divide this model's "
-                             f"{heads} attention heads ({kv_heads} KV heads); valid sizes: "
-                             f"{', '.join(map(str, valid))}")
-        num_layers = self.hf_config.num_hidden_layers
-        if pp_size > num_layers:
-            raise ValueError(f"pipeline_parallel_size={pp_size} exceeds this model's "
-                             f"{num_layers} layers")
+        check_parallel_sizes(
+            num_heads=heads, num_layers=self.hf_config.num_hidden_layers, tp_size=tp_size,
+            num_kv_heads=getattr(self.hf_config, "num_key_value_heads", None) or heads,
+            pp_size=pp_size)
         world_size = tp_size * pp_size
         backend = self.config.distributed_executor_backend
         if self.device.type == "cuda" and backend in (None, "mp", "uni") \

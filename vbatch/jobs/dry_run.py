@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vbatch.engine.config import check_parallel_sizes
 from vbatch.errors import VBatchUsageError
 from vbatch.jobs.config import JobConfig
 
@@ -57,15 +58,11 @@ def check_model_shape(config: JobConfig) -> str:
         return f"config.json at {path} names no head or layer count"
     kv_heads = hf_config.get("num_key_value_heads") or heads
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-    valid = [t for t in range(1, heads + 1)
-             if heads % t == 0 and (kv_heads % t == 0 or t % kv_heads == 0)]
-    if tp not in valid:
-        raise VBatchUsageError(f"tensor_parallel_size={tp} does not divide this model's {heads} "
-                               f"attention heads ({kv_heads} KV heads); valid sizes: "
-                               f"{', '.join(map(str, valid))}")
-    if pp > layers:
-        raise VBatchUsageError(f"pipeline_parallel_size={pp} exceeds this model's {layers} "
-                               "layers; use at most one stage per layer")
+    try:
+        check_parallel_sizes(num_heads=heads, num_kv_heads=kv_heads, num_layers=layers,
+                             tp_size=tp, pp_size=pp)
+    except ValueError as error:
+        raise VBatchUsageError(str(error)) from None
     return f"{heads} heads, {kv_heads} KV heads, {layers} layers: tp {tp} and pp {pp} fit"
 
 

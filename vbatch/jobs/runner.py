@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.progress import JobStats, ProgressReporter
@@ -30,8 +29,7 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     directory not empty), `TooManyRowErrors` past `--max-error-rate`, and other exceptions
     for internal failures.
     """
-    from vbatch.io import inputs, reader, writer
-    from vbatch.io.schema import output_schema
+    from vbatch.io import reader, writer
     from vbatch.jobs.plan import local_resources, make_plan
 
     started = time.perf_counter()
@@ -40,14 +38,10 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     if plan.runner == "ray" or plan.num_replicas > 1:
         from vbatch.jobs.driver import run_replicated
         return run_replicated(config, plan, reporter)
-    files = inputs.resolve_input_files(config.input)
-    output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
-    writer.check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
-                            root=config.output_root)
-    scan = reader.scan_inputs(files, prompt_column=config.prompt_column,
-                              id_column=config.id_column)
-    prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)
-    out_schema = output_schema(scan.schema)
+    from vbatch.jobs.driver import check_job_inputs
+    job = check_job_inputs(config)
+    files, output_dir, scan = job.files, job.output_dir, job.scan
+    prompt_column, out_schema = job.prompt_column, job.out_schema
 
     from vbatch.engine.loader import resolve_model
     from vbatch.jobs.commit import model_identity, open_writer, prepare_commit
@@ -62,7 +56,7 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     try:
         load_time = time.perf_counter() - started
         replica = build_replica(config, engine, prompt_column)
-        total_rows = reader.count_rows(files)
+        total_rows = job.total_rows
         num_resumed = commit.resumed.num_committed_rows
         if total_rows is not None:
             total_rows -= num_resumed
@@ -71,7 +65,7 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
         batches = reader.read_batches(files, batch_size=config.batch_size,
                                       prompt_column=config.prompt_column,
                                       id_column=config.id_column,
-                                      root=inputs.input_root(config.input), scan=scan,
+                                      root=job.root, scan=scan,
                                       with_positions=True, skip=commit.skip)
         with open_writer(config, output_dir, out_schema, commit) as part_writer:
             output_dir = part_writer.output_dir
