@@ -88,3 +88,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     kinds = ["llama-gqa-untied", "llama-gqa-tied", "gpt2", "llama-rope-llama3-untied"]
     return {kind: save_tiny_model(root / kind, kind) for kind in kinds}
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """(ray, cluster): a head and a worker raylet with one CPU each; this process connected."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
+        cluster.wait_for_nodes()
+        yield ray, cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

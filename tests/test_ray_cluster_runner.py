@@ -10,28 +10,10 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.progress import ProgressReporter
 from vbatch.jobs.runner import run_job
-
-
-@pytest.fixture(scope="module")
-def two_node_cluster():
-    """(ray, cluster): a head and a worker raylet with one CPU each; this process connected."""
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
-        cluster.wait_for_nodes()
-        yield ray, cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_two_replicas_one_per_node_both_work(tmp_path, tiny_models, two_node_cluster):

@@ -15,29 +15,11 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
-import pytest
 
 from vbatch import LLM, SamplingParams
 
 PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):\n    return a", "Once"]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def two_node_cluster():
-    """(ray, cluster): a head and a worker raylet with one CPU each; this process connected."""
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
-        cluster.wait_for_nodes()
-        yield ray, cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _tokens(llm):
