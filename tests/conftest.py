@@ -105,3 +105,24 @@ def two_node_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def vbatch_command() -> list[str]:
+    """The installed `vbatch` console script, else `python -m vbatch`."""
+    import shutil
+    import sys
+    exe = shutil.which("vbatch")
+    return [exe] if exe else [sys.executable, "-m", "vbatch"]
+
+
+def last_stage_logits(llm, token_ids: list[int]):
+    """Logits of a one-sequence prefill of `token_ids` through every rank of `llm`'s engine,
+    as the last pipeline stage (TP rank 0) computed them."""
+    from vbatch.engine.sequence import ScheduledSequence
+    seq = ScheduledSequence(seq_id=0, token_ids=token_ids, start_position=0,
+                            block_table=list(range(1, 1 + -(-len(token_ids) // 8))),
+                            temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0,
+                            row_key="k", output_index=0)
+    results = llm.llm_engine.executor.collective_rpc("compute_logits", [seq])
+    return next(r for r in results if r is not None)
+

@@ -16,7 +16,7 @@ import torch
 
 from vbatch import LLM, SamplingParams
 from vbatch.engine.executor.base import WorkerError
-from vbatch.engine.sequence import ScheduledSequence
+from conftest import last_stage_logits
 from vbatch.parallel.pipeline import LAYER_PARTITION_ENV, layer_partition, layer_range
 
 PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):\n    return a", "Once"] * 2
@@ -26,15 +26,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 def _llm(path, tp=1, pp=1, **kwargs):
     return LLM(str(path), dtype="float32", kv_cache_memory_gb=0.01, tensor_parallel_size=tp,
                pipeline_parallel_size=pp, **kwargs)
-
-
-def _logits(llm, token_ids):
-    seq = ScheduledSequence(seq_id=0, token_ids=token_ids, start_position=0,
-                            block_table=list(range(1, 1 + -(-len(token_ids) // 8))),
-                            temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0,
-                            row_key="k", output_index=0)
-    results = llm.llm_engine.executor.collective_rpc("compute_logits", [seq])
-    return next(r for r in results if r is not None)      # the last stage's
 
 
 def test_layer_partition(monkeypatch):
@@ -57,14 +48,14 @@ def test_pp_matches_single_rank(kind, tiny_models):
     reference = _llm(tiny_models[kind])
     expected = [o.outputs[0].token_ids for o in reference.generate(PROMPTS, GREEDY)]
     token_ids = reference.get_tokenizer().encode(PROMPTS[2])
-    expected_logits = _logits(reference, token_ids)
+    expected_logits = last_stage_logits(reference, token_ids)
     for tp, pp in ((1, 2), (2, 2)):
         llm = _llm(tiny_models[kind], tp, pp)
         try:
             got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
             assert got == expected, f"tp={tp} pp={pp}"
-            torch.testing.assert_close(_logits(llm, token_ids), expected_logits, atol=1e-4,
-                                       rtol=0)
+            torch.testing.assert_close(last_stage_logits(llm, token_ids), expected_logits,
+                                       atol=1e-4, rtol=0)
         finally:
             llm.llm_engine.shutdown()
 

@@ -13,23 +13,18 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import vbatch_command
 
 NUM_ROWS = 32
 
 
-def _command() -> list[str]:
-    exe = shutil.which("vbatch")
-    return [exe] if exe else [sys.executable, "-m", "vbatch"]
-
-
 def _args(source: Path, model: Path, output: Path, *extra: str) -> list[str]:
-    return [*_command(), "run", str(source), "--model", str(model), "--output", str(output),
+    return [*vbatch_command(), "run", str(source), "--model", str(model), "--output", str(output),
             "--replicas", "2", "--runner", "local", "--rows-per-file", "4", "--batch-size", "4",
             "--max-num-seqs", "2", "--max-tokens", "48", "--ignore-eos", "--temperature", "0",
             "--dtype", "float32", *extra]
@@ -68,7 +63,7 @@ def source(tmp_path_factory) -> Path:
 def test_killed_replica_is_restarted_and_rows_are_written_once(source, tiny_models, tmp_path):
     model = tiny_models["llama-gqa-untied"]
     reference = tmp_path / "reference"
-    one = subprocess.run([*_command(), "run", str(source), "--model", str(model), "--output",
+    one = subprocess.run([*vbatch_command(), "run", str(source), "--model", str(model), "--output",
                           str(reference), "--max-tokens", "48", "--ignore-eos",
                           "--temperature", "0", "--dtype", "float32"],
                          capture_output=True, text=True, env=_env(), timeout=300)

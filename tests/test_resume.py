@@ -12,12 +12,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import vbatch_command
 
 from vbatch.io.job_state import ResumeState, job_fingerprint, load_resume_state
 from vbatch.io.positions import IntervalSet
@@ -26,14 +26,8 @@ from vbatch.io.writer import ParquetPartWriter
 NUM_ROWS = 40
 
 
-def _command() -> list[str]:
-    import shutil
-    exe = shutil.which("vbatch")
-    return [exe] if exe else [sys.executable, "-m", "vbatch"]
-
-
 def _job_args(source: Path, model: Path, output: Path, *extra: str) -> list[str]:
-    return [*_command(), "run", str(source), "--model", str(model), "--output", str(output),
+    return [*vbatch_command(), "run", str(source), "--model", str(model), "--output", str(output),
             "--rows-per-file", "4", "--batch-size", "4", "--max-num-seqs", "2",
             "--max-tokens", "48", "--ignore-eos", "--temperature", "0", "--dtype", "float32",
             *extra]

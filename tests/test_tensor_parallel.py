@@ -16,7 +16,7 @@ import torch
 
 from vbatch import LLM, SamplingParams
 from vbatch.engine.executor.multiproc import WorkerError
-from vbatch.engine.sequence import ScheduledSequence
+from conftest import last_stage_logits
 
 PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):\n    return a", "Once"]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -26,27 +26,19 @@ def _llm(path, tp):
     return LLM(str(path), dtype="float32", kv_cache_memory_gb=0.01, tensor_parallel_size=tp)
 
 
-def _logits(llm, token_ids):
-    seq = ScheduledSequence(seq_id=0, token_ids=token_ids, start_position=0,
-                            block_table=list(range(1, 1 + -(-len(token_ids) // 8))),
-                            temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0,
-                            row_key="k", output_index=0)
-    return llm.llm_engine.executor.collective_rpc("compute_logits", [seq])[0]
-
-
 @pytest.mark.parametrize("kind", ["llama-gqa-untied", "gpt2"])
 def test_tp_matches_tp1(kind, tiny_models):
     reference = _llm(tiny_models[kind], 1)
     expected = [o.outputs[0].token_ids for o in reference.generate(PROMPTS, GREEDY)]
     token_ids = reference.get_tokenizer().encode(PROMPTS[2])
-    expected_logits = _logits(reference, token_ids)
+    expected_logits = last_stage_logits(reference, token_ids)
     for tp in (2, 4):       # llama: 2 KV heads, so tp=4 replicates each KV head on 2 ranks
         llm = _llm(tiny_models[kind], tp)
         try:
             got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
             assert got == expected, f"tp={tp}"
-            torch.testing.assert_close(_logits(llm, token_ids), expected_logits, atol=1e-4,
-                                       rtol=0)
+            torch.testing.assert_close(last_stage_logits(llm, token_ids), expected_logits,
+                                       atol=1e-4, rtol=0)
         finally:
             llm.llm_engine.shutdown()
 

@@ -19,7 +19,7 @@ Each replica answers on its own result pipe, so a replica killed in the middle o
 garbles nothing but its own pipe, which is dropped with it. Failures. A replica that dies
 (SIGKILL, OOM) or raises an internal error is replaced by a new process (at most `--max-replica-restarts` times per replica, then the job fails naming it), and
 the batches it held go back to the front of the queue for the live replicas; whatever the dead
-process still had in its pipe is dropped, and a batch that comes back twice is written once. A user error
+process still had in its pipe is dropped with the pipe, so every batch comes back once. A user error
 (ValueError: a bad model, say) fails the job at once: a restart would fail the same way.
 
 Stopping. On success each replica gets a sentinel, reports its counters and exits. On any
@@ -181,7 +181,6 @@ class LocalReplicaPool:
     def _run(self, batches: Iterable[pa.RecordBatch], reporter) -> Iterator[pa.RecordBatch]:
         source = enumerate(batches)
         retry: deque[tuple[int, tuple[bytes, int]]] = deque()  # failed replicas' batches
-        returned: set[int] = set()
         finished: dict[int, pa.RecordBatch] = {}    # preserve_order: back, waiting for earlier
         next_to_yield = 0
         is_exhausted = False
@@ -217,18 +216,14 @@ class LocalReplicaPool:
                 self._replace(slot, retry, reporter, f"failed ({cause})")
             elif kind == OUTPUT:
                 seq, out_batch = untag_batch(from_ipc(payload))
-                if seq is None or seq in returned:
-                    continue                        # a retried batch's second copy
-                owner = next((s for s in self._slots if seq in s.held), None)
-                expected = None if owner is None else owner.held.pop(seq)[1]
-                retry_copy = next((entry for entry in retry if entry[0] == seq), None)
-                if retry_copy is not None:        # back after all, from the dead replica
-                    retry.remove(retry_copy)
-                    expected = retry_copy[1][1]
+                if seq is None:
+                    continue
+                # Only a live replica's own pipe is read, so a batch comes back from the
+                # replica that holds it, exactly once.
+                expected = slot.held.pop(seq, (None, None))[1]
                 if expected != out_batch.num_rows:
                     raise ReplicaFailed(f"replica {slot.index} returned batch {seq} with "
                                         f"{out_batch.num_rows} rows, not the rows sent")
-                returned.add(seq)
                 self._rows[slot.index] += out_batch.num_rows
                 if not self.config.preserve_order:
                     yield out_batch
