@@ -27,6 +27,14 @@ from vbatch.engine.sequence import ScheduledSequence
 CPU = torch.device("cpu")
 
 
+def native_kernels():
+    from vbatch.engine.kernels.cpu_kernels import cpu_kernels
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("native CPU kernels unavailable (no C compiler?)")
+    return kernels
+
+
 def scheduled(seq_id: int, num_new: int, start: int, block_table: list[int]) -> ScheduledSequence:
     return ScheduledSequence(seq_id=seq_id, token_ids=[7] * num_new, start_position=start,
                              block_table=block_table, temperature=0.0, top_p=1.0, top_k=0,
@@ -49,7 +57,7 @@ class World:
     """A paged cache, one attention layer, and the full q/k/v of every sequence."""
 
     def __init__(self, *, num_heads=4, num_kv_heads=2, head_dim=8, block_size=4,
-                 num_blocks=64, seed=0):
+                 num_blocks=64, seed=0, native=False):
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.h, self.hkv, self.d, self.bs = num_heads, num_kv_heads, head_dim, block_size
@@ -61,6 +69,10 @@ class World:
         # stale values of previous owners in every block except the null block 0
         cache[:, :, 1:] = torch.randn(cache[:, :, 1:].shape, generator=self.gen) * 100
         self.attn.bind_cache(cache)
+        if native:      # the C kernels for cache writes and decode (needs head_dim % 16 == 0)
+            self.attn.kernels = native_kernels()
+        else:
+            self.attn.kernels = None
         self.runner = ModelRunner(None, block_size=block_size, device=CPU, dtype=torch.float32)
         self.free = list(range(1, num_blocks))
         self.rng.shuffle(self.free)                    # non-contiguous, out-of-order tables
@@ -102,8 +114,10 @@ class World:
         assert logits_index.tolist() == ends.tolist()
 
 
-def test_ragged_prefill_then_decode_gqa_shuffled_blocks():
-    world = World(num_heads=8, num_kv_heads=2, head_dim=8, block_size=4)
+@pytest.mark.parametrize("native", [False, True])
+def test_ragged_prefill_then_decode_gqa_shuffled_blocks(native):
+    world = World(num_heads=8, num_kv_heads=2, head_dim=16 if native else 8, block_size=4,
+                  native=native)
     lengths = {0: 5, 1: 1, 2: 11, 3: 8, 4: 4}
     for seq_id, n in lengths.items():
         world.new_seq(seq_id, n + 6)
@@ -115,8 +129,9 @@ def test_ragged_prefill_then_decode_gqa_shuffled_blocks():
     assert any(b - a != 1 for t in tables for a, b in zip(t, t[1:]))   # and not contiguous
 
 
-def test_prefix_in_cache_with_multi_token_query():
-    world = World(num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=1)
+@pytest.mark.parametrize("native", [False, True])
+def test_prefix_in_cache_with_multi_token_query(native):
+    world = World(num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=1, native=native)
     world.new_seq(0, 30)
     world.new_seq(1, 30)
     world.new_seq(2, 30)
@@ -127,8 +142,10 @@ def test_prefix_in_cache_with_multi_token_query():
     world.step([(2, 11, 1), (0, 12, 3)])
 
 
-def test_decode_only_batch_single_query_path():
-    world = World(num_heads=6, num_kv_heads=3, head_dim=4, block_size=2, seed=2)
+@pytest.mark.parametrize("native", [False, True])
+def test_decode_only_batch_single_query_path(native):
+    world = World(num_heads=6, num_kv_heads=3, head_dim=32 if native else 4, block_size=2, seed=2,
+                  native=native)
     for i, n in enumerate([1, 2, 3, 7]):
         world.new_seq(i, n + 4)
         world.step([(i, 0, n)])                        # one prefill each, separately
@@ -144,12 +161,13 @@ def test_prefill_of_single_token_prompts_uses_the_decode_path():
     world.step([(0, 1, 2), (1, 1, 1), (2, 1, 2)])
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_steps(seed):
+def test_random_steps(seed, native):
     rng = random.Random(seed)
     num_kv = rng.choice([1, 2, 4])
-    world = World(num_heads=4, num_kv_heads=num_kv, head_dim=8,
-                  block_size=rng.choice([1, 3, 4, 16]), num_blocks=400, seed=seed)
+    world = World(num_heads=4, num_kv_heads=num_kv, head_dim=16 if native else 8,
+                  block_size=rng.choice([1, 3, 4, 16]), num_blocks=400, seed=seed, native=native)
     done = {}
     for seq_id in range(6):
         world.new_seq(seq_id, 40)

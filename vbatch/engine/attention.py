@@ -12,6 +12,10 @@ block at a time; positions past a sequence's context are masked out. Query i of 
 
 GQA without copying keys: the query heads sharing one KV head are folded into the query length,
 q: [num_kv_heads * B, 1, group * Lq, d] against k, v: [num_kv_heads * B, 1, Lk, d].
+
+On CPU, when the native kernels are available (kernels/cpu_kernels.py), new keys/values are
+written by the kernel and decode steps attend straight from the cache blocks, token by token
+(`token_seq_index`, `token_context_lens`); the PyTorch path above then runs only for prefill.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vbatch.engine.kernels.cpu_kernels import CpuKernels, cpu_kernels
 
 
 @dataclass
@@ -33,6 +39,8 @@ class AttentionMetadata:
     query_unpad_index:[T]      index into the flattened [B * Lq] padded queries (None if Lq == 1)
     chunks:           [(start, end, num_blocks)] groups of sequences attended together; each
                       reads only its own first `num_blocks` block-table columns
+    token_seq_index:  [T]      block_tables row of each new token
+    token_context_lens: [T]    cache positions each new token may attend to (its position + 1)
     """
 
     slot_mapping: torch.Tensor
@@ -40,6 +48,8 @@ class AttentionMetadata:
     attn_mask: torch.Tensor
     query_pad_index: torch.Tensor | None
     query_unpad_index: torch.Tensor | None
+    token_seq_index: torch.Tensor | None = None
+    token_context_lens: torch.Tensor | None = None
     chunks: list[tuple[int, int, int]] = field(default_factory=list)
     _group_masks: dict = field(default_factory=dict, repr=False)
 
@@ -50,6 +60,11 @@ class AttentionMetadata:
     @property
     def max_query_len(self) -> int:
         return self.attn_mask.shape[2]
+
+    @property
+    def max_context(self) -> int:
+        """Upper bound on any token's context: the padded key length of the mask."""
+        return self.attn_mask.shape[3]
 
     def mask_for(self, num_kv_heads: int, group: int, chunk: tuple[int, int, int],
                  block_size: int) -> torch.Tensor:
@@ -96,10 +111,15 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.group = num_heads // num_kv_heads
         self.kv_cache: torch.Tensor | None = None
+        self.kernels: CpuKernels | None = None
 
     def bind_cache(self, kv_cache: torch.Tensor) -> None:
-        """Attach this layer's cache, as made by `allocate_kv_cache`."""
+        """Attach this layer's cache, as made by `allocate_kv_cache` (and pick the native CPU
+        kernels when they are built and support its dtype and head size)."""
         self.kv_cache = kv_cache
+        self.kernels = None
+        if kv_cache.device.type == "cpu" and CpuKernels.supports(kv_cache.dtype, self.head_dim):
+            self.kernels = cpu_kernels()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -107,8 +127,17 @@ class PagedAttention(nn.Module):
         num_tokens = q.shape[0]
         d, hkv, group = self.head_dim, self.num_kv_heads, self.group
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]     # [Hkv, blocks, block, d]
-        k_cache.view(hkv, -1, d)[:, meta.slot_mapping] = k.view(num_tokens, hkv, d).transpose(0, 1)
-        v_cache.view(hkv, -1, d)[:, meta.slot_mapping] = v.view(num_tokens, hkv, d).transpose(0, 1)
+        if self.kernels is not None:
+            self.kernels.write_kv_cache(self.kv_cache, k, v, meta.slot_mapping)
+            if meta.max_query_len == 1 and meta.token_seq_index is not None:
+                return self.kernels.paged_attention(
+                    q, self.kv_cache, meta.block_tables, meta.token_seq_index,
+                    meta.token_context_lens, meta.max_context, self.num_heads, self.scale)
+        else:
+            k_cache.view(hkv, -1, d)[:, meta.slot_mapping] = \
+                k.view(num_tokens, hkv, d).transpose(0, 1)
+            v_cache.view(hkv, -1, d)[:, meta.slot_mapping] = \
+                v.view(num_tokens, hkv, d).transpose(0, 1)
         batch, lq = meta.block_tables.shape[0], meta.max_query_len
         block_size = k_cache.shape[2]
         q = q.view(num_tokens, hkv, group, d)

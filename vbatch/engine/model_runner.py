@@ -144,7 +144,8 @@ class ModelRunner:
             slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
             attn_mask=mask.to(device),
             query_pad_index=None if pad_index is None else pad_index.to(device),
-            query_unpad_index=None if unpad_index is None else unpad_index.to(device))
+            query_unpad_index=None if unpad_index is None else unpad_index.to(device),
+            token_seq_index=seq_index.to(device), token_context_lens=(positions + 1).to(device))
         meta.chunks = self._chunks(context_lens)
         logits_index = (cu_q + q_lens - 1).to(device)
         return input_ids.to(device), positions.to(device), meta, logits_index

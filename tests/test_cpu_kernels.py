@@ -1,0 +1,166 @@
+"""The native CPU kernels (vbatch/engine/kernels) against independent float64 computations.
+
+paged_attention: every token's output equals softmax(scale q K^T) V over its visible cached
+keys, computed per token in float64 from the gathered blocks, for GQA group sizes 1..8, head
+sizes 16..128, block sizes 1..16, context lengths 1 to several blocks (including exact block
+multiples), shuffled block tables, rows strided inside larger tensors (as the model passes
+them), in float32 (1e-5) and bfloat16 (the output's own rounding). write_kv_cache equals
+advanced-index assignment. Also: peaked softmax (scores spread over hundreds, most weights
+underflow to 0), the build cache, and the fallback switches.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vbatch.engine.kernels import cpu_kernels as ck
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    built = ck.cpu_kernels()
+    if built is None:
+        pytest.skip("native CPU kernels unavailable (no C compiler?)")
+    return built
+
+
+def reference_attention(q, cache, block_tables, token_seq, token_context, num_heads, scale):
+    """Per token, in float64: gather the sequence's visible keys/values and attend."""
+    num_tokens = q.shape[0]
+    _, num_kv_heads, _, block_size, head_dim = cache.shape
+    group = num_heads // num_kv_heads
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float64)
+    for t in range(num_tokens):
+        n = int(token_context[t])
+        blocks = block_tables[int(token_seq[t]), : -(-n // block_size)]
+        keys = cache[0][:, blocks].reshape(num_kv_heads, -1, head_dim)[:, :n].double()
+        values = cache[1][:, blocks].reshape(num_kv_heads, -1, head_dim)[:, :n].double()
+        queries = q[t].view(num_kv_heads, group, head_dim).double()
+        weights = torch.softmax(queries @ keys.transpose(-1, -2) * scale, dim=-1)
+        out[t] = (weights @ values).reshape(num_heads, head_dim)
+    return out.view(num_tokens, num_heads * head_dim)
+
+
+def random_case(gen, *, num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_len,
+                dtype, query_pad=0):
+    """A cache with shuffled block tables and tokens that each see a prefix of a sequence."""
+    lengths = torch.randint(1, max_len + 1, (num_seqs,), generator=gen)
+    max_blocks = -(-int(lengths.max()) // block_size)
+    num_blocks = num_seqs * max_blocks + 1
+    cache = (torch.randn(2, num_kv_heads, num_blocks, block_size, head_dim, generator=gen)
+             .to(dtype))
+    block_tables = (torch.randperm(num_blocks - 1, generator=gen)[: num_seqs * max_blocks] + 1
+                    ).view(num_seqs, max_blocks)
+    # several tokens per sequence (as in a prefill), each with its own causal context
+    token_seq, token_context = [], []
+    for s, n in enumerate(lengths.tolist()):
+        for ctx in sorted({n, max(1, n - 1), max(1, n // 2)}):
+            token_seq.append(s)
+            token_context.append(ctx)
+    num_tokens = len(token_seq)
+    # q rows strided inside a wider tensor, like the q slice of a fused qkv projection
+    wide = torch.randn(num_tokens, num_heads * head_dim + query_pad, generator=gen).to(dtype)
+    q = wide[:, : num_heads * head_dim]
+    return (q, cache, block_tables, torch.tensor(token_seq), torch.tensor(token_context),
+            max_blocks * block_size)
+
+
+CASES = [  # num_heads, num_kv_heads, head_dim, block_size, max_len
+    (4, 4, 16, 1, 5),
+    (9, 3, 64, 8, 90),
+    (8, 2, 128, 16, 70),
+    (8, 1, 32, 4, 33),
+    (6, 2, 80, 16, 16),
+    (16, 2, 64, 8, 40),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "h{}-kv{}-d{}-bs{}-len{}".format(*c))
+def test_paged_attention_matches_float64_reference(kernels, case, dtype):
+    num_heads, num_kv_heads, head_dim, block_size, max_len = case
+    gen = torch.Generator().manual_seed(sum(case))
+    q, cache, tables, token_seq, token_context, max_context = random_case(
+        gen, num_seqs=7, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, max_len=max_len, dtype=dtype, query_pad=3 * head_dim)
+    scale = 1 / math.sqrt(head_dim)
+    got = kernels.paged_attention(q, cache, tables, token_seq, token_context, max_context,
+                                  num_heads, scale)
+    expected = reference_attention(q, cache, tables, token_seq, token_context, num_heads, scale)
+    assert got.dtype == dtype and got.shape == expected.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3   # bf16: the output's own rounding
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_peaked_softmax_and_underflowing_weights(kernels):
+    """Scores spread over hundreds: most weights underflow to exactly 0 after exp, and the
+    result is still the float64 softmax (including ties in the maximum) up to float32's
+    rounding of scores that large."""
+    gen = torch.Generator().manual_seed(1)
+    q, cache, tables, token_seq, token_context, max_context = random_case(
+        gen, num_seqs=5, num_heads=4, num_kv_heads=2, head_dim=32, block_size=8, max_len=60,
+        dtype=torch.float32)
+    q = q * 30.0
+    cache[0, :, 1] = cache[0, :, 2]          # duplicated keys: exactly tied scores
+    got = kernels.paged_attention(q, cache, tables, token_seq, token_context, max_context, 4,
+                                  32 ** -0.5)
+    expected = reference_attention(q, cache, tables, token_seq, token_context, 4, 32 ** -0.5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache_equals_index_assignment(kernels, dtype):
+    gen = torch.Generator().manual_seed(2)
+    num_kv_heads, num_blocks, block_size, head_dim, num_tokens = 3, 10, 4, 16, 13
+    cache = torch.randn(2, num_kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    expected = cache.clone()
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    fused = torch.randn(num_tokens, 5 * num_kv_heads * head_dim, generator=gen).to(dtype)
+    k = fused[:, : num_kv_heads * head_dim]                       # strided rows, as in the model
+    v = fused[:, 2 * num_kv_heads * head_dim: 3 * num_kv_heads * head_dim]
+    kernels.write_kv_cache(cache, k, v, slots)
+    flat = expected.view(2, num_kv_heads, -1, head_dim)
+    flat[0][:, slots] = k.reshape(num_tokens, num_kv_heads, head_dim).transpose(0, 1)
+    flat[1][:, slots] = v.reshape(num_tokens, num_kv_heads, head_dim).transpose(0, 1)
+    assert torch.equal(cache, expected)
+
+
+def test_rejects_tensors_it_cannot_read(kernels):
+    cache = torch.zeros(2, 1, 4, 4, 16)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        kernels.write_kv_cache(cache, torch.zeros(16, 2).t(),
+                               torch.zeros(2, 16), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.paged_attention(torch.zeros(1, 16), cache.bfloat16(), torch.zeros(1, 1).long(),
+                                torch.tensor([0]), torch.tensor([1]), 4, 1, 1.0)
+
+
+def test_supports():
+    assert ck.CpuKernels.supports(torch.bfloat16, 64)
+    assert ck.CpuKernels.supports(torch.float32, 80)
+    assert not ck.CpuKernels.supports(torch.float16, 64)
+    assert not ck.CpuKernels.supports(torch.float32, 8)
+
+
+def test_build_is_cached_per_source_and_cpu(tmp_path, kernels):
+    first = ck.build_library(tmp_path, "cc")
+    stamp = first.stat().st_mtime_ns
+    assert ck.build_library(tmp_path, "cc") == first and first.stat().st_mtime_ns == stamp
+    assert not list(first.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("env", [{"VBATCH_CPU_KERNELS": "0"}, {"CC": "/nonexistent/cc"}])
+def test_falls_back_to_pytorch_when_disabled_or_unbuildable(env, tmp_path):
+    code = ("from vbatch.engine.kernels.cpu_kernels import cpu_kernels; "
+            "print(cpu_kernels() is None)")
+    import os
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "VBATCH_CACHE_DIR": str(tmp_path), **env},
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"

@@ -1,0 +1,161 @@
+"""Native CPU kernels (cpu_attention.c): built with the system C compiler on first use, cached,
+and called through ctypes.
+
+Why C: on CPU, paged attention in PyTorch ops must first gather every sequence's cached blocks
+into a padded tensor (an `index_select` per layer and step that copies all of the batch's keys
+and values) and write new keys/values with advanced indexing; both cost more than the attention
+arithmetic itself. The kernel reads the blocks in place through the block table instead.
+
+The library is compiled with `$CC` (default `cc`) using `-O3 -march=native -fopenmp`, into
+`<vbatch cache>/kernels/<key>/`, where the key hashes the source, the flags, the compiler's
+version and this CPU's model and flags (a cache shared by different machines never hands one a
+library built for another). It links OpenMP by soname, so inside a process that imported torch
+it runs on torch's own OpenMP runtime. When no compiler is available, or `VBATCH_CPU_KERNELS=0`,
+`cpu_kernels()` returns None and attention runs on PyTorch ops (same results up to float
+rounding).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
+LIBRARY_NAME = "libvbatch_cpu.so"
+HEAD_DIM_MULTIPLE = 16  # VEC in cpu_attention.c
+
+_i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+_ATTENTION_ARGS = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
+                   _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _int]
+_WRITE_ARGS = [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64]
+
+
+def _cpu_identity() -> str:
+    """This CPU's model name and feature flags (what -march=native compiles for)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "flags", "Features", "CPU part") and key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        pass
+    return f"{platform.machine()}|{sorted(fields.items())}"
+
+
+def _compiler_version(compiler: str) -> str:
+    result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    return result.stdout.splitlines()[0] if result.stdout else ""
+
+
+def build_library(cache_root: Path, compiler: str) -> Path:
+    """Compile cpu_attention.c into the cache (once per source/compiler/CPU) and return the
+    library's path. The build goes to a temporary file renamed into place, so concurrent
+    processes (replicas, TP ranks) never load a half-written library."""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS),
+                                    _compiler_version(compiler), _cpu_identity()]).encode())
+    target = cache_root / "kernels" / key.hexdigest()[:16] / LIBRARY_NAME
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+class CpuKernels:
+    """Typed entry points of the compiled library, taking torch tensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        self._attention = {torch.float32: lib.vbatch_paged_attention_f32,
+                           torch.bfloat16: lib.vbatch_paged_attention_bf16}
+        for fn in self._attention.values():
+            fn.argtypes, fn.restype = _ATTENTION_ARGS, None
+        self._write = lib.vbatch_write_kv_cache
+        self._write.argtypes, self._write.restype = _WRITE_ARGS, None
+
+    @staticmethod
+    def supports(dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether the kernels handle this cache dtype and head size."""
+        return dtype in (torch.float32, torch.bfloat16) and head_dim % HEAD_DIM_MULTIPLE == 0
+
+    def write_kv_cache(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+        """kv_cache [2, Hkv, blocks, block, d]: slot slot_mapping[t] of every KV head <- k[t],
+        v[t] ([T, Hkv*d], rows may be strided, each row contiguous)."""
+        _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+        _check_rows(k, num_kv_heads * head_dim, kv_cache.dtype)
+        _check_rows(v, num_kv_heads * head_dim, kv_cache.dtype)
+        slots = slot_mapping.contiguous()
+        self._write(kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), k.data_ptr(), k.stride(0),
+                    v.data_ptr(), v.stride(0), slots.data_ptr(), k.shape[0], num_kv_heads,
+                    head_dim, num_blocks * block_size, kv_cache.element_size())
+
+    def paged_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                        token_seq: torch.Tensor, token_context: torch.Tensor, max_context: int,
+                        num_heads: int, scale: float) -> torch.Tensor:
+        """q [T, H*d] -> out [T, H*d]: token t attends to the first token_context[t] cached
+        positions of sequence token_seq[t] (whose blocks are block_tables[token_seq[t]])."""
+        _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+        _check_rows(q, num_heads * head_dim, kv_cache.dtype)
+        if block_tables.dtype != torch.int64 or not block_tables.is_contiguous():
+            raise ValueError("block_tables must be a contiguous int64 tensor")
+        out = torch.empty((q.shape[0], num_heads * head_dim), dtype=q.dtype)
+        seq, context = token_seq.contiguous(), token_context.contiguous()
+        self._attention[q.dtype](
+            out.data_ptr(), out.stride(0), q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(),
+            kv_cache[1].data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+            seq.data_ptr(), context.data_ptr(), q.shape[0], num_heads, num_kv_heads, head_dim,
+            num_blocks, block_size, max_context, scale, torch.get_num_threads())
+        return out
+
+
+def _check_rows(x: torch.Tensor, row_size: int, dtype: torch.dtype) -> None:
+    if x.device.type != "cpu" or x.dtype != dtype or x.dim() != 2 or x.shape[1] != row_size \
+            or x.stride(1) != 1:
+        raise ValueError(f"expected a CPU {dtype} tensor [T, {row_size}] with contiguous rows, "
+                         f"got {x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}")
+
+
+@functools.cache
+def cpu_kernels() -> CpuKernels | None:
+    """The compiled kernels of this process, or None (PyTorch fallback) when disabled with
+    VBATCH_CPU_KERNELS=0 or when they cannot be built here (logged once, with the reason)."""
+    if os.environ.get("VBATCH_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        logger.warning("no C compiler (%s) found: CPU attention runs on PyTorch ops (slower); "
+                       "install gcc to enable the native kernels", compiler)
+        return None
+    from vbatch.engine.loader.resolve import cache_root_dir
+    try:
+        return CpuKernels(build_library(cache_root_dir(), compiler))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("could not build the native CPU kernels (%s): CPU attention runs on "
+                       "PyTorch ops (slower)", exc)
+        return None
