@@ -13,12 +13,16 @@ block at a time; positions past a sequence's context are masked out. Query i of 
 GQA without copying keys: the query heads sharing one KV head are folded into the query length,
 q: [num_kv_heads * B, 1, group * Lq, d] against k, v: [num_kv_heads * B, 1, Lk, d].
 
-On CPU, when the native kernels are available (kernels/cpu_kernels.py), new keys/values are
-written by the kernel and decode steps attend straight from the cache blocks, token by token
-(`token_seq_index`, `token_context_lens`); the PyTorch path above then runs only for prefill.
+On CPU, when the native kernels are available (kernels/cpu_kernels.py), the kernels write the
+new keys/values and every token attends straight from the cache blocks over its own causal
+context (`token_seq_index`, `token_context_lens`), without gathering or masks. Measured on the
+2-core CPU (bf16, 9 heads / 3 KV heads of 64): as fast as or faster than the gather + SDPA path
+from 32-token to 2048-token prompts, and ~3x faster for decode.
 """
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, field
 
 import torch
@@ -86,18 +90,20 @@ def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_
                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled [2, num_kv_heads, num_blocks, block_size, head_dim] cache (keys, values).
 
-    On CPU the zeros come from calloc, whose fresh pages the kernel maps lazily: the budget is
-    reserved, but memory is only resident once blocks are actually written. Zero (never
-    uninitialised) memory matters: masked positions are still multiplied by 0, and 0 * NaN
-    would poison the output.
+    On CPU the cache is an anonymous memory map: the budget is reserved, but pages become
+    resident only once blocks are written. It asks for transparent huge pages where the kernel
+    offers them: first-touching a cache of hundreds of MB in 4 KiB pages costs a page fault per
+    4 KiB, which measurably slowed the first prefill. Zero (never uninitialised) memory
+    matters: masked positions are still multiplied by 0, and 0 * NaN would poison the output.
     """
     shape = (2, num_kv_heads, num_blocks, block_size, head_dim)
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
-    itemsize = torch.finfo(dtype).bits // 8
-    raw = np.zeros(shape, dtype={2: np.int16, 4: np.int32}[itemsize])
-    return torch.from_numpy(raw).view(dtype)
+    num_bytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+    region = mmap.mmap(-1, max(num_bytes, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8, count=num_bytes).view(dtype).view(shape)
 
 
 class PagedAttention(nn.Module):
@@ -129,7 +135,7 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]     # [Hkv, blocks, block, d]
         if self.kernels is not None:
             self.kernels.write_kv_cache(self.kv_cache, k, v, meta.slot_mapping)
-            if meta.max_query_len == 1 and meta.token_seq_index is not None:
+            if meta.token_seq_index is not None:
                 return self.kernels.paged_attention(
                     q, self.kv_cache, meta.block_tables, meta.token_seq_index,
                     meta.token_context_lens, meta.max_context, self.num_heads, self.scale)

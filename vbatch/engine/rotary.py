@@ -37,29 +37,34 @@ def inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables up to `max_position`, in the model dtype; rotates q and k heads at once."""
+    """cos/sin tables up to `max_position`, in the model dtype; rotates q and k heads at once.
+
+    `kernels` (the native CPU kernels, or None) rotates in place in one pass; otherwise PyTorch
+    ops compute the same thing (x * cos + rotate_half(x) * sin).
+    """
 
     def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, kernels=None):
         super().__init__()
         inv_freq, scaling = inverse_frequencies(config, head_dim)
         positions = torch.arange(max_position, dtype=torch.int64).float()
         freqs = torch.outer(positions, inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
         self.head_dim = head_dim
+        self.kernels = kernels
         self.register_buffer("cos", (emb.cos() * scaling).to(device=device, dtype=dtype),
                              persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(device=device, dtype=dtype),
                              persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T] positions -> cos, sin of shape [T, 1, head_dim] (looked up once per step)."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] -> x * cos + rotate_half(x) * sin (a new tensor)."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        rotated.mul_(sin)
-        return torch.addcmul(rotated, x, cos)
+    def rotate_(self, x: torch.Tensor, num_heads: int, positions: torch.Tensor) -> None:
+        """Rotate the first `num_heads` heads of every row of x [T, >= num_heads * head_dim]
+        in place, row t at position positions[t]."""
+        if self.kernels is not None:
+            self.kernels.rotary_(x, num_heads, self.head_dim, positions, self.cos, self.sin)
+            return
+        heads = x[:, : num_heads * self.head_dim].view(x.shape[0], num_heads, self.head_dim)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        half = self.head_dim // 2
+        rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
+        heads.copy_(heads * cos + rotated * sin)

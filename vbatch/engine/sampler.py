@@ -55,11 +55,16 @@ class SamplingMetadata:
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """[B, V] logits -> [B] int64 token ids (see module docstring for the math)."""
-    logits = logits.float()
-    greedy_tokens = logits.argmax(dim=-1)
+    """[B, V] logits -> [B] int64 token ids (see module docstring for the math).
+
+    Greedy picks use `max(dim=-1).indices` in the logits' own dtype: the first maximal index,
+    exactly argmax's (and Hugging Face's) choice, but several times faster than `argmax` on CPU;
+    converting bf16 logits to float32 first could not change which is largest.
+    """
+    greedy_tokens = logits.max(dim=-1).indices
     if meta.all_greedy:
         return greedy_tokens
+    logits = logits.float()
     is_greedy = meta.temperatures == 0
     temperatures = torch.where(is_greedy, 1.0, meta.temperatures)
     probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)

@@ -12,89 +12,11 @@
  *   out = softmax(scale * q K^T) V over the token's visible keys, all arithmetic in float32
  * (two passes: scores, then exp-normalised weights times values).
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest even, like torch; NaN stays a (quiet) NaN. */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-/* Vectors of VEC float32 lanes (GCC/Clang vector extensions: AVX-512, AVX2, NEON... as the
- * target allows). The kernel needs head_dim % VEC == 0 (cpu_kernels.py checks). */
-#define VEC 16
-typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
-typedef uint16_t vhalf __attribute__((vector_size(VEC * sizeof(uint16_t))));
-typedef uint32_t vuint __attribute__((vector_size(VEC * sizeof(uint32_t))));
-typedef int32_t vint __attribute__((vector_size(VEC * sizeof(int32_t))));
-
-static inline __attribute__((always_inline)) vfloat load_vec(const void *src, const int is_bf16) {
-    vfloat f;
-    if (is_bf16) {
-        vhalf h;
-        memcpy(&h, src, sizeof h);
-        vuint bits = __builtin_convertvector(h, vuint) << 16;
-        memcpy(&f, &bits, sizeof f);
-    } else {
-        memcpy(&f, src, sizeof f);
-    }
-    return f;
-}
-
-typedef float vfloat_half __attribute__((vector_size(VEC / 2 * sizeof(float))));
-typedef float vfloat_quarter __attribute__((vector_size(VEC / 4 * sizeof(float))));
-
-/* Sum of the lanes as a tree of halvings (a serial chain of VEC adds would stall the loop). */
-static inline float horizontal_sum(vfloat v) {
-    vfloat_half lo, hi;
-    memcpy(&lo, &v, sizeof lo);
-    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
-    lo += hi;
-    vfloat_quarter a, b;
-    memcpy(&a, &lo, sizeof a);
-    memcpy(&b, (const char *)&lo + sizeof a, sizeof b);
-    a += b;
-    return (a[0] + a[2]) + (a[1] + a[3]);
-}
-
-/* e^x for x <= 0 lane-wise (softmax weights): e^x = 2^n e^r with n = round(x / ln 2) and
- * |r| <= ln(2)/2, e^r by its degree-7 Taylor polynomial (relative error ~1e-7, float32's own
- * rounding). Lanes below -87 (where float32 would go subnormal) give exactly 0. */
-static inline vfloat exp_nonpositive(vfloat x) {
-    const vint underflow = x < -87.0f;            /* all-ones lanes where true */
-    vint x_bits;
-    memcpy(&x_bits, &x, sizeof x_bits);
-    x_bits &= ~underflow;                         /* underflowing lanes -> 0.0, fixed below */
-    memcpy(&x, &x_bits, sizeof x);
-    const vint n_int = __builtin_convertvector(x * 1.44269504f - 0.5f, vint);  /* x <= 0 */
-    const vfloat n = __builtin_convertvector(n_int, vfloat);
-    const vfloat r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    vfloat p = r * (1.0f / 5040) + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    vint bits;
-    memcpy(&bits, &p, sizeof bits);
-    bits = (bits + (n_int << 23)) & ~underflow;
-    memcpy(&p, &bits, sizeof p);
-    return p;
-}
+#include "cpu_vec.h"
 
 /* One query head of one token against its visible keys: out = softmax(scale q K^T) V.
  * `nvec` (head_dim / VEC) is a compile-time constant in each caller below, so q and the
@@ -146,15 +68,8 @@ static inline __attribute__((always_inline)) void attend_one_head(
                 acc[x] += p * load_vec(value + (size_t)x * VEC * elem, is_bf16);
         }
     }
-    for (int64_t x = 0; x < nvec; x++) {
-        const vfloat o = acc[x] * inv_total;
-        char *dst = (char *)out_row + (size_t)x * VEC * elem;
-        if (is_bf16) {
-            for (int i = 0; i < VEC; i++) ((uint16_t *)dst)[i] = float_to_bf16(o[i]);
-        } else {
-            memcpy(dst, &o, sizeof o);
-        }
-    }
+    for (int64_t x = 0; x < nvec; x++)
+        store_vec((char *)out_row + (size_t)x * VEC * elem, acc[x] * inv_total, is_bf16);
 }
 
 static inline __attribute__((always_inline)) void attention_impl(

@@ -1,10 +1,12 @@
-"""Native CPU kernels (cpu_attention.c): built with the system C compiler on first use, cached,
-and called through ctypes.
+"""Native CPU kernels (cpu_attention.c, cpu_ops.c): built with the system C compiler on first
+use, cached, and called through ctypes.
 
 Why C: on CPU, paged attention in PyTorch ops must first gather every sequence's cached blocks
 into a padded tensor (an `index_select` per layer and step that copies all of the batch's keys
 and values) and write new keys/values with advanced indexing; both cost more than the attention
-arithmetic itself. The kernel reads the blocks in place through the block table instead.
+arithmetic itself. The kernel reads the blocks in place through the block table instead. The
+LLaMA layer's elementwise chains (residual add + RMSNorm, SiLU-and-multiply, rotary embedding)
+are each one pass over memory instead of 4-8 PyTorch ops with their temporaries.
 
 The library is compiled with `$CC` (default `cc`) using `-O3 -march=native -fopenmp`, into
 `<vbatch cache>/kernels/<key>/`, where the key hashes the source, the flags, the compiler's
@@ -31,7 +33,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_attention.c")
+KERNEL_DIR = Path(__file__).parent
+SOURCES = ("cpu_attention.c", "cpu_ops.c")
+HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 LIBRARY_NAME = "libvbatch_cpu.so"
 HEAD_DIM_MULTIPLE = 16  # VEC in cpu_attention.c
@@ -40,6 +44,10 @@ _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes
 _ATTENTION_ARGS = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
                    _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _int]
 _WRITE_ARGS = [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64]
+_RMS_NORM_ARGS = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _f32, _int]
+_SILU_ARGS = [_ptr, _i64, _ptr, _i64, _i64, _i64, _int]
+_ROTARY_ARGS = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def _cpu_identity() -> str:
@@ -62,11 +70,12 @@ def _compiler_version(compiler: str) -> str:
 
 
 def build_library(cache_root: Path, compiler: str) -> Path:
-    """Compile cpu_attention.c into the cache (once per source/compiler/CPU) and return the
+    """Compile the kernel sources into the cache (once per source/compiler/CPU) and return the
     library's path. The build goes to a temporary file renamed into place, so concurrent
     processes (replicas, TP ranks) never load a half-written library."""
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS),
-                                    _compiler_version(compiler), _cpu_identity()]).encode())
+    texts = [(KERNEL_DIR / name).read_text() for name in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, " ".join(CFLAGS), _compiler_version(compiler),
+                                    _cpu_identity()]).encode())
     target = cache_root / "kernels" / key.hexdigest()[:16] / LIBRARY_NAME
     if target.exists():
         return target
@@ -74,7 +83,8 @@ def build_library(cache_root: Path, compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"],
+        sources = [str(KERNEL_DIR / name) for name in SOURCES]
+        result = subprocess.run([compiler, *CFLAGS, *sources, "-o", tmp, "-lm"],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -91,17 +101,60 @@ class CpuKernels:
     def __init__(self, path: Path):
         self.path = path
         lib = ctypes.CDLL(str(path))
-        self._attention = {torch.float32: lib.vbatch_paged_attention_f32,
-                           torch.bfloat16: lib.vbatch_paged_attention_bf16}
-        for fn in self._attention.values():
-            fn.argtypes, fn.restype = _ATTENTION_ARGS, None
+        self._attention = _typed(lib, "vbatch_paged_attention", _ATTENTION_ARGS)
         self._write = lib.vbatch_write_kv_cache
         self._write.argtypes, self._write.restype = _WRITE_ARGS, None
+        self._rms_norm = _typed(lib, "vbatch_rms_norm", _RMS_NORM_ARGS)
+        self._silu_and_mul = _typed(lib, "vbatch_silu_and_mul", _SILU_ARGS)
+        self._rotary = _typed(lib, "vbatch_rotary", _ROTARY_ARGS)
 
     @staticmethod
-    def supports(dtype: torch.dtype, head_dim: int) -> bool:
-        """Whether the kernels handle this cache dtype and head size."""
-        return dtype in (torch.float32, torch.bfloat16) and head_dim % HEAD_DIM_MULTIPLE == 0
+    def supports(dtype: torch.dtype, head_dim: int | None = None) -> bool:
+        """Whether the kernels handle this dtype (and, for attention, this head size)."""
+        return dtype in _DTYPE_SUFFIX and (head_dim is None or head_dim % HEAD_DIM_MULTIPLE == 0)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of x [T, hidden] -> new [T, hidden]. With `residual`, first
+        residual <- x + residual in place, and the norm is of the sum (see cpu_ops.c)."""
+        hidden = x.shape[1]
+        _check_rows(x, hidden, x.dtype)
+        _check_dtype(x.dtype)
+        if residual is not None:
+            _check_rows(residual, hidden, x.dtype)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        self._rms_norm[x.dtype](
+            out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0),
+            None if residual is None else residual.data_ptr(),
+            0 if residual is None else residual.stride(0), weight.contiguous().data_ptr(),
+            x.shape[0], hidden, eps, torch.get_num_threads())
+        return out
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, 2w] = [gate | up] -> silu(gate) * up, [T, w]."""
+        _check_dtype(x.dtype)
+        width = x.shape[1] // 2
+        _check_rows(x, 2 * width, x.dtype)
+        out = torch.empty((x.shape[0], width), dtype=x.dtype)
+        self._silu_and_mul[x.dtype](out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0),
+                                    x.shape[0], width, torch.get_num_threads())
+        return out
+
+    def rotary_(self, x: torch.Tensor, num_heads: int, head_dim: int, positions: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate the first `num_heads` heads of each row of x [T, >= num_heads*head_dim] in
+        place (NeoX rotate-half), token t by the tables' row positions[t]."""
+        _check_dtype(x.dtype)
+        if x.stride(1) != 1 or x.shape[1] < num_heads * head_dim or x.device.type != "cpu":
+            raise ValueError(f"rotary_: expected CPU rows of >= {num_heads * head_dim} "
+                             f"contiguous elements, got {tuple(x.shape)} {x.stride()}")
+        if cos.dtype != x.dtype or sin.dtype != x.dtype or not (cos.is_contiguous()
+                                                                and sin.is_contiguous()):
+            raise ValueError("rotary_: cos/sin tables must be contiguous, in the input's dtype")
+        positions = positions.contiguous()
+        self._rotary[x.dtype](x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(),
+                              sin.data_ptr(), x.shape[0], num_heads, head_dim,
+                              torch.get_num_threads())
 
     def write_kv_cache(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
@@ -134,6 +187,21 @@ class CpuKernels:
         return out
 
 
+def _typed(lib, name: str, argtypes: list) -> dict[torch.dtype, object]:
+    """The float32 and bfloat16 variants of a kernel, by dtype."""
+    functions = {}
+    for dtype, suffix in _DTYPE_SUFFIX.items():
+        fn = getattr(lib, f"{name}_{suffix}")
+        fn.argtypes, fn.restype = argtypes, None
+        functions[dtype] = fn
+    return functions
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _DTYPE_SUFFIX:
+        raise ValueError(f"native CPU kernels support float32 and bfloat16, not {dtype}")
+
+
 def _check_rows(x: torch.Tensor, row_size: int, dtype: torch.dtype) -> None:
     if x.device.type != "cpu" or x.dtype != dtype or x.dim() != 2 or x.shape[1] != row_size \
             or x.stride(1) != 1:
@@ -159,3 +227,11 @@ def cpu_kernels() -> CpuKernels | None:
         logger.warning("could not build the native CPU kernels (%s): CPU attention runs on "
                        "PyTorch ops (slower)", exc)
         return None
+
+
+def elementwise_kernels(dtype: torch.dtype, device: torch.device):
+    """The native kernels for a model's norms, activations and rotary embedding on `device` in
+    `dtype`, or None where PyTorch ops must run them (GPUs, float16, no compiler)."""
+    if torch.device(device).type != "cpu" or not CpuKernels.supports(dtype):
+        return None
+    return cpu_kernels()

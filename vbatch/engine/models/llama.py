@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vbatch.engine.attention import AttentionMetadata, PagedAttention
+from vbatch.engine.kernels.cpu_kernels import elementwise_kernels
 from vbatch.engine.models.loading import StackedParam, load_named_weights
 from vbatch.engine.rotary import RotaryEmbedding
 from vbatch.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -22,17 +23,29 @@ from vbatch.parallel.state import ParallelState
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps) (torch's fused kernel accumulates in float32)."""
+    """y = w * x / sqrt(mean(x^2) + eps), optionally fused with the residual add before it.
 
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
+    forward(x) -> rms(x); forward(x, residual) -> (rms(x + residual), x + residual), where the
+    native CPU kernel updates `residual` in place (vLLM's fused_add_rms_norm).
+    """
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device,
+                 kernels=None):
         super().__init__()
         self.eps = eps
         self.normalized_shape = (hidden_size,)
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device),
                                    requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.kernels is not None:
+            out = self.kernels.rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        residual = x + residual
+        return F.rms_norm(residual, self.normalized_shape, self.weight, self.eps), residual
 
 
 def head_dim_of(config) -> int:
@@ -40,7 +53,7 @@ def head_dim_of(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, ps: ParallelState, dtype: torch.dtype):
+    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, rotary: RotaryEmbedding):
         super().__init__()
         head_dim = head_dim_of(config)
         bias = bool(getattr(config, "attention_bias", False))
@@ -51,21 +64,23 @@ class LlamaAttention(nn.Module):
                                         bias=bias, tp_group=ps.tp, dtype=dtype, device=ps.device)
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.num_heads, self.head_dim = self.qkv_proj.num_heads, head_dim
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        # shared by all layers: kept out of this module's children (it belongs to the model)
+        object.__setattr__(self, "rotary", rotary)
         self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
                                    scale=head_dim ** -0.5)
 
-    def forward(self, cos_sin, x, meta: AttentionMetadata):
+    def forward(self, positions, x, meta: AttentionMetadata):
         qkv = self.qkv_proj(x)
-        num_tokens, qk_size = qkv.shape[0], self.q_size + self.kv_size
-        # q and k heads rotated together: one kernel chain instead of two.
-        qk = RotaryEmbedding.rotate(qkv[:, :qk_size].view(num_tokens, -1, self.head_dim), *cos_sin)
-        q = qk[:, : self.num_heads].reshape(num_tokens, self.q_size)
-        k = qk[:, self.num_heads:].reshape(num_tokens, self.kv_size)
-        return self.o_proj(self.attn(q, k, qkv[:, qk_size:], meta))
+        # q and k heads rotated together, in place; q, k, v stay views of qkv.
+        self.rotary.rotate_(qkv, self.num_heads + self.num_kv_heads, positions)
+        qk_size = self.q_size + self.kv_size
+        q, k, v = qkv[:, : self.q_size], qkv[:, self.q_size:qk_size], qkv[:, qk_size:]
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, ps: ParallelState, dtype: torch.dtype):
+    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, kernels=None):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         act = getattr(config, "hidden_act", "silu")
@@ -77,24 +92,39 @@ class LlamaMLP(nn.Module):
                                                        device=ps.device)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias, tp_group=ps.tp,
                                            dtype=dtype, device=ps.device)
+        self.kernels = kernels
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(torch.nn.functional.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None:
+            return self.down_proj(self.kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, ps: ParallelState, dtype: torch.dtype):
+    """One block, carrying the residual stream separately (vLLM's layout): forward(x, residual)
+    -> (mlp output, residual), where the residual after the block is x + residual + attention
+    output, and the caller adds the returned MLP output at the next norm."""
+
+    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, rotary: RotaryEmbedding,
+                 kernels=None):
         super().__init__()
         eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, ps.device)
-        self.self_attn = LlamaAttention(config, ps, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, ps.device)
-        self.mlp = LlamaMLP(config, ps, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, ps.device, kernels)
+        self.self_attn = LlamaAttention(config, ps, dtype, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, ps.device,
+                                                kernels)
+        self.mlp = LlamaMLP(config, ps, dtype, kernels)
 
-    def forward(self, cos_sin, x, meta):
-        x = x + self.self_attn(cos_sin, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, x, residual, meta):
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -122,17 +152,20 @@ class LlamaForCausalLM(nn.Module):
         self.is_first_stage, self.is_last_stage = ps.pp.is_first_rank, ps.pp.is_last_rank
         self.start_layer, self.end_layer = layer_range(config.num_hidden_layers, ps.pp_rank,
                                                        ps.pp_size)
+        kernels = elementwise_kernels(dtype, ps.device)
         self.rotary = RotaryEmbedding(config, head_dim_of(config), max_position, dtype,
-                                      ps.device)
+                                      ps.device, kernels)
         if self.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                        tp_group=ps.tp, dtype=dtype,
                                                        device=ps.device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ps, dtype) if self.start_layer <= i < self.end_layer
+            LlamaDecoderLayer(config, ps, dtype, self.rotary, kernels)
+            if self.start_layer <= i < self.end_layer
             else PPMissingLayer() for i in range(config.num_hidden_layers))
         if self.is_last_stage:
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ps.device)
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ps.device,
+                                kernels)
             tie_to = (self.embed_tokens if self.tie_word_embeddings and self.is_first_stage
                       else None)
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
@@ -148,12 +181,17 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         """First stage: embeds `input_ids`; later stages continue from `hidden`. The last stage
-        returns normed hidden states, the others their layers' output."""
+        returns normed hidden states, the others their layers' output (the residual stream
+        summed in, so one tensor crosses the stage boundary)."""
         x = self.embed_tokens(input_ids) if self.is_first_stage else hidden
-        cos_sin = self.rotary.cos_sin(positions)
+        residual = None
         for layer in self.local_layers():
-            x = layer(cos_sin, x, meta)
-        return self.norm(x) if self.is_last_stage else x
+            x, residual = layer(positions, x, residual, meta)
+        if residual is None:                 # a stage without layers
+            return self.norm(x) if self.is_last_stage else x
+        if self.is_last_stage:
+            return self.norm(x, residual)[0]
+        return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
