@@ -7,6 +7,10 @@ multiples), shuffled block tables, rows strided inside larger tensors (as the mo
 them), in float32 (1e-5) and bfloat16 (the output's own rounding). write_kv_cache equals
 advanced-index assignment. Also: peaked softmax (scores spread over hundreds, most weights
 underflow to 0), the build cache, and the fallback switches.
+
+The fused elementwise kernels against the PyTorch op chains of Hugging Face's LLaMA
+(LlamaRMSNorm, silu(gate) * up, apply_rotary_pos_emb): bit-identical in bfloat16, within float32
+rounding in float32; and the PyTorch fallback of the rotary embedding against the kernel.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from vbatch.engine.kernels import cpu_kernels as ck
 
@@ -164,3 +170,65 @@ def test_falls_back_to_pytorch_when_disabled_or_unbuildable(env, tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+def assert_matches_torch_chain(got, expected):
+    if got.dtype == torch.bfloat16:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [576, 61])          # vector loop only; scalar tail too
+def test_rms_norm_and_fused_residual_add_match_hf(kernels, dtype, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(37, hidden, generator=gen).to(dtype)
+    residual = torch.randn(37, hidden, generator=gen).to(dtype)
+    norm = LlamaRMSNorm(hidden, eps=1e-5)
+    norm.weight.data = torch.rand(hidden, generator=gen) + 0.5
+    norm = norm.to(dtype)
+    assert_matches_torch_chain(kernels.rms_norm(x, norm.weight, 1e-5), norm(x))
+    updated = residual.clone()
+    out = kernels.rms_norm(x, norm.weight, 1e-5, residual=updated)
+    assert torch.equal(updated, x + residual)            # the residual stream, in place
+    assert_matches_torch_chain(out, norm(x + residual))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [1536, 37])
+def test_silu_and_mul_matches_torch(kernels, dtype, width):
+    gen = torch.Generator().manual_seed(width)
+    gate_up = (torch.randn(29, 2 * width, generator=gen) * 6).to(dtype)   # saturating values too
+    gate_up[0, :4] = torch.tensor([0.0, -100.0, 100.0, -0.0])
+    expected = F.silu(gate_up[:, :width]) * gate_up[:, width:]
+    assert_matches_torch_chain(kernels.silu_and_mul(gate_up), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_rotary_matches_hf_and_the_pytorch_fallback(kernels, dtype, head_dim):
+    from types import SimpleNamespace
+
+    from vbatch.engine.rotary import RotaryEmbedding
+    config = SimpleNamespace(rope_theta=10000.0, rope_scaling=None)
+    native = RotaryEmbedding(config, head_dim, 512, dtype, torch.device("cpu"), kernels)
+    fallback = RotaryEmbedding(config, head_dim, 512, dtype, torch.device("cpu"), None)
+    gen = torch.Generator().manual_seed(head_dim)
+    num_tokens, heads, untouched = 23, 7, 3 * head_dim
+    rows = torch.randn(num_tokens, heads * head_dim + untouched, generator=gen).to(dtype)
+    positions = torch.randint(0, 512, (num_tokens,), generator=gen)
+    q = rows[:, : heads * head_dim].reshape(num_tokens, heads, head_dim).transpose(0, 1)
+    expected, _ = apply_rotary_pos_emb(q.unsqueeze(0), q.unsqueeze(0),
+                                       native.cos[positions].unsqueeze(0),
+                                       native.sin[positions].unsqueeze(0))
+    expected = expected[0].transpose(0, 1).reshape(num_tokens, heads * head_dim)
+    by_kernel, by_torch = rows.clone(), rows.clone()
+    native.rotate_(by_kernel, heads, positions)
+    fallback.rotate_(by_torch, heads, positions)
+    assert_matches_torch_chain(by_kernel[:, : heads * head_dim], expected)
+    assert_matches_torch_chain(by_torch[:, : heads * head_dim], expected)
+    assert torch.equal(by_kernel[:, heads * head_dim:], rows[:, heads * head_dim:])

@@ -2,7 +2,8 @@
 
 Proves: prefill logits and paged-decode logits within 1e-4 of HF's forward pass on ragged
 prompts, and greedy generations token-identical to HF `generate`, for LLaMA with GQA (tied and
-untied heads, default and llama3 rope scaling) and GPT-2.
+untied heads, default and llama3 rope scaling) and GPT-2, both with the native CPU kernels and
+with PyTorch ops only (the path of GPUs and of machines without a C compiler).
 """
 from __future__ import annotations
 
@@ -13,16 +14,28 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vbatch import LLM, SamplingParams
 from vbatch.engine.sequence import ScheduledSequence
 
+from conftest import without_native_kernels
+
 KINDS = ["llama-gqa-untied", "llama-gqa-tied", "gpt2", "llama-rope-llama3-untied"]
 PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):\n    return a",
            "Once upon a time there was a small language model that liked numbers 0123456789."]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_models):
-    return {kind: LLM(str(tiny_models[kind]), dtype="float32", kv_cache_memory_gb=0.02,
-                      block_size=4)
-            for kind in KINDS}
+@pytest.fixture(scope="module", params=["native-kernels", "torch-ops"])
+def engines(request, tiny_models):
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "torch-ops":
+            without_native_kernels(patch)
+        return {kind: LLM(str(tiny_models[kind]), dtype="float32", kv_cache_memory_gb=0.02,
+                          block_size=4)
+                for kind in KINDS}
+
+
+def test_each_engine_runs_the_backend_it_names(engines, request):
+    native = request.node.callspec.params["engines"] == "native-kernels"
+    for llm in engines.values():
+        layers = _runner(llm).model.attention_layers()
+        assert all((layer.kernels is not None) == native for layer in layers)
 
 
 def _hf(path):
