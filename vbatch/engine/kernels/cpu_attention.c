@@ -32,20 +32,30 @@ static inline __attribute__((always_inline)) void attend_one_head(
         query[x] = load_vec((const char *)q_row + (size_t)x * VEC * elem, is_bf16) * scale;
         acc[x] = (vfloat){0};
     }
-    /* pass 1: scores, and their maximum */
+    /* pass 1: scores (four keys at a time, so their lane sums share one reduction tree) */
     float max_score = -3.0e38f;
     for (int64_t first = 0; first < context; first += block_size) {
         const char *key = k_head + (size_t)(blocks[first / block_size] * block_size) * row_bytes;
         const int64_t n = context - first < block_size ? context - first : block_size;
-        for (int64_t j = 0; j < n; j++, key += row_bytes) {
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4, key += 4 * row_bytes) {
+            vfloat dots[4];
+            for (int k = 0; k < 4; k++) {
+                const char *row = key + (size_t)k * row_bytes;
+                dots[k] = query[0] * load_vec(row, is_bf16);
+                for (int64_t x = 1; x < nvec; x++)
+                    dots[k] += query[x] * load_vec(row + (size_t)x * VEC * elem, is_bf16);
+            }
+            horizontal_sum4(dots[0], dots[1], dots[2], dots[3], scores + first + j);
+        }
+        for (; j < n; j++, key += row_bytes) {
             vfloat dot = query[0] * load_vec(key, is_bf16);
             for (int64_t x = 1; x < nvec; x++)
                 dot += query[x] * load_vec(key + (size_t)x * VEC * elem, is_bf16);
-            const float s = horizontal_sum(dot);
-            scores[first + j] = s;
-            max_score = s > max_score ? s : max_score;
+            scores[first + j] = horizontal_sum(dot);
         }
     }
+    for (int64_t j = 0; j < context; j++) max_score = scores[j] > max_score ? scores[j] : max_score;
     /* softmax numerators, VEC at a time (the tail padded with -inf-like values) */
     vfloat sum_vec = {0};
     const int64_t padded = (context + VEC - 1) / VEC * VEC;
@@ -72,6 +82,21 @@ static inline __attribute__((always_inline)) void attend_one_head(
         store_vec((char *)out_row + (size_t)x * VEC * elem, acc[x] * inv_total, is_bf16);
 }
 
+/* Ask for a task's cached keys and values ahead of time: its blocks are scattered, so the
+ * hardware prefetcher cannot guess them, and waiting on each row's first cache line dominated
+ * the kernel. Issued one task ahead, they arrive while the current task computes. */
+static inline void prefetch_task(const char *k_head, const char *v_head, const int64_t *blocks,
+                                 int64_t context, int64_t block_size, size_t row_bytes) {
+    for (int64_t first = 0; first < context; first += block_size) {
+        const size_t offset = (size_t)(blocks[first / block_size] * block_size) * row_bytes;
+        const int64_t n = context - first < block_size ? context - first : block_size;
+        for (size_t byte = 0; byte < (size_t)n * row_bytes; byte += 64) {
+            __builtin_prefetch(k_head + offset + byte, 0, 2);
+            __builtin_prefetch(v_head + offset + byte, 0, 2);
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void attention_impl(
     void *out, int64_t out_stride, const void *q, int64_t q_stride, const void *k_cache,
     const void *v_cache, const int64_t *block_tables, int64_t block_table_stride,
@@ -89,6 +114,14 @@ static inline __attribute__((always_inline)) void attention_impl(
 #pragma omp for schedule(dynamic, 4)
         for (int64_t task = 0; task < num_tasks; task++) {
             const int64_t t = task / num_kv_heads, kv_head = task % num_kv_heads;
+            if (task + 1 < num_tasks) {
+                const int64_t next_t = (task + 1) / num_kv_heads;
+                const int64_t next_head = (task + 1) % num_kv_heads;
+                prefetch_task((const char *)k_cache + next_head * head_bytes,
+                              (const char *)v_cache + next_head * head_bytes,
+                              block_tables + token_seq[next_t] * block_table_stride,
+                              token_context[next_t], block_size, (size_t)head_dim * elem);
+            }
             const int64_t *blocks = block_tables + token_seq[t] * block_table_stride;
             const char *k_head = (const char *)k_cache + kv_head * head_bytes;
             const char *v_head = (const char *)v_cache + kv_head * head_bytes;
