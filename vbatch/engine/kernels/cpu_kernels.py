@@ -69,12 +69,14 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout.splitlines()[0] if result.stdout else ""
 
 
-def build_library(cache_root: Path, compiler: str) -> Path:
+def build_library(cache_root: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile the kernel sources into the cache (once per source/compiler/CPU) and return the
     library's path. The build goes to a temporary file renamed into place, so concurrent
-    processes (replicas, TP ranks) never load a half-written library."""
+    processes (replicas, TP ranks) never load a half-written library. `extra_flags` (tests)
+    go after the standard ones, e.g. to build the portable path of a CPU without AVX-512."""
+    flags = (*CFLAGS, *extra_flags)
     texts = [(KERNEL_DIR / name).read_text() for name in SOURCES + HEADERS]
-    key = hashlib.sha256("\0".join([*texts, " ".join(CFLAGS), _compiler_version(compiler),
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), _compiler_version(compiler),
                                     _cpu_identity()]).encode())
     target = cache_root / "kernels" / key.hexdigest()[:16] / LIBRARY_NAME
     if target.exists():
@@ -84,7 +86,7 @@ def build_library(cache_root: Path, compiler: str) -> Path:
     os.close(fd)
     try:
         sources = [str(KERNEL_DIR / name) for name in SOURCES]
-        result = subprocess.run([compiler, *CFLAGS, *sources, "-o", tmp, "-lm"],
+        result = subprocess.run([compiler, *flags, *sources, "-o", tmp, "-lm"],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
