@@ -44,4 +44,7 @@ def load_model(model_dir: Path, hf_config, ps: ParallelState, dtype: torch.dtype
     tensors = ((name, CheckpointTensor(source))
                for name, source in iter_checkpoint_tensors(Path(model_dir)))
     model.load_weights(tensors)
+    for module in model.modules():          # CPU bf16: weights into oneDNN's layout, once
+        if hasattr(module, "pack_weight"):
+            module.pack_weight()
     return model.eval()

@@ -66,9 +66,13 @@ class Worker:
         return self.model_runner.execute_model(seqs)
 
     def parameter_bytes(self) -> int:
-        """Bytes of model weights this rank holds (a tied tensor counted once)."""
-        params = {id(p): p for p in self.model_runner.model.parameters()}
-        return sum(p.numel() * p.element_size() for p in params.values())
+        """Bytes of model weights this rank holds (a tied tensor counted once, weights packed
+        for oneDNN included)."""
+        model = self.model_runner.model
+        params = {id(p): p for p in model.parameters()}
+        packed = [m.packed_weight.packed for m in model.modules()
+                  if getattr(m, "packed_weight", None) is not None]
+        return sum(t.numel() * t.element_size() for t in [*params.values(), *packed])
 
     def step_trace(self) -> list[tuple[float, float]]:
         """(start, end) time.monotonic() of this rank's recent steps, counted from when its

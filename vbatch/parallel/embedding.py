@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vbatch.parallel.comm import GroupCoordinator
+from vbatch.parallel.cpu_packed import PackedWeight, can_pack
 
 
 def pad_vocab_size(vocab_size: int, tp_size: int) -> int:
@@ -68,12 +69,27 @@ class ParallelLMHead(VocabParallelEmbedding):
                  tie_to: VocabParallelEmbedding | None = None):
         super().__init__(num_embeddings, embedding_dim, tp_group=tp_group, dtype=dtype,
                          device=device)
+        self.tied = tie_to is not None
+        self.packed_weight: PackedWeight | None = None
         if tie_to is not None:
             self.weight = tie_to.weight
 
+    def pack_weight(self) -> None:
+        """After loading: a oneDNN-packed copy of the head for the logits matmul (CPU bf16, see
+        cpu_packed.py). A tied head keeps the embedding's weight for lookups, so only then is
+        the weight held twice."""
+        if self.packed_weight is not None or not can_pack(self.weight):
+            return
+        self.packed_weight = PackedWeight(self.weight)
+        if not self.tied:
+            self.weight = None
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, V] logits (every TP rank gets the full row)."""
-        logits = F.linear(hidden_states, self.weight)
+        if self.packed_weight is not None:
+            logits = self.packed_weight.linear(hidden_states)
+        else:
+            logits = F.linear(hidden_states, self.weight)
         logits = self.tp_group.all_gather(logits, dim=-1)
         if self.num_embeddings_padded != self.num_embeddings:
             logits = logits[..., : self.num_embeddings]

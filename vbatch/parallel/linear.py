@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vbatch.parallel.comm import GroupCoordinator
+from vbatch.parallel.cpu_packed import PackedWeight, can_pack
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -52,6 +53,19 @@ class LinearBase(nn.Module):
         self.tp_size = tp_group.world_size
         self.params_dtype = dtype
         self.device = torch.device(device)
+        self.packed_weight: PackedWeight | None = None
+
+    def pack_weight(self) -> None:
+        """After loading: move the weight into oneDNN's layout where that helps (CPU bf16, see
+        cpu_packed.py); the strided weight is released."""
+        if self.packed_weight is None and self.weight is not None and can_pack(self.weight):
+            self.packed_weight = PackedWeight(self.weight)
+            self.weight = None
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return self.packed_weight.linear(x, bias)
+        return F.linear(x, self.weight, bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -77,7 +91,7 @@ class ColumnParallelLinear(LinearBase):
         _copy_into(param.data, loaded.narrow(0, self.tp_rank * rows, rows), type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self._linear(x, self.bias)
         return self.tp_group.all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -193,8 +207,8 @@ class RowParallelLinear(LinearBase):
             x = x.narrow(-1, self.tp_rank * self.input_size_per_partition,
                          self.input_size_per_partition)
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return self._linear(x, self.bias)
+        y = self._linear(x, None)
         if self.reduce_results:
             y = self.tp_group.all_reduce(y)
             if self.bias is not None:
