@@ -18,68 +18,113 @@
 
 #include "cpu_vec.h"
 
-/* One query head of one token against its visible keys: out = softmax(scale q K^T) V.
- * `nvec` (head_dim / VEC) is a compile-time constant in each caller below, so q and the
- * accumulator live in registers. `scores` has room for max_context floats. */
-static inline __attribute__((always_inline)) void attend_one_head(
-    void *out_row, const void *q_row, const char *k_head, const char *v_head,
+/* `heads` query heads (consecutive rows of head_dim in q and out) of one token that share one
+ * KV head, against the token's visible keys: out_h = softmax(scale q_h K^T) V. Each cached
+ * key/value row is loaded and converted once for all of them. `heads` and `nvec` (head_dim /
+ * VEC) are compile-time constants in each caller, so q and the accumulators stay in registers.
+ * `scores` has room for heads * padded_context floats. */
+static inline __attribute__((always_inline)) void attend_heads(
+    char *out_row, const char *q_row, const char *k_head, const char *v_head,
     const int64_t *blocks, int64_t context, int64_t block_size, float scale, float *scores,
-    const int64_t nvec, const int is_bf16) {
+    const int64_t heads, const int64_t nvec, const int is_bf16) {
     const size_t elem = is_bf16 ? 2 : 4;
-    const size_t row_bytes = (size_t)nvec * VEC * elem;
-    vfloat query[nvec], acc[nvec];
-    for (int64_t x = 0; x < nvec; x++) {
-        query[x] = load_vec((const char *)q_row + (size_t)x * VEC * elem, is_bf16) * scale;
-        acc[x] = (vfloat){0};
-    }
-    /* pass 1: scores (four keys at a time, so their lane sums share one reduction tree) */
-    float max_score = -3.0e38f;
+    const size_t vec_bytes = (size_t)VEC * elem;
+    const size_t row_bytes = (size_t)nvec * vec_bytes;
+    const int64_t padded = (context + VEC - 1) / VEC * VEC;
+    vfloat query[heads][nvec], acc[heads][nvec];
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t x = 0; x < nvec; x++) {
+            query[h][x] = load_vec(q_row + h * row_bytes + x * vec_bytes, is_bf16) * scale;
+            acc[h][x] = (vfloat){0};
+        }
+    /* pass 1: scores, four keys at a time (their lane sums share one reduction tree) */
     for (int64_t first = 0; first < context; first += block_size) {
         const char *key = k_head + (size_t)(blocks[first / block_size] * block_size) * row_bytes;
         const int64_t n = context - first < block_size ? context - first : block_size;
         int64_t j = 0;
         for (; j + 4 <= n; j += 4, key += 4 * row_bytes) {
-            vfloat dots[4];
-            for (int k = 0; k < 4; k++) {
-                const char *row = key + (size_t)k * row_bytes;
-                dots[k] = query[0] * load_vec(row, is_bf16);
-                for (int64_t x = 1; x < nvec; x++)
-                    dots[k] += query[x] * load_vec(row + (size_t)x * VEC * elem, is_bf16);
-            }
-            horizontal_sum4(dots[0], dots[1], dots[2], dots[3], scores + first + j);
+            vfloat dots[heads][4];
+            for (int64_t h = 0; h < heads; h++)
+                for (int k = 0; k < 4; k++) dots[h][k] = (vfloat){0};
+            for (int k = 0; k < 4; k++)
+                for (int64_t x = 0; x < nvec; x++) {
+                    const vfloat kx = load_vec(key + k * row_bytes + x * vec_bytes, is_bf16);
+                    for (int64_t h = 0; h < heads; h++) dots[h][k] += query[h][x] * kx;
+                }
+            for (int64_t h = 0; h < heads; h++)
+                horizontal_sum4(dots[h][0], dots[h][1], dots[h][2], dots[h][3],
+                                scores + h * padded + first + j);
         }
         for (; j < n; j++, key += row_bytes) {
-            vfloat dot = query[0] * load_vec(key, is_bf16);
-            for (int64_t x = 1; x < nvec; x++)
-                dot += query[x] * load_vec(key + (size_t)x * VEC * elem, is_bf16);
-            scores[first + j] = horizontal_sum(dot);
+            vfloat dots[heads];
+            for (int64_t h = 0; h < heads; h++) dots[h] = (vfloat){0};
+            for (int64_t x = 0; x < nvec; x++) {
+                const vfloat kx = load_vec(key + x * vec_bytes, is_bf16);
+                for (int64_t h = 0; h < heads; h++) dots[h] += query[h][x] * kx;
+            }
+            for (int64_t h = 0; h < heads; h++) scores[h * padded + first + j] = horizontal_sum(dots[h]);
         }
     }
-    for (int64_t j = 0; j < context; j++) max_score = scores[j] > max_score ? scores[j] : max_score;
-    /* softmax numerators, VEC at a time (the tail padded with -inf-like values) */
-    vfloat sum_vec = {0};
-    const int64_t padded = (context + VEC - 1) / VEC * VEC;
-    for (int64_t j = context; j < padded; j++) scores[j] = -1.0e30f;
-    for (int64_t j = 0; j < padded; j += VEC) {
-        vfloat s;
-        memcpy(&s, scores + j, sizeof s);
-        s = exp_nonpositive(s - max_score);
-        memcpy(scores + j, &s, sizeof s);
-        sum_vec += s;
+    /* softmax numerators per head, VEC at a time (the tail padded with -inf-like values) */
+    float inv_total[heads];
+    for (int64_t h = 0; h < heads; h++) {
+        float *s = scores + h * padded;
+        float max_score = s[0];
+        for (int64_t j = 1; j < context; j++) max_score = s[j] > max_score ? s[j] : max_score;
+        for (int64_t j = context; j < padded; j++) s[j] = -1.0e30f;
+        vfloat sum_vec = {0};
+        for (int64_t j = 0; j < padded; j += VEC) {
+            vfloat v;
+            memcpy(&v, s + j, sizeof v);
+            v = exp_nonpositive(v - max_score);
+            memcpy(s + j, &v, sizeof v);
+            sum_vec += v;
+        }
+        inv_total[h] = 1.0f / horizontal_sum(sum_vec);
     }
-    const float inv_total = 1.0f / horizontal_sum(sum_vec);
-    /* pass 2: acc = sum_j p_j v_j */
+    /* pass 2: acc_h = sum_j p_hj v_j */
     for (int64_t first = 0; first < context; first += block_size) {
         const char *value = v_head + (size_t)(blocks[first / block_size] * block_size) * row_bytes;
         const int64_t n = context - first < block_size ? context - first : block_size;
         for (int64_t j = 0; j < n; j++, value += row_bytes) {
-            const float p = scores[first + j];
-            for (int64_t x = 0; x < nvec; x++)
-                acc[x] += p * load_vec(value + (size_t)x * VEC * elem, is_bf16);
+            float p[heads];
+            for (int64_t h = 0; h < heads; h++) p[h] = scores[h * padded + first + j];
+            for (int64_t x = 0; x < nvec; x++) {
+                const vfloat vx = load_vec(value + x * vec_bytes, is_bf16);
+                for (int64_t h = 0; h < heads; h++) acc[h][x] += p[h] * vx;
+            }
         }
     }
-    for (int64_t x = 0; x < nvec; x++)
-        store_vec((char *)out_row + (size_t)x * VEC * elem, acc[x] * inv_total, is_bf16);
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t x = 0; x < nvec; x++)
+            store_vec(out_row + h * row_bytes + x * vec_bytes, acc[h][x] * inv_total[h], is_bf16);
+}
+
+/* Up to MAX_HEADS_TOGETHER heads per call: beyond that the accumulators would not fit in the
+ * 32 vector registers of AVX-512 anyway. */
+#define MAX_HEADS_TOGETHER 4
+
+/* attend_heads with `heads` (1..4) and nvec specialised for the common head sizes. */
+static inline __attribute__((always_inline)) void attend_heads_dispatch(
+    char *out_row, const char *q_row, const char *k_head, const char *v_head,
+    const int64_t *blocks, int64_t context, int64_t block_size, float scale, float *scores,
+    int64_t heads, int64_t nvec, const int is_bf16) {
+#define ATTEND(H, N) attend_heads(out_row, q_row, k_head, v_head, blocks, context, block_size, \
+                                  scale, scores, H, N, is_bf16)
+#define FOR_HEADS(N)                \
+    switch (heads) {                \
+        case 1: ATTEND(1, N); break; \
+        case 2: ATTEND(2, N); break; \
+        case 3: ATTEND(3, N); break; \
+        default: ATTEND(4, N);       \
+    }
+    switch (nvec) {
+        case 4: FOR_HEADS(4); break;     /* head_dim 64 */
+        case 8: FOR_HEADS(8); break;     /* head_dim 128 */
+        default: FOR_HEADS(nvec);
+    }
+#undef FOR_HEADS
+#undef ATTEND
 }
 
 /* Ask for a task's cached keys and values ahead of time: its blocks are scattered, so the
@@ -107,7 +152,7 @@ static inline __attribute__((always_inline)) void attention_impl(
     const size_t elem = is_bf16 ? 2 : 4;
     const size_t head_bytes = (size_t)(num_blocks * block_size * head_dim) * elem;
     const int64_t num_tasks = num_tokens * num_kv_heads;
-    const size_t scores_size = (size_t)((max_context + VEC) / VEC * VEC);
+    const size_t scores_size = (size_t)((max_context + VEC) / VEC * VEC) * MAX_HEADS_TOGETHER;
 #pragma omp parallel num_threads(num_threads)
     {
         float *scores = aligned_alloc(sizeof(vfloat), sizeof(float) * scores_size);
@@ -125,18 +170,14 @@ static inline __attribute__((always_inline)) void attention_impl(
             const int64_t *blocks = block_tables + token_seq[t] * block_table_stride;
             const char *k_head = (const char *)k_cache + kv_head * head_bytes;
             const char *v_head = (const char *)v_cache + kv_head * head_bytes;
-            for (int64_t g = 0; g < group; g++) {
+            for (int64_t g = 0; g < group; g += MAX_HEADS_TOGETHER) {
                 const int64_t head = kv_head * group + g;
-                const void *q_row = (const char *)q + (size_t)(t * q_stride + head * head_dim) * elem;
-                void *out_row = (char *)out + (size_t)(t * out_stride + head * head_dim) * elem;
-#define ATTEND(NVEC) attend_one_head(out_row, q_row, k_head, v_head, blocks, token_context[t], \
-                                     block_size, scale, scores, NVEC, is_bf16)
-                switch (head_dim / VEC) {
-                    case 4: ATTEND(4); break;     /* head_dim 64 */
-                    case 8: ATTEND(8); break;     /* head_dim 128 */
-                    default: ATTEND(head_dim / VEC);
-                }
-#undef ATTEND
+                const int64_t heads = group - g < MAX_HEADS_TOGETHER ? group - g : MAX_HEADS_TOGETHER;
+                attend_heads_dispatch(
+                    (char *)out + (size_t)(t * out_stride + head * head_dim) * elem,
+                    (const char *)q + (size_t)(t * q_stride + head * head_dim) * elem, k_head,
+                    v_head, blocks, token_context[t], block_size, scale, scores, heads,
+                    head_dim / VEC, is_bf16);
             }
         }
         free(scores);
