@@ -1,6 +1,7 @@
 """The engine: requests in, finished completions out, one scheduler step at a time."""
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -75,6 +76,12 @@ class LLMEngine:
         self._in_flight: deque[VirtualEngine] = deque()
         self._seq_ids = itertools.count()
         self._stop_checkers: dict[int, StopChecker] = {}
+        # Everything allocated so far (transformers' and torch's module graphs, the tokenizer)
+        # lives for the whole run: move it out of the cyclic GC's generations, so the full
+        # collections that many small per-step objects trigger stop re-traversing it (vLLM
+        # does the same after start-up). Measured: ~2% of a SmolLM2 job's CPU time went to GC.
+        gc.collect()
+        gc.freeze()
 
     # ---- set-up -------------------------------------------------------------------------
     def _make_virtual_engines(self) -> list[VirtualEngine]:
