@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from vbatch.errors import TooManyRowErrors
+from vbatch.jobs.signals import redeliver_stop_signals
 from vbatch.jobs.config import (ON_LONG_PROMPT_CHOICES, VALID_DTYPES, VALID_RUNNERS,
                                 field_default, load_job_config)
 
@@ -241,6 +242,26 @@ def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet
     reporter = ProgressReporter(quiet=is_quiet)
     previous_sigterm = _raise_on_sigterm()
     try:
+        with redeliver_stop_signals({KeyboardInterrupt: signal.SIGINT,
+                                     _Terminated: signal.SIGTERM}):
+            return _run(cli_values, config_path, is_dry_run, reporter)
+    except KeyboardInterrupt:
+        reporter.close()
+        click.echo("Aborted.", err=True)
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        reporter.close()
+        click.echo("Terminated.", err=True)
+        return EXIT_TERMINATED
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _run(cli_values: dict[str, Any], config_path: str | None, is_dry_run: bool,
+         reporter) -> int:
+    """The job itself, every failure but a stop signal turned into an exit code."""
+    try:
         config = load_job_config(cli_values, config_path)
         if is_dry_run:
             from vbatch.jobs.dry_run import describe_job
@@ -251,14 +272,6 @@ def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet
         stats = runner.run_job(config, reporter)
         reporter.summary(stats)
         return EXIT_OK
-    except KeyboardInterrupt:
-        reporter.close()
-        click.echo("Aborted.", err=True)
-        return EXIT_INTERRUPTED
-    except _Terminated:
-        reporter.close()
-        click.echo("Terminated.", err=True)
-        return EXIT_TERMINATED
     except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
     except TooManyRowErrors as exc:
@@ -275,9 +288,6 @@ def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet
         hint = "" if is_debug_enabled() else " (set VBATCH_DEBUG=1 for the traceback)"
         _report_error(f"internal error: {type(exc).__name__}: {detail}{hint}")
         return EXIT_INTERNAL_ERROR
-    finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 EXIT_TERMINATED = 143

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from vbatch.errors import VBatchUsageError
 from vbatch.jobs.config import JobConfig
+from vbatch.jobs.signals import redeliver_stop_signals
 
 READY, TAKEN, PROGRESS, OUTPUT, DONE, ERROR = (
     "ready", "taken", "progress", "output", "done", "error")
@@ -56,7 +57,8 @@ def replica_main(wid: int, index: int, config: JobConfig, prompt_column: str,
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         try:
-            _serve(wid, index, config, prompt_column, env, tasks, results)
+            with redeliver_stop_signals({_Stop: signal.SIGTERM}):
+                _serve(wid, index, config, prompt_column, env, tasks, results)
         finally:
             # From here the process only exits: a late SIGTERM (the driver stopping every
             # replica) must end it quietly, not raise _Stop in the interpreter's exit handlers.
