@@ -8,7 +8,8 @@
  *   token_context     [num_tokens] int64: keys visible to the token (cache positions 0..n-1)
  *
  * Query head h uses KV head h / (num_heads / num_kv_heads). For each token and KV head the
- * group's query heads are computed together, so each cached key/value row is read once:
+ * group's query heads are computed together (up to four at a time), so each cached key/value
+ * row is read once per four heads; the next task's blocks are prefetched meanwhile:
  *   out = softmax(scale * q K^T) V over the token's visible keys, all arithmetic in float32
  * (two passes: scores, then exp-normalised weights times values).
  */
