@@ -98,8 +98,8 @@ def elementwise_cases(dtype, kernels):
             lambda: F.silu(gate_up[:, :inter]) * gate_up[:, inter:],
             lambda: kernels.silu_and_mul(gate_up)),
         "rotary (q and k heads)": (
-            lambda: rope_torch.rotate_(qkv, 12, positions),
-            lambda: rope_native.rotate_(qkv, 12, positions)),
+            lambda: rope_torch.at(positions).rotate_(qkv, 12),
+            lambda: rope_native.at(positions).rotate_(qkv, 12)),
     }
 
 

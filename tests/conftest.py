@@ -131,7 +131,5 @@ def last_stage_logits(llm, token_ids: list[int]):
 def without_native_kernels(patch) -> None:
     """Make models built under `patch` (a pytest MonkeyPatch) use PyTorch ops only, as on GPUs
     or machines without a C compiler."""
-    import vbatch.engine.attention
     import vbatch.engine.kernels.cpu_kernels
     patch.setattr(vbatch.engine.kernels.cpu_kernels, "cpu_kernels", lambda: None)
-    patch.setattr(vbatch.engine.attention, "cpu_kernels", lambda: None)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vbatch.engine.kernels.cpu_kernels import CpuKernels, cpu_kernels
+from vbatch.engine.kernels.cpu_kernels import CpuKernels, cpu_kernels_for
 
 
 @dataclass
@@ -124,9 +124,7 @@ class PagedAttention(nn.Module):
         """Attach this layer's cache, as made by `allocate_kv_cache` (and pick the native CPU
         kernels when they are built and support its dtype and head size)."""
         self.kv_cache = kv_cache
-        self.kernels = None
-        if kv_cache.device.type == "cpu" and CpuKernels.supports(kv_cache.dtype, self.head_dim):
-            self.kernels = cpu_kernels()
+        self.kernels = cpu_kernels_for(kv_cache.device, kv_cache.dtype, self.head_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

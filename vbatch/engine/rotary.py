@@ -7,6 +7,8 @@ name is computed exactly as Hugging Face does (cos/sin in float32, then cast to 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -57,14 +59,34 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", (emb.sin() * scaling).to(device=device, dtype=dtype),
                              persistent=False)
 
-    def rotate_(self, x: torch.Tensor, num_heads: int, positions: torch.Tensor) -> None:
+    def at(self, positions: torch.Tensor) -> "RotaryStep":
+        """The embedding at one step's [T] positions, for every layer of that step: the
+        PyTorch path looks cos/sin up here, once; the kernel reads the tables itself."""
+        if self.kernels is not None:
+            return RotaryStep(self, positions, None, None)
+        return RotaryStep(self, positions, self.cos[positions].unsqueeze(1),
+                          self.sin[positions].unsqueeze(1))
+
+
+@dataclass
+class RotaryStep:
+    """A RotaryEmbedding at one step's positions (cos/sin [T, 1, head_dim] on the PyTorch
+    path, None when the native kernel runs)."""
+
+    embedding: RotaryEmbedding
+    positions: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+
+    def rotate_(self, x: torch.Tensor, num_heads: int) -> None:
         """Rotate the first `num_heads` heads of every row of x [T, >= num_heads * head_dim]
         in place, row t at position positions[t]."""
-        if self.kernels is not None:
-            self.kernels.rotary_(x, num_heads, self.head_dim, positions, self.cos, self.sin)
+        embedding, head_dim = self.embedding, self.embedding.head_dim
+        if self.cos is None:
+            embedding.kernels.rotary_(x, num_heads, head_dim, self.positions, embedding.cos,
+                                      embedding.sin)
             return
-        heads = x[:, : num_heads * self.head_dim].view(x.shape[0], num_heads, self.head_dim)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        half = self.head_dim // 2
+        heads = x[:, : num_heads * head_dim].view(x.shape[0], num_heads, head_dim)
+        half = head_dim // 2
         rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
-        heads.copy_(heads * cos + rotated * sin)
+        heads.copy_(heads * self.cos + rotated * self.sin)

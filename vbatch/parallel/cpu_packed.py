@@ -33,7 +33,6 @@ class PackedWeight:
     """y = x W^T (+ b) with W held in oneDNN's layout; `linear(x, bias)` == F.linear(x, W, b)."""
 
     def __init__(self, weight: torch.Tensor):
-        self.shape = tuple(weight.shape)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

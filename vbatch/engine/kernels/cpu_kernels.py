@@ -231,9 +231,10 @@ def cpu_kernels() -> CpuKernels | None:
         return None
 
 
-def elementwise_kernels(dtype: torch.dtype, device: torch.device):
-    """The native kernels for a model's norms, activations and rotary embedding on `device` in
-    `dtype`, or None where PyTorch ops must run them (GPUs, float16, no compiler)."""
-    if torch.device(device).type != "cpu" or not CpuKernels.supports(dtype):
+def cpu_kernels_for(device: torch.device, dtype: torch.dtype,
+                    head_dim: int | None = None) -> CpuKernels | None:
+    """The native kernels for tensors of `dtype` on `device` (for attention, with `head_dim`),
+    or None where PyTorch ops must run (GPUs, float16, odd head sizes, no compiler)."""
+    if torch.device(device).type != "cpu" or not CpuKernels.supports(dtype, head_dim):
         return None
     return cpu_kernels()

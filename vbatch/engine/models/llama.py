@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vbatch.engine.attention import AttentionMetadata, PagedAttention
-from vbatch.engine.kernels.cpu_kernels import elementwise_kernels
+from vbatch.engine.kernels.cpu_kernels import cpu_kernels_for
 from vbatch.engine.models.loading import StackedParam, load_named_weights
-from vbatch.engine.rotary import RotaryEmbedding
+from vbatch.engine.rotary import RotaryEmbedding, RotaryStep
 from vbatch.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from vbatch.parallel.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                     RowParallelLinear)
@@ -53,7 +53,7 @@ def head_dim_of(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, rotary: RotaryEmbedding):
+    def __init__(self, config, ps: ParallelState, dtype: torch.dtype):
         super().__init__()
         head_dim = head_dim_of(config)
         bias = bool(getattr(config, "attention_bias", False))
@@ -65,15 +65,13 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.num_heads, self.head_dim = self.qkv_proj.num_heads, head_dim
         self.num_kv_heads = self.qkv_proj.num_kv_heads
-        # shared by all layers: kept out of this module's children (it belongs to the model)
-        object.__setattr__(self, "rotary", rotary)
         self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
                                    scale=head_dim ** -0.5)
 
-    def forward(self, positions, x, meta: AttentionMetadata):
+    def forward(self, rope: RotaryStep, x, meta: AttentionMetadata):
         qkv = self.qkv_proj(x)
         # q and k heads rotated together, in place; q, k, v stay views of qkv.
-        self.rotary.rotate_(qkv, self.num_heads + self.num_kv_heads, positions)
+        rope.rotate_(qkv, self.num_heads + self.num_kv_heads)
         qk_size = self.q_size + self.kv_size
         q, k, v = qkv[:, : self.q_size], qkv[:, self.q_size:qk_size], qkv[:, qk_size:]
         return self.o_proj(self.attn(q, k, v, meta))
@@ -107,22 +105,21 @@ class LlamaDecoderLayer(nn.Module):
     -> (mlp output, residual), where the residual after the block is x + residual + attention
     output, and the caller adds the returned MLP output at the next norm."""
 
-    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, rotary: RotaryEmbedding,
-                 kernels=None):
+    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, kernels=None):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, ps.device, kernels)
-        self.self_attn = LlamaAttention(config, ps, dtype, rotary)
+        self.self_attn = LlamaAttention(config, ps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, ps.device,
                                                 kernels)
         self.mlp = LlamaMLP(config, ps, dtype, kernels)
 
-    def forward(self, positions, x, residual, meta):
+    def forward(self, rope: RotaryStep, x, residual, meta):
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, meta)
+        h = self.self_attn(rope, h, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -152,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
         self.is_first_stage, self.is_last_stage = ps.pp.is_first_rank, ps.pp.is_last_rank
         self.start_layer, self.end_layer = layer_range(config.num_hidden_layers, ps.pp_rank,
                                                        ps.pp_size)
-        kernels = elementwise_kernels(dtype, ps.device)
+        kernels = cpu_kernels_for(ps.device, dtype)
         self.rotary = RotaryEmbedding(config, head_dim_of(config), max_position, dtype,
                                       ps.device, kernels)
         if self.is_first_stage:
@@ -160,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
                                                        tp_group=ps.tp, dtype=dtype,
                                                        device=ps.device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ps, dtype, self.rotary, kernels)
+            LlamaDecoderLayer(config, ps, dtype, kernels)
             if self.start_layer <= i < self.end_layer
             else PPMissingLayer() for i in range(config.num_hidden_layers))
         if self.is_last_stage:
@@ -184,9 +181,9 @@ class LlamaForCausalLM(nn.Module):
         returns normed hidden states, the others their layers' output (the residual stream
         summed in, so one tensor crosses the stage boundary)."""
         x = self.embed_tokens(input_ids) if self.is_first_stage else hidden
-        residual = None
+        residual, rope = None, self.rotary.at(positions)
         for layer in self.local_layers():
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(rope, x, residual, meta)
         if residual is None:                 # a stage without layers
             return self.norm(x) if self.is_last_stage else x
         if self.is_last_stage:
