@@ -13,14 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vbatch.errors import InputError
-from vbatch.io import reader
+from vbatch.io import formats
+from vbatch.io.formats import count_rows
+from vbatch.io.inputs import input_root, resolve_input_files
 from vbatch.io.reader import (
-    count_rows,
-    input_root,
     input_schema,
     prompt_column_of,
     read_batches,
-    resolve_input_files,
     validate_inputs,
 )
 
@@ -180,7 +179,7 @@ def test_incompatible_nested_types_raise(tmp_path):
 
 
 def test_text_files_larger_than_a_block_get_one_schema(tmp_path, monkeypatch):
-    monkeypatch.setattr(reader, "BLOCK_SIZE", 256)
+    monkeypatch.setattr(formats, "BLOCK_SIZE", 256)
     csv_rows = "".join(f"p{i},{i},{i}\n" for i in range(200)) + "last,unknown,1.5\n"
     csv_path = write_text(tmp_path / "big.csv", "prompt,a,b\n" + csv_rows)
     jsonl_rows = [{"prompt": f"p{i}", "n": i} for i in range(200)]
@@ -198,7 +197,7 @@ def test_text_files_larger_than_a_block_get_one_schema(tmp_path, monkeypatch):
 
 
 def test_multi_line_csv_prompts_across_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(reader, "BLOCK_SIZE", 128)
+    monkeypatch.setattr(formats, "BLOCK_SIZE", 128)
     prompts = [f"line {i}\nsecond, quoted \"line\"" for i in range(40)]
     quoted = ['"' + prompt.replace('"', '""') + '"' for prompt in prompts]
     lines = "".join(f"{prompt},{i}\n" for i, prompt in enumerate(quoted))

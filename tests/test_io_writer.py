@@ -12,16 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from vbatch.errors import InputError, VBatchUsageError
-from vbatch.io import writer as writer_module
-from vbatch.io.reader import input_root, read_batches, resolve_input_files
-from vbatch.io.schema import OUTPUT_COLUMNS, build_output_batch, output_schema
-from vbatch.io.writer import (
+from vbatch.io import atomic as atomic_module
+from vbatch.io import output_dir as output_dir_module
+from vbatch.io import parts as parts_module
+from vbatch.io.inputs import input_root, resolve_input_files
+from vbatch.io.output_dir import (
     MANIFEST_FILE,
     SUCCESS_FILE,
-    ParquetPartWriter,
     default_output_dir,
     prepare_output_dir,
 )
+from vbatch.io.parts import ParquetPartWriter
+from vbatch.io.reader import read_batches
+from vbatch.io.schema import OUTPUT_COLUMNS, build_output_batch, output_schema
 
 
 def rows_batch(start: int, num_rows: int) -> pa.RecordBatch:
@@ -129,7 +132,7 @@ def test_files_appear_atomically_and_success_is_last(tmp_path, monkeypatch):
         assert not (Path(target).parent / SUCCESS_FILE).exists()
         real_replace(source, target)
 
-    monkeypatch.setattr(writer_module.os, "replace", recording_replace)
+    monkeypatch.setattr(atomic_module.os, "replace", recording_replace)
     part_writer = ParquetPartWriter(tmp_path, rows_per_file=3)
     part_writer.write(pa.Table.from_batches([rows_batch(0, 4)]))
     part_writer.commit({})
@@ -155,7 +158,7 @@ def test_failed_part_write_leaves_no_temp_file(tmp_path, monkeypatch):
         Path(where).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(writer_module.pq, "write_table", failing_write_table)
+    monkeypatch.setattr(parts_module.pq, "write_table", failing_write_table)
     part_writer = ParquetPartWriter(tmp_path, rows_per_file=2)
     with pytest.raises(OSError, match="disk full"):
         part_writer.write(rows_batch(0, 2))
@@ -237,7 +240,7 @@ def test_read_generate_write_round_trip(tmp_path):
 
 
 def test_output_root_refuses_paths_that_escape_it(tmp_path):
-    check_output_dir = writer_module.check_output_dir
+    check_output_dir = output_dir_module.check_output_dir
     root = tmp_path / "jobs"
     root.mkdir()
     (root / "link").symlink_to(tmp_path)               # a symlink out of the root

@@ -1,4 +1,5 @@
-"""The `ray` executor (one Ray actor per rank) and the backend rule of executor/factory.py.
+"""The `ray` executor (one Ray actor per rank) and the backend rule (executor/backend.py, as
+executor/factory.py applies it to this process).
 
 Proves: tp=2 and pp=2 over Ray actors give greedy tokens identical to a single rank; a rank actor killed
 mid-generation fails the engine within seconds naming the rank, and leaves no actor process or
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from vbatch import LLM, SamplingParams
-from vbatch.engine.executor import factory
+from vbatch.engine.executor import backend, factory
 from vbatch.engine.executor.base import WorkerError
 
 PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):\n    return a", "Once"]
@@ -183,7 +184,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
 @pytest.mark.parametrize("requested", ["uni", "mp", "ray"])
-def test_requested_backend_wins(requested):
+def test_requested_backend_wins(requested, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)   # mp needs the 4 GPUs here
     assert factory.choose_backend(requested, world_size=1, device=CPU) == requested
     if requested != "uni":
         assert factory.choose_backend(requested, world_size=4, device=CUDA) == requested
@@ -225,7 +227,8 @@ def test_outside_a_placement_group_is_not_ray(monkeypatch, initialized, group):
 
 
 def test_not_enough_local_gpus_is_ray(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)          # not imported: not in a group
+    monkeypatch.setattr(backend, "in_ray_placement_group", lambda: False)
+    monkeypatch.setattr(backend, "ray_is_available", lambda: True)   # else: too few GPUs
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert factory.choose_backend(None, world_size=2, device=CUDA) == "mp"
     assert factory.choose_backend(None, world_size=4, device=CUDA) == "ray"

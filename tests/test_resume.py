@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import vbatch_command
 
-from vbatch.io.job_state import ResumeState, job_fingerprint, load_resume_state
+from vbatch.io.manifest import ResumeState, job_fingerprint, load_resume_state
+from vbatch.io.parts import ParquetPartWriter
 from vbatch.io.positions import IntervalSet
-from vbatch.io.writer import ParquetPartWriter
 
 NUM_ROWS = 40
 

@@ -62,7 +62,7 @@ def test_greedy_matches_hf_generate_on_chat_prompts():
 
 
 def test_dtype_auto_rule():
-    from vbatch.engine.config import cpu_has_fast_bf16, resolve_dtype
+    from vbatch.engine.platform import cpu_has_fast_bf16, resolve_dtype
 
     expected = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == expected

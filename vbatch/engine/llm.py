@@ -1,6 +1,8 @@
 """`vbatch.LLM`: the offline Python API, with vLLM's names."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Sequence as SequenceABC
 
 from vbatch.engine.config import EngineConfig
@@ -16,30 +18,15 @@ class LLM:
     >>> out = llm.generate(["The capital of France is"], SamplingParams(temperature=0))
     >>> out[0].outputs[0].text
 
-    Arguments mirror vLLM's: model, tensor_parallel_size, pipeline_parallel_size,
-    distributed_executor_backend, dtype, seed, max_model_len, max_num_seqs,
-    max_num_batched_tokens, kv_cache_memory_gb (the KV cache's fixed budget),
-    enable_prefix_caching, trust_remote_code,
-    allow_pickle (pickle checkpoints are refused unless True).
+    The keyword arguments are the fields of `EngineConfig`, with vLLM's names: model,
+    tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend, dtype, seed,
+    max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory_gb (the KV cache's
+    fixed budget), block_size, enable_prefix_caching, device, trust_remote_code, allow_pickle
+    (pickle checkpoints are refused unless True). An unknown name raises TypeError.
     """
 
-    def __init__(self, model: str | None = None, *, tensor_parallel_size: int = 1,
-                 pipeline_parallel_size: int = 1, distributed_executor_backend: str | None = None,
-                 dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 kv_cache_memory_gb: float | None = None, block_size: int | None = None,
-                 enable_prefix_caching: bool = True,
-                 device: str | None = None, trust_remote_code: bool = False,
-                 allow_pickle: bool = False):
-        self.llm_engine = LLMEngine(EngineConfig(
-            model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            kv_cache_memory_gb=kv_cache_memory_gb, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching,
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            distributed_executor_backend=distributed_executor_backend, device=device,
-            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
+    def __init__(self, model: str | None = None, **engine_options):
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **engine_options))
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -91,3 +78,13 @@ class LLM:
             for output in engine.step():
                 outputs[output.request_id] = output
         return [outputs[str(i)] for i in range(len(encoded))]
+
+
+# help(LLM) and editors show the keyword arguments the declaration gives it.
+LLM.__init__.__signature__ = inspect.Signature([
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    *[inspect.Parameter(field.name,
+                        inspect.Parameter.POSITIONAL_OR_KEYWORD if field.name == "model"
+                        else inspect.Parameter.KEYWORD_ONLY,
+                        default=field.default, annotation=field.type)
+      for field in dataclasses.fields(EngineConfig)]])

@@ -9,20 +9,19 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-
 from vbatch.engine.block_manager import BlockManager, num_blocks_for
 from vbatch.engine.config import (DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION,
-                                  EngineConfig, check_parallel_sizes, resolve_block_size,
-                                  resolve_device, resolve_dtype)
+                                  EngineConfig, check_parallel_sizes)
 from vbatch.engine.model_loader import model_class_for
 from vbatch.engine.outputs import CompletionOutput, RequestOutput
+from vbatch.engine.platform import resolve_block_size, resolve_device, resolve_dtype
 from vbatch.engine.sampling_params import SamplingParams
 from vbatch.engine.executor.base import PendingResult
+from vbatch.engine.executor.factory import choose_backend, make_executor
 from vbatch.engine.scheduler import Scheduler, SchedulerOutput
 from vbatch.engine.sequence import ScheduledSequence, Sequence
 from vbatch.engine.stop_checker import StopChecker
+from vbatch.engine.worker import WorkerSpec
 
 
 @dataclass
@@ -44,6 +43,9 @@ class LLMEngine:
     requests and the KV blocks are split among them, and each keeps one step in flight, so
     while the last stage finishes virtual engine A's step, the first stage already runs B's;
     every stage stays busy once the pipeline is full.
+
+    `executor_backend` names the executor it chose ("uni", "mp" or "ray"; see
+    `executor/backend.py`).
     """
 
     def __init__(self, config: EngineConfig):
@@ -128,35 +130,27 @@ class LLMEngine:
         return ids
 
     def _make_executor(self, model_dir: Path):
-        from vbatch.engine.worker import WorkerSpec
         tp_size = self.config.tensor_parallel_size
-        self._check_parallel_sizes(tp_size, self.config.pipeline_parallel_size)
+        pp_size = self.config.pipeline_parallel_size
+        self._check_parallel_sizes(tp_size, pp_size)
+        self.executor_backend = choose_backend(self.config.distributed_executor_backend,
+                                               world_size=tp_size * pp_size, device=self.device)
         threads = os.environ.get("VBATCH_NUM_THREADS")
         spec = WorkerSpec(model_dir=str(model_dir), hf_config=self.hf_config, dtype=self.dtype,
                           device=str(self.device), block_size=self.block_size,
                           max_position=self.max_model_len, seed=self.config.seed,
                           num_threads=int(threads) if threads else None)
-        from vbatch.engine.executor.factory import make_executor
-        return make_executor(spec, tp_size=tp_size, pp_size=self.config.pipeline_parallel_size,
-                             backend=self.config.distributed_executor_backend)
+        return make_executor(spec, tp_size=tp_size, pp_size=pp_size,
+                             backend=self.executor_backend)
 
     def _check_parallel_sizes(self, tp_size: int, pp_size: int) -> None:
         """tp must split the attention heads (and the KV heads, or be a multiple of them); pp
-        at most the number of layers; with the mp executor, tp x pp GPUs on this node."""
+        at most the number of layers."""
         heads = self.hf_config.num_attention_heads
         check_parallel_sizes(
             num_heads=heads, num_layers=self.hf_config.num_hidden_layers, tp_size=tp_size,
             num_kv_heads=getattr(self.hf_config, "num_key_value_heads", None) or heads,
             pp_size=pp_size)
-        world_size = tp_size * pp_size
-        backend = self.config.distributed_executor_backend
-        if self.device.type == "cuda" and backend in (None, "mp", "uni") \
-                and world_size > torch.cuda.device_count():
-            from vbatch.engine.executor.factory import ray_is_available
-            if backend is not None or not ray_is_available():
-                raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world_size} "
-                                 f"needs {world_size} GPUs; {torch.cuda.device_count()} visible "
-                                 "on this node (use the ray executor for several nodes)")
 
     def _init_kv_cache(self) -> int:
         block_bytes = max(self.executor.collective_rpc("kv_cache_bytes_per_block"))

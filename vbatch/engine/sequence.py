@@ -37,7 +37,6 @@ class Sequence:
         self.num_computed_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.output_text = ""
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vbatch.errors import InputError
+from vbatch.errors import InputError, one_line
+from vbatch.io.formats import count_rows
 
 HF_SCHEME = "hf://"
 
@@ -42,13 +43,13 @@ def hf_dataset_files(uri: str) -> list[Path]:
     order. Without SPLIT the dataset must have exactly one split. Raises InputError (one line)
     when the dataset cannot be loaded, has several splits and none was named, or lives only in
     memory."""
-    import datasets
+    import datasets  # optional and slow to import: only for hf:// inputs
 
     name, split = parse_hf_uri(uri)
     try:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as error:  # noqa: BLE001 - datasets raises many types; report one line
-        detail = " ".join(str(error).split())[:300] or type(error).__name__
+        detail = one_line(error, 300)
         raise InputError(f"{uri}: cannot load the dataset ({detail}); offline, only datasets "
                          "already in the local Hugging Face cache can be read") from None
     if isinstance(loaded, datasets.DatasetDict):
@@ -63,7 +64,6 @@ def hf_dataset_files(uri: str) -> list[Path]:
     if not files:
         raise InputError(f"{uri}: the dataset is held in memory only (no Arrow cache files); "
                          "save it with save_to_disk and pass that folder")
-    from vbatch.io.reader import count_rows
     if count_rows(files) != loaded.num_rows:   # a slice such as train[:10%] maps into the files
         raise InputError(f"{uri}: split slices are not supported; name a whole split")
     return files

@@ -14,13 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vbatch.errors import InputError
+from vbatch.io.formats import SUPPORTED_SUFFIXES
 from vbatch.io.hf_inputs import hf_dataset_files, is_hf_uri
-
-PARQUET_SUFFIXES = (".parquet",)
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-CSV_SUFFIXES = (".csv",)
-ARROW_SUFFIXES = (".arrow",)
-SUPPORTED_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + CSV_SUFFIXES + ARROW_SUFFIXES
 
 _GLOB_CHARS = frozenset("*?[")
 HF_METADATA_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")
@@ -34,8 +29,16 @@ def _is_supported(path: Path) -> bool:
     return path.suffix.lower() in SUPPORTED_SUFFIXES
 
 
-def _is_glob(text: str) -> bool:
+def is_glob(text: str) -> bool:
+    """True when `text` (an INPUT or one path component) holds a glob wildcard: `*`, `?`, `[`."""
     return any(char in _GLOB_CHARS for char in text)
+
+
+def glob_base(path: Path) -> Path:
+    """The directory a glob `path` searches from: its leading components up to the first one
+    holding a wildcard (`data/*/x.parquet` -> `data`), or `.` when the first one has one."""
+    fixed = list(_leading_fixed_parts(path))
+    return Path(*fixed) if fixed else Path(".")
 
 
 def _hf_dataset_files(directory: Path) -> list[Path]:
@@ -79,7 +82,7 @@ def resolve_input_files(input: str) -> list[Path]:
     if "://" in input:
         raise InputError(f"{input}: remote URLs are not supported; pass a local path")
     path = Path(input).expanduser()
-    if _is_glob(input):
+    if is_glob(input):
         matches = sorted(Path(match) for match in glob.glob(str(path), recursive=True))
         if not matches:
             raise InputError(f"{input}: no files match this pattern")
@@ -113,14 +116,13 @@ def input_root(input: str) -> Path | None:
     if is_hf_uri(input):
         return None
     path = Path(input).expanduser()
-    if _is_glob(input):
-        fixed = list(_leading_fixed_parts(path))
-        return Path(*fixed) if fixed else Path(".")
+    if is_glob(input):
+        return glob_base(path)
     return path if path.is_dir() else path.parent
 
 
 def _leading_fixed_parts(path: Path) -> Iterator[str]:
     for part in path.parts[:-1]:
-        if _is_glob(part):
+        if is_glob(part):
             return
         yield part

@@ -1,14 +1,11 @@
 """Input files -> a stream of Arrow record batches with one schema and a row key per row.
 
-Formats: Parquet (`.parquet`), JSON lines (`.jsonl`, `.ndjson`, `.json`), CSV (`.csv`) and
-Arrow IPC (`.arrow`, as written by `datasets.save_to_disk`). Memory stays bounded: Parquet is
-read row group by row group, CSV through pyarrow's streaming reader, JSON lines in chunks of
-whole lines (about `BLOCK_SIZE` bytes each), Arrow through a memory map.
-
-Text formats carry no schema, so pyarrow infers one from the first block. When a text file is
-larger than one block, `input_schema` scans it once more to learn the types of every block
-(e.g. a CSV column that is all ints for a million rows and then holds "unknown"); `validate_inputs`
-only looks at the first block so that a job fails fast, before any model is loaded.
+Scanning: `scan_inputs` learns every file's schema (io/formats.py; large text files are read
+in full for their types) and unifies them into the one schema every batch has;
+`validate_inputs` only looks at the first block of each text file so that a job fails fast,
+before any model is loaded. Reading: `read_batches` streams the files in order, adds the row
+key (and, when asked, row positions, io/positions.py) and regroups the rows into batches of
+`batch_size`.
 
 Every problem with the data raises `InputError` with a one-line message naming the file.
 """
@@ -16,221 +13,16 @@ Every problem with the data raises `InputError` with a one-line message naming t
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
 from vbatch.errors import InputError
-from vbatch.io.csv_quoting import check_csv_quoting
+from vbatch.io import formats
 from vbatch.io.positions import POSITION_COLUMN, IntervalSet, position_array
-from vbatch.io.inputs import (ARROW_SUFFIXES, CSV_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES,
-                              SUPPORTED_SUFFIXES, input_root, resolve_input_files)
-
-# Finding files lives in inputs.py; these names stay importable from here too.
-__all__ = ["JSONL_SUFFIXES", "SUPPORTED_SUFFIXES", "InputScan", "count_rows", "input_root",
-           "input_schema", "prompt_column_of", "read_batches", "resolve_input_files",
-           "scan_inputs", "validate_inputs"]
 from vbatch.io.schema import check_input_schema, conform_batch, unify_input_schemas
-
-#: Bytes of text parsed at a time; also the size up to which the first block is the whole file.
-BLOCK_SIZE = 8 << 20
-
-_CSV_CONVERSION_ERROR = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+)")
-_JSON_ROW = re.compile(r" in row (\d+)")
-# A line must be one JSON object. This also keeps a top-level `null` away from pyarrow's JSON
-# reader, which crashes (segfault, pyarrow 26) when a block starts with one.
-_LINE_NOT_AN_OBJECT = re.compile(rb"^[ \t\r]*[^{ \t\r\n]|[^} \t\r\n][ \t\r]*$", re.MULTILINE)
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@contextmanager
-def _input_errors(file: Path | str) -> Iterator[None]:
-    """Turn pyarrow/OS errors raised while reading `file` into one-line InputErrors."""
-    try:
-        yield
-    except InputError:
-        raise
-    except (pa.ArrowException, OSError, ValueError, UnicodeError) as error:
-        raise InputError(f"{file}: {_one_line(error)}") from None
-
-
-# --- per-format schema and batches ----------------------------------------------------------
-
-
-def _is_blank(path: Path) -> bool:
-    """True when the file holds nothing but whitespace (and maybe a byte order mark)."""
-    with open(path, "rb") as handle:
-        while data := handle.read(1 << 16):
-            if data.replace(b"\xef\xbb\xbf", b"").strip():
-                return False
-    return True
-
-
-def _jsonl_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (number of the chunk's first line, whole lines) of about BLOCK_SIZE bytes each.
-
-    The last chunk runs to the end of the file, a last line without a newline included, so a
-    file of at most BLOCK_SIZE bytes is exactly one chunk (a truncated last line is in it)."""
-    with open(path, "rb") as handle:
-        pending, line_number = b"", 1
-        data = handle.read(BLOCK_SIZE)
-        if data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]  # UTF-8 byte order mark
-        while data:
-            following = handle.read(BLOCK_SIZE)
-            data, pending = pending + data, b""
-            if not following:
-                yield line_number, data
-                return
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                pending = data  # one line longer than a block: keep reading
-            else:
-                chunk, pending = data[:cut], data[cut:]
-                yield line_number, chunk
-                line_number += chunk.count(b"\n")
-            data = following
-
-
-def _parse_jsonl_chunk(path: Path, first_line: int, chunk: bytes) -> pa.Table | None:
-    if not chunk.strip():
-        return None
-    if first_line == 1 and chunk.lstrip().startswith(b"["):
-        raise InputError(f"{path}: holds a JSON array; vbatch reads JSON lines (an object a line)")
-    not_an_object = _LINE_NOT_AN_OBJECT.search(chunk)
-    if not_an_object:
-        line = first_line + chunk.count(b"\n", 0, not_an_object.start())
-        raise InputError(f"{path}: line {line}: not a JSON object (one {{...}} per line expected)")
-    options = pa_json.ReadOptions(block_size=len(chunk) + 1, use_threads=False)
-    try:
-        table = pa_json.read_json(pa.BufferReader(chunk), read_options=options)
-        table.validate(full=True)  # the JSON reader does not check UTF-8
-        return table
-    except pa.ArrowException as error:
-        message = _one_line(error)
-        row = _JSON_ROW.search(message)
-        line = first_line
-        if row:  # pyarrow counts rows within the chunk, skipping blank lines
-            non_blank = [i for i, text in enumerate(chunk.split(b"\n")) if text.strip()]
-            index = int(row.group(1))
-            line = first_line + (non_blank[index] if index < len(non_blank) else 0)
-            message = _JSON_ROW.sub("", message)
-        raise InputError(f"{path}: line {line}: {message}") from None
-
-
-def _jsonl_tables(path: Path, *, first_only: bool = False) -> Iterator[pa.Table]:
-    for first_line, chunk in _jsonl_chunks(path):
-        table = _parse_jsonl_chunk(path, first_line, chunk)
-        if table is not None:
-            yield table
-            if first_only:
-                return
-
-
-def _open_csv(path: Path, column_types: dict[str, pa.DataType]) -> pa_csv.CSVStreamingReader:
-    return pa_csv.open_csv(
-        path,
-        read_options=pa_csv.ReadOptions(block_size=BLOCK_SIZE),
-        parse_options=pa_csv.ParseOptions(newlines_in_values=True),  # multi-line prompts
-        convert_options=pa_csv.ConvertOptions(column_types=column_types),
-    )
-
-
-def _csv_schema_of_all_blocks(path: Path, first_block: pa.Schema) -> pa.Schema:
-    """Stream the whole CSV, widening a column's type (int -> double -> string) whenever a later
-    block holds values the first block's inferred type cannot convert."""
-    types = {field.name: field.type for field in first_block}
-    for _ in range(2 * len(types) + 1):
-        try:
-            for _ in _open_csv(path, types):
-                pass
-            break
-        except pa.ArrowInvalid as error:
-            match = _CSV_CONVERSION_ERROR.search(str(error))
-            if not match or pa.types.is_string(types[first_block.names[int(match.group(1))]]):
-                raise
-            name = first_block.names[int(match.group(1))]
-            types[name] = pa.float64() if pa.types.is_integer(types[name]) else pa.string()
-    return pa.schema([(name, data_type) for name, data_type in types.items()])
-
-
-def _arrow_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    source = pa.memory_map(str(path))
-    try:
-        reader = pa.ipc.open_stream(source)
-        return reader.schema, iter(reader)
-    except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
-        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
-
-
-def _file_schema(path: Path, *, text_columns: Sequence[str], exact: bool) -> pa.Schema | None:
-    """The schema `_file_batches` yields for `path`, or None for an empty text file.
-
-    `exact=False` looks at the first block only; `exact=True` reads large text files fully.
-    """
-    with _input_errors(path):
-        schema = _read_file_schema(path, text_columns=text_columns, exact=exact)
-        if schema is not None:
-            schema.names  # noqa: B018 - raises UnicodeDecodeError for non-UTF-8 column names
-    return schema
-
-
-def _read_file_schema(
-    path: Path, *, text_columns: Sequence[str], exact: bool
-) -> pa.Schema | None:
-    suffix = path.suffix.lower()
-    if suffix in PARQUET_SUFFIXES:
-        with pq.ParquetFile(path) as parquet_file:
-            return parquet_file.schema_arrow
-    if suffix in ARROW_SUFFIXES:
-        return _arrow_batches(path)[0]
-    if _is_blank(path):
-        return None
-    is_one_block = path.stat().st_size <= BLOCK_SIZE
-    if suffix in CSV_SUFFIXES:
-        check_csv_quoting(path)
-        with _open_csv(path, {name: pa.string() for name in text_columns}) as reader:
-            first_block = reader.schema
-        if not exact or is_one_block or len(set(first_block.names)) < len(first_block):
-            return first_block
-        return _csv_schema_of_all_blocks(path, first_block)
-    tables = _jsonl_tables(path, first_only=not exact or is_one_block)
-    chunk_schemas = {f"{path} (chunk {i})": table.schema for i, table in enumerate(tables)}
-    return unify_input_schemas(chunk_schemas) if chunk_schemas else None
-
-
-def _file_batches(path: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Yield `path`'s rows as batches with the file's own types (see `_file_schema`)."""
-    suffix = path.suffix.lower()
-    with _input_errors(path):
-        if suffix in PARQUET_SUFFIXES:
-            with pq.ParquetFile(path) as parquet_file:
-                yield from parquet_file.iter_batches(batch_size=batch_size)
-        elif suffix in ARROW_SUFFIXES:
-            yield from _arrow_batches(path)[1]
-        elif suffix in CSV_SUFFIXES:
-            with _open_csv(path, {field.name: field.type for field in schema}) as reader:
-                for batch in reader:
-                    batch.validate(full=True)
-                    yield batch
-        else:
-            for table in _jsonl_tables(path):
-                yield from table.to_batches()
-
-
-# --- public reading API ---------------------------------------------------------------------
 
 
 def _scan(
@@ -240,7 +32,7 @@ def _scan(
     if not files:
         raise InputError("no input files")
     file_schemas = {
-        path: _file_schema(path, text_columns=(prompt_column, id_column), exact=exact)
+        path: formats.file_schema(path, text_columns=(prompt_column, id_column), exact=exact)
         for path in files
     }
     prompt_sources: dict[str, str] = {}
@@ -307,23 +99,6 @@ def prompt_column_of(schema: pa.Schema, prompt_column: str = "prompt") -> str:
     return check_input_schema(schema, prompt_column=prompt_column, file="input")
 
 
-def count_rows(files: Sequence[Path]) -> int | None:
-    """Total number of input rows when it is cheap to know (Parquet footers, Arrow files),
-    None when a text file would have to be read in full. Raises InputError on unreadable files."""
-    total = 0
-    for path in files:
-        suffix = path.suffix.lower()
-        with _input_errors(path):
-            if suffix in PARQUET_SUFFIXES:
-                with pq.ParquetFile(path) as parquet_file:
-                    total += parquet_file.metadata.num_rows
-            elif suffix in ARROW_SUFFIXES:
-                total += sum(batch.num_rows for batch in _arrow_batches(path)[1])
-            else:
-                return None
-    return total
-
-
 def _rebatch(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.RecordBatch]:
     """Regroup same-schema batches into batches of exactly `batch_size` rows (the last: fewer)."""
     pending: list[pa.RecordBatch] = []
@@ -358,7 +133,7 @@ def _keyed_batches(
     positions are in `skip` left out."""
     needs_keys = id_column not in file_schema.names
     num_rows_read = 0
-    for batch in _file_batches(path, file_schema, batch_size):
+    for batch in formats.file_batches(path, file_schema, batch_size):
         if needs_keys:
             rows = range(num_rows_read, num_rows_read + batch.num_rows)
             keys = pa.array([f"{key_prefix}:{row}" for row in rows], type=pa.string())

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
-from vbatch.errors import InputError
+from vbatch.errors import InputError, one_line
 
 MESSAGES_COLUMN = "messages"
 GENERATED_TEXT = "generated_text"
@@ -168,10 +168,9 @@ def conform_batch(batch: pa.RecordBatch, schema: pa.Schema, *, file: str) -> pa.
             try:
                 column = column.cast(field.type)
             except _ARROW_ERRORS as error:
-                detail = " ".join(str(error).split())[:200]
                 raise InputError(
                     f"{file}: column {field.name!r}: cannot convert {_show(column.type)} to "
-                    f"{_show(field.type)}: {detail}"
+                    f"{_show(field.type)}: {one_line(str(error), 200)}"
                 ) from None
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, schema=schema)

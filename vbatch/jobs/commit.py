@@ -1,27 +1,29 @@
-"""How a job commits its output, shared by every runner: fingerprint, resume, the writer.
+"""How a job commits its output: fingerprint, resume, the part writer and the final manifest.
 
-`prepare_commit` runs before any model loads: it fingerprints the job (io/job_state.py) and,
+`prepare_commit` runs before any model loads: it fingerprints the job (io/manifest.py) and,
 with `--resume`, reads what an earlier run committed (refusing a different job unless
 `--force`). `open_writer` creates the part writer that records every committed part, with the
 positions of its rows, in `_manifest.json` as it goes, so a job killed at any point can be
-resumed. The readers then skip `commit.skip` (the committed positions).
+resumed. The readers then skip `commit.skip` (the committed positions). `build_manifest` is the
+finished job's manifest content.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
-from vbatch.io.job_state import FINGERPRINT_KEY, ResumeState
-from vbatch.jobs.config import JobConfig
+import pyarrow as pa
+import torch
+import transformers
 
-# Settings that change how or where a job runs, not which rows exist or what they generate;
-# every other JobConfig field is part of the fingerprint (a new field is covered by default).
-NOT_IN_FINGERPRINT = frozenset({
-    "input", "output", "overwrite", "resume", "force", "max_replica_restarts", "rows_per_file",
-    "batch_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_gb",
-    "enable_prefix_caching", "tensor_parallel_size", "pipeline_parallel_size",
-    "distributed_executor_backend", "runner", "ray_address", "replicas", "preserve_order",
-    "max_error_rate", "trust_remote_code", "allow_pickle", "model"})
+import vbatch
+from vbatch.io.manifest import FINGERPRINT_KEY, ResumeState, job_fingerprint, load_resume_state
+from vbatch.io.output_dir import prepare_output_dir
+from vbatch.io.parts import ParquetPartWriter
+from vbatch.io.positions import IntervalSet
+from vbatch.jobs.config import FINGERPRINT_FIELDS, JobConfig
+from vbatch.jobs.replica import ReplicaCounters
 
 
 @dataclass
@@ -32,24 +34,22 @@ class JobCommit:
     resumed: ResumeState = field(default_factory=ResumeState)
 
     @property
-    def skip(self):
-        """Committed row positions (an IntervalSet), or None when there are none."""
+    def skip(self) -> IntervalSet | None:
+        """Committed row positions, or None when there are none."""
         return self.resumed.committed if len(self.resumed.committed) else None
 
 
 def generation_settings(config: JobConfig) -> dict:
-    """The settings of `config` that are part of the job fingerprint."""
-    return {name: value for name, value in config.to_dict().items()
-            if name not in NOT_IN_FINGERPRINT}
+    """The settings of `config` that are part of the job fingerprint (the options declared
+    with `fingerprint=True`)."""
+    values = config.to_dict()
+    return {name: values[name] for name in FINGERPRINT_FIELDS}
 
 
 def prepare_commit(config: JobConfig, files: list[Path], output_dir: Path,
                    model_identity: dict) -> JobCommit:
     """Fingerprint the job; with `config.resume`, load what `output_dir` already holds.
     `model_identity`: the resolved model's source and fingerprint. Raises VBatchUsageError."""
-    import vbatch
-    from vbatch.io.job_state import job_fingerprint, load_resume_state
-
     fingerprint = job_fingerprint(files=files, model=model_identity,
                                   generation=generation_settings(config),
                                   vbatch_version=vbatch.__version__)
@@ -63,15 +63,35 @@ def model_identity(resolved_model) -> dict:
     return {"source": resolved_model.source, "fingerprint": resolved_model.fingerprint}
 
 
-def open_writer(config: JobConfig, output_dir: Path, schema, commit: JobCommit):
+def open_writer(config: JobConfig, output_dir: Path, schema: pa.Schema,
+                commit: JobCommit) -> ParquetPartWriter:
     """The `ParquetPartWriter` of this job: a fresh (or overwritten) directory, or the resumed
     one with its committed parts kept."""
-    from vbatch.io import writer
-
     if config.resume:
         output_dir.mkdir(parents=True, exist_ok=True)
     else:
-        output_dir = writer.prepare_output_dir(output_dir, overwrite=config.overwrite)
-    return writer.ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file,
-                                    schema=schema, existing_parts=commit.resumed.parts,
-                                    job_info={FINGERPRINT_KEY: commit.fingerprint})
+        output_dir = prepare_output_dir(output_dir, overwrite=config.overwrite)
+    return ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file, schema=schema,
+                             existing_parts=commit.resumed.parts,
+                             job_info={FINGERPRINT_KEY: commit.fingerprint})
+
+
+def build_manifest(config: JobConfig, model: dict, counters: ReplicaCounters, files, *,
+                   num_resumed_rows: int = 0) -> dict:
+    """The `_manifest.json` content (the writer adds the fingerprint and the part list).
+    `model`: the pool's `model_info`; `counters`: this run's merged `ReplicaCounters`;
+    `num_resumed_rows`: rows committed by earlier runs of a resumed job."""
+    return {
+        "vbatch_version": vbatch.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "config": config.to_dict(),
+        "model": dict(model),
+        "input_files": [str(f) for f in files],
+        "counts": {"rows": counters.num_rows, "resumed_rows": num_resumed_rows,
+                   "error_rows": counters.num_error_rows,
+                   "truncated_rows": counters.num_truncated_rows,
+                   "prompt_tokens": counters.num_prompt_tokens,
+                   "output_tokens": counters.num_output_tokens},
+    }

@@ -11,24 +11,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
 from vbatch.engine.config import check_parallel_sizes
 from vbatch.errors import VBatchUsageError
+from vbatch.io import inputs, reader
+from vbatch.io.formats import count_rows
+from vbatch.io.output_dir import check_output_dir
 from vbatch.jobs.config import JobConfig
+from vbatch.jobs.job_inputs import output_dir_of
+from vbatch.jobs.plan import format_plan, local_resources, make_plan
 
 MAX_FILES_SHOWN = 10
 
 
 def describe_job(config: JobConfig) -> str:
     """Validate `config` as far as possible without a model and return the plan as text."""
-    from vbatch.io import inputs, reader, writer
-    from vbatch.jobs.plan import format_plan, local_resources, make_plan
-
     files = inputs.resolve_input_files(config.input)
-    output_dir = Path(config.output) if config.output else writer.default_output_dir(config.input)
-    writer.check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
-                            root=config.output_root)
+    output_dir = output_dir_of(config)
+    check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
+                     root=config.output_root)
     reader.validate_inputs(files, config.prompt_column, id_column=config.id_column)
-    num_rows = reader.count_rows(files)
+    num_rows = count_rows(files)
     plan = make_plan(config, local_resources())
     model_note = check_model_shape(config)
     lines = ["vbatch dry run (no model loaded, nothing written)"]
@@ -74,7 +78,6 @@ def _local_config_json(model: str | None) -> Path | None:
         candidate = directory / "config.json"
         return candidate if candidate.is_file() else None
     if "/" in model and not model.startswith((".", "/", "~")):
-        from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(model, "config.json")
         return Path(cached) if isinstance(cached, str) else None
     return None

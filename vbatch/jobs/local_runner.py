@@ -37,34 +37,15 @@ from multiprocessing.connection import wait
 
 import pyarrow as pa
 
-from vbatch.errors import InputError
+from vbatch.jobs.batch_order import InputOrder, tag_batch, untag_batch
 from vbatch.jobs.config import JobConfig
+from vbatch.jobs.job_inputs import JobInputs
 from vbatch.jobs.plan import JobPlan
+from vbatch.jobs.progress import ProgressReporter
 from vbatch.jobs.replica_process import (DONE, ERROR, OUTPUT, PROGRESS, READY, TAKEN,
                                          ReplicaFailed, from_ipc, replica_main, to_ipc)
 
-__all__ = ["LocalReplicaPool", "ReplicaFailed", "from_ipc", "tag_batch", "to_ipc",
-           "untag_batch"]
-
-SEQ_COLUMN = "__vbatch_batch_seq__"
 _STOP_GRACE_S = 20.0
-
-
-# ---- driver side ------------------------------------------------------------------------------
-
-def tag_batch(batch: pa.RecordBatch, seq: int) -> pa.RecordBatch:
-    """`batch` plus the hidden sequence-number column (int64, every row `seq`)."""
-    if SEQ_COLUMN in batch.schema.names:
-        raise InputError(f"input column {SEQ_COLUMN!r} is reserved by vbatch; rename it")
-    column = pa.array([seq] * batch.num_rows, type=pa.int64())
-    return batch.append_column(SEQ_COLUMN, column)
-
-
-def untag_batch(batch: pa.RecordBatch) -> tuple[int | None, pa.RecordBatch]:
-    """(sequence number, `batch` without the hidden column); None for a batch of zero rows."""
-    index = batch.schema.get_field_index(SEQ_COLUMN)
-    seq = batch.column(index)[0].as_py() if batch.num_rows else None
-    return seq, batch.remove_column(index)
 
 
 class _Slot:
@@ -87,7 +68,7 @@ class LocalReplicaPool:
     """`plan.num_replicas` replica processes on this node (see module docstring). Use as a
     context manager; `outputs()` runs the job once."""
 
-    def __init__(self, config: JobConfig, plan: JobPlan, *,
+    def __init__(self, config: JobConfig, plan: JobPlan, *, started: float,
                  prefetch_per_replica: int = 2):
         self.config, self.plan = config, plan
         self.prefetch_per_replica = prefetch_per_replica
@@ -103,7 +84,7 @@ class LocalReplicaPool:
         self.num_restarts = 0
         self._source_drained = False
         self._is_stopping = False
-        self._started = time.perf_counter()
+        self._started = started
 
     # -- lifecycle
     def __enter__(self) -> LocalReplicaPool:
@@ -163,26 +144,19 @@ class LocalReplicaPool:
         slot.tasks = slot.results = None
 
     # -- the job
-    def outputs(self, job, reporter) -> Iterator[pa.RecordBatch]:
+    def outputs(self, job: JobInputs, reporter: ProgressReporter) -> Iterator[pa.RecordBatch]:
         """Start the replicas, feed them `job`'s input batches, yield output batches (input
         order with `preserve_order`, else completion order). Raises the first user error, or
         ReplicaFailed once a replica has failed more than `max_replica_restarts` times."""
-        from vbatch.io import reader
-
         self._prompt_column = job.prompt_column
         for slot in self._slots:
             self._start(slot, reporter)
-        batches = reader.read_batches(job.files, batch_size=self.config.batch_size,
-                                      prompt_column=self.config.prompt_column,
-                                      id_column=self.config.id_column, root=job.root,
-                                      scan=job.scan, with_positions=True, skip=job.skip)
-        yield from self._run(batches, reporter)
+        yield from self._run(job.batches(self.config), reporter)
 
     def _run(self, batches: Iterable[pa.RecordBatch], reporter) -> Iterator[pa.RecordBatch]:
         source = enumerate(batches)
         retry: deque[tuple[int, tuple[bytes, int]]] = deque()  # failed replicas' batches
-        finished: dict[int, pa.RecordBatch] = {}    # preserve_order: back, waiting for earlier
-        next_to_yield = 0
+        in_order = InputOrder()                  # preserve_order: back, waiting for earlier
         is_exhausted = False
         while not all(slot.is_done for slot in self._slots):
             self._dispatch(source, retry, is_exhausted)
@@ -228,11 +202,8 @@ class LocalReplicaPool:
                 if not self.config.preserve_order:
                     yield out_batch
                     continue
-                finished[seq] = out_batch
-                while next_to_yield in finished:
-                    yield finished.pop(next_to_yield)
-                    next_to_yield += 1
-        if finished or retry or any(slot.held for slot in self._slots):
+                yield from in_order.release(seq, out_batch)
+        if in_order.num_held or retry or any(slot.held for slot in self._slots):
             raise ReplicaFailed("replicas finished but some batches never came back")
 
     def _dispatch(self, source, retry: deque, is_exhausted: bool) -> None:

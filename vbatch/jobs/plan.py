@@ -8,8 +8,11 @@ A replica is one `LLMEngine` over its own group of tp x pp devices (its ranks). 
   `ray` when Ray is importable and a cluster address is set (`--ray-address` / `RAY_ADDRESS`) or
   the job needs more GPUs than this node has; otherwise `local`. Ray is imported only when the
   answer depends on it.
-- **executor**: how one replica runs its ranks: `uni` (in-process, tp x pp = 1), else the
-  `--distributed-executor-backend` asked for, else `mp` (local worker processes).
+- **executor**: how one replica runs its ranks (`uni`, `mp` or `ray`): the engine's own rule,
+  `engine/executor/backend.py`, applied to where that replica's engine will run: in this
+  process for the one-local-replica fast path (this node's GPUs, this process's placement
+  group), in a spawned replica process (its device group, no placement group), or in a Ray
+  Data replica actor (the tp x pp GPUs it reserves, no placement group).
 - **device groups** (local runner on GPUs): replica r gets GPUs [r*w, (r+1)*w) of this node (w =
   tp x pp), named as `CUDA_VISIBLE_DEVICES` ids. On CPUs ranks are processes, not devices. On
   Ray each replica actor reserves w GPUs (or w CPUs) for its local rank processes and Ray
@@ -20,10 +23,12 @@ A replica is one `LLMEngine` over its own group of tp x pp devices (its ranks). 
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
 
+from vbatch.engine.executor import backend as backend_rule
 from vbatch.errors import VBatchUsageError
 from vbatch.jobs.config import JobConfig
 
@@ -90,14 +95,15 @@ class JobPlan:
 def make_plan(config: JobConfig, resources: Resources, *,
               ray_available: Callable[[], bool] = is_ray_importable) -> JobPlan:
     """The plan for `config` on `resources`. `ray_available` is called at most once, and only
-    when the runner choice depends on it. Raises VBatchUsageError for an impossible plan."""
+    when the runner or executor choice depends on it. Raises VBatchUsageError for an
+    impossible plan (an executor the engine would refuse included)."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     world = tp * pp
     on_gpu = resources.num_gpus > 0
+    ray_available = functools.cache(ray_available)        # asked once for runner + executor
     replicas = config.replicas or (max(1, resources.num_gpus // world) if on_gpu else 1)
     needed_gpus = replicas * world if on_gpu else 0
     runner, reason = _choose_runner(config, resources, needed_gpus, ray_available)
-    executor = config.distributed_executor_backend or ("uni" if world == 1 else "mp")
     groups: tuple[tuple[str, ...], ...] = tuple(() for _ in range(replicas))
     if runner == "local" and on_gpu:
         if needed_gpus > resources.num_gpus:
@@ -105,10 +111,28 @@ def make_plan(config: JobConfig, resources: Resources, *,
                 f"{replicas} replica(s) x tp {tp} x pp {pp} need {needed_gpus} GPUs but this node "
                 f"has {resources.num_gpus}; use fewer --replicas or --runner ray on a cluster")
         groups = tuple(resources.gpu_ids[r * world:(r + 1) * world] for r in range(replicas))
+    executor = _choose_executor(config, resources, runner, replicas, ray_available)
     return JobPlan(runner=runner, runner_reason=reason, num_replicas=replicas, tp_size=tp,
                    pp_size=pp, executor=executor, device="cuda" if on_gpu else "cpu",
                    device_groups=groups,
                    ray_address=config.ray_address if runner == "ray" else None)
+
+
+def _choose_executor(config: JobConfig, resources: Resources, runner: str, replicas: int,
+                     ray_available: Callable[[], bool]) -> str:
+    """The backend each replica's engine will pick where it runs (see module docstring)."""
+    world = config.tensor_parallel_size * config.pipeline_parallel_size
+    if runner == "local" and replicas == 1:        # the fast path: the engine runs here
+        visible, in_group = resources.num_gpus, backend_rule.in_ray_placement_group()
+    else:          # a replica process (its device group) or a Ray actor (the GPUs it reserves)
+        visible, in_group = (world if resources.num_gpus else 0), False
+    try:
+        return backend_rule.choose_backend(
+            config.distributed_executor_backend, world_size=world,
+            device_type="cuda" if resources.num_gpus else "cpu", num_visible_gpus=visible,
+            in_placement_group=in_group, ray_available=ray_available)
+    except ValueError as error:
+        raise VBatchUsageError(str(error)) from None
 
 
 def _choose_runner(config: JobConfig, resources: Resources, needed_gpus: int,

@@ -35,12 +35,18 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data import Datasource, ReadTask
+from ray.data import DataContext, Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from vbatch.io.positions import POSITION_COLUMN
+from vbatch.io.reader import InputScan, read_batches
+from vbatch.io.schema import NUM_GENERATED_TOKENS
 from vbatch.jobs.config import JobConfig
+from vbatch.jobs.job_inputs import JobInputs
 from vbatch.jobs.plan import JobPlan
+from vbatch.jobs.progress import ProgressReporter
+from vbatch.jobs.replica import ReplicaCounters
+from vbatch.jobs.replica_engine import model_info, start_replica
 
 #: How long Ray may take to start every replica actor (resources, model load) before the job
 #: fails with Ray's "not enough resources for the requested actor pool".
@@ -82,14 +88,11 @@ class InputDatasource(Datasource):
         return tasks
 
     def _reader(self, path):
-        from vbatch.io.reader import InputScan
-
         config, root, skip = self.config, self.root, self.skip
         scan = InputScan({path: self.file_schemas[path]}, self.schema)
         file_index = self.file_indices[path]
 
         def read() -> Iterator[pa.Table]:
-            from vbatch.io.reader import read_batches
             for batch in read_batches([path], batch_size=config.batch_size,
                                       prompt_column=config.prompt_column,
                                       id_column=config.id_column, root=root, scan=scan,
@@ -132,11 +135,9 @@ class ReplicaActor:
                  ledger, num_threads: int | None):
         if num_threads and "VBATCH_NUM_THREADS" not in os.environ:
             os.environ["VBATCH_NUM_THREADS"] = str(num_threads)
-        from vbatch.engine.llm_engine import LLMEngine
-        from vbatch.jobs.runner import build_replica, model_info
         self.input_schema = input_schema
-        self.engine = LLMEngine(config.engine_config())
-        self.replica = build_replica(config, self.engine, prompt_column)
+        self.replica = start_replica(config, prompt_column)
+        self.engine = self.replica.engine
         self.ledger = ledger
         node_id = ray.get_runtime_context().get_node_id()
         self.index = ray.get(ledger.register.remote(
@@ -162,8 +163,9 @@ class RayReplicaPool:
     """`plan.num_replicas` Ray Data replica actors (see module docstring); a context manager
     that connects to (or starts) Ray on entry and disconnects (or shuts it down) on exit."""
 
-    def __init__(self, config: JobConfig, plan: JobPlan):
+    def __init__(self, config: JobConfig, plan: JobPlan, *, started: float):
         self.config, self.plan = config, plan
+        self._started = started
         self._owns_ray = False
         self._ledger = None
         self._ledger_snapshot: list[dict] = []
@@ -193,11 +195,8 @@ class RayReplicaPool:
         if self._owns_ray:
             ray.shutdown()
 
-    def outputs(self, job, reporter) -> Iterator[pa.RecordBatch]:
+    def outputs(self, job: JobInputs, reporter: ProgressReporter) -> Iterator[pa.RecordBatch]:
         """Run the pipeline; yield output batches (input order with `preserve_order`)."""
-        from ray.data import DataContext
-
-        started = time.perf_counter()
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
@@ -232,7 +231,7 @@ class RayReplicaPool:
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow",
                                           prefetch_batches=1):
             if not self.model_info:
-                self.load_time_s = time.perf_counter() - started
+                self.load_time_s = time.perf_counter() - self._started
                 self._refresh(reporter)
             for batch in table.combine_chunks().to_batches():
                 self._rows_written += batch.num_rows
@@ -248,8 +247,6 @@ class RayReplicaPool:
 
     def counters(self) -> list:
         """Each replica's last reported `ReplicaCounters`."""
-        from vbatch.jobs.replica import ReplicaCounters
-
         return [ReplicaCounters(**entry["counters"]) for entry in self._ledger_snapshot]
 
     def replica_stats(self) -> list[dict]:
@@ -265,7 +262,5 @@ class RayReplicaPool:
 
 
 def _num_output_tokens(batch: pa.RecordBatch) -> int:
-    from vbatch.io.schema import NUM_GENERATED_TOKENS
-
     column = batch.column(NUM_GENERATED_TOKENS)
     return int(pc.sum(column).as_py() or 0)

@@ -28,8 +28,9 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from vbatch.errors import VBatchUsageError
+from vbatch.errors import VBatchUsageError, one_line
 from vbatch.jobs.config import JobConfig
+from vbatch.jobs.replica import NO_BATCH_YET
 from vbatch.jobs.signals import redeliver_stop_signals
 
 READY, TAKEN, PROGRESS, OUTPUT, DONE, ERROR = (
@@ -72,10 +73,11 @@ def _serve(wid: int, index: int, config: JobConfig, prompt_column: str, env: dic
     os.environ.update(env)
     engine = None
     try:
-        from vbatch.engine.llm_engine import LLMEngine
-        from vbatch.jobs.runner import build_replica, model_info
-        engine = LLMEngine(config.engine_config())
-        replica = build_replica(config, engine, prompt_column)
+        # Imported here, after the replica's environment (CUDA_VISIBLE_DEVICES, thread count)
+        # is set, and inside the try so that a broken install is reported to the driver.
+        from vbatch.jobs.replica_engine import model_info, start_replica
+        replica = start_replica(config, prompt_column)
+        engine = replica.engine
         results.send((READY, wid, model_info(engine)))
         progress = _ProgressForwarder(results, wid)
         source = _taken_batches(tasks, results, wid, engine.has_unfinished_requests)
@@ -99,7 +101,6 @@ def _serve(wid: int, index: int, config: JobConfig, prompt_column: str, env: dic
 def _taken_batches(tasks, results, wid: int, engine_is_busy) -> Iterator:
     """The batches sent to this replica; `NO_BATCH_YET` when none is waiting while the engine
     still has rows to step (blocking then would stall them)."""
-    from vbatch.jobs.replica import NO_BATCH_YET
     parent = multiprocessing.parent_process()
     while True:
         try:
@@ -150,8 +151,7 @@ def portable_error(index: int, error: BaseException) -> BaseException:
             return error
         except Exception:  # noqa: BLE001 - unpicklable: send its text instead
             return VBatchUsageError(str(error))
-    detail = " ".join(str(error).split())
-    failed = ReplicaFailed(f"replica {index}: {type(error).__name__}: {detail}")
+    failed = ReplicaFailed(f"replica {index}: {type(error).__name__}: {one_line(str(error))}")
     failed.remote_traceback = traceback.format_exc()
     return failed
 

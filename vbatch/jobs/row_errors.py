@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from vbatch.errors import TooManyRowErrors
+from vbatch.errors import TooManyRowErrors, one_line
 
 #: The short codes that start every `error` value.
 EMPTY_PROMPT = "empty_prompt"          # null, empty or whitespace-only prompt / empty messages
@@ -40,10 +40,7 @@ class RowError:
 
     def __str__(self) -> str:
         """The `error` column value: "<code>: <message>" on one line, at most ~300 chars."""
-        text = " ".join(self.message.split())
-        if len(text) > _MAX_MESSAGE_CHARS:
-            text = text[: _MAX_MESSAGE_CHARS - 3] + "..."
-        return f"{self.code}: {text}"
+        return f"{self.code}: {one_line(self.message, _MAX_MESSAGE_CHARS)}"
 
 
 class RowCounts(Protocol):

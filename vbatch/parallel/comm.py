@@ -59,17 +59,6 @@ class GroupCoordinator:
         dist.all_gather(parts, x.contiguous(), group=self.device_group)
         return torch.cat(parts, dim=dim)
 
-    def broadcast(self, x: torch.Tensor, src_rank_in_group: int = 0) -> torch.Tensor:
-        """Overwrite `x` on every rank with the value held by group rank `src_rank_in_group`."""
-        if self.world_size == 1:
-            return x
-        dist.broadcast(x, src=self.ranks[src_rank_in_group], group=self.device_group)
-        return x
-
-    def send(self, x: torch.Tensor, dst_rank_in_group: int) -> None:
-        """Point-to-point send of a contiguous tensor to another member of the group."""
-        dist.send(x.contiguous(), dst=self.ranks[dst_rank_in_group], group=self.device_group)
-
     def isend(self, x: torch.Tensor, dst_rank_in_group: int):
         """Start a send of contiguous `x`; returns the work handle (`.wait()`). Keep `x` alive
         until the handle completes."""

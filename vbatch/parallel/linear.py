@@ -44,14 +44,13 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
 
 
 class LinearBase(nn.Module):
-    """Shared state of the parallel linear layers: the TP group, dtype and device."""
+    """Shared state of the parallel linear layers: the TP group and device."""
 
-    def __init__(self, tp_group: GroupCoordinator, dtype: torch.dtype, device: torch.device):
+    def __init__(self, tp_group: GroupCoordinator, device: torch.device):
         super().__init__()
         self.tp_group = tp_group
         self.tp_rank = tp_group.rank_in_group
         self.tp_size = tp_group.world_size
-        self.params_dtype = dtype
         self.device = torch.device(device)
         self.packed_weight: PackedWeight | None = None
 
@@ -73,7 +72,7 @@ class ColumnParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool, tp_group: GroupCoordinator,
                  dtype: torch.dtype, device: torch.device, gather_output: bool = False):
-        super().__init__(tp_group, dtype, device)
+        super().__init__(tp_group, device)
         self.input_size = input_size
         self.output_size = output_size
         self.output_size_per_partition = divide(output_size, self.tp_size, "output size")
@@ -180,7 +179,7 @@ class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, *, bias: bool, tp_group: GroupCoordinator,
                  dtype: torch.dtype, device: torch.device, input_is_parallel: bool = True,
                  reduce_results: bool = True):
-        super().__init__(tp_group, dtype, device)
+        super().__init__(tp_group, device)
         self.input_size = input_size
         self.output_size = output_size
         self.input_size_per_partition = divide(input_size, self.tp_size, "input size")

@@ -23,7 +23,7 @@ class PendingResult(ABC):
         """Block until every rank has answered; raise WorkerError if one failed."""
 
     def driver_result(self):
-        """The one non-None result (the sampling rank's token ids for `execute_model`)."""
+        """The one non-None result (the sampling rank's token ids for `execute_model_async`)."""
         return next(r for r in self.results() if r is not None)
 
 
@@ -39,7 +39,7 @@ class DoneResult(PendingResult):
 
 class Executor(ABC):
     """Drives the tp x pp workers of one engine. The engine only ever calls `submit`,
-    `collective_rpc` and `execute_model*`; how the workers live (in-process, local processes,
+    `collective_rpc` and `execute_model_async`; how the workers live (in-process, local processes,
     Ray actors) is hidden."""
 
     world_size: int = 1
@@ -55,10 +55,6 @@ class Executor(ABC):
     def execute_model_async(self, seqs) -> PendingResult:
         """Start one model step on every rank; `.driver_result()` gives the sampled tokens."""
         return self.submit("execute_model", seqs)
-
-    def execute_model(self, seqs) -> list[int]:
-        """Run one step on every rank; return the sampling rank's token ids."""
-        return self.execute_model_async(seqs).driver_result()
 
     def shutdown(self) -> None:
         """Release the workers (idempotent)."""

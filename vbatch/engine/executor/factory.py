@@ -1,62 +1,29 @@
-"""Which executor runs an engine's ranks: vLLM's `distributed_executor_backend` rule.
-
-- tp x pp = 1 and no backend asked for: `uni` (the worker lives in the engine's process);
-- `mp` / `ray` when asked for explicitly;
-- otherwise `ray` when this process runs inside a Ray placement group (a Ray Data replica
-  actor, say) or the job needs more GPUs than this node has; `mp` in every other case,
-  including every CPU-only machine (tp x pp CPU processes).
-"""
+"""Start an engine's executor: the backend rule of `executor/backend.py` applied to what this
+process sees (its CUDA GPUs, whether it runs in a Ray placement group, whether Ray imports)."""
 from __future__ import annotations
-
-import sys
 
 import torch
 
+from vbatch.engine.executor import backend as backend_rule
 from vbatch.engine.executor.base import Executor
 from vbatch.engine.worker import WorkerSpec
 
-BACKENDS = ("uni", "mp", "ray")
-
-
-def ray_is_available() -> bool:
-    """True if Ray can be imported (it is an optional extra: `pip install 'vbatch[ray]'`)."""
-    import importlib.util
-    return importlib.util.find_spec("ray") is not None
-
-
-def in_ray_placement_group() -> bool:
-    """True inside a Ray task/actor scheduled in a placement group (Ray is never imported
-    here if the process has not imported it already)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return False
-    from ray.util import get_current_placement_group
-    return get_current_placement_group() is not None
-
 
 def choose_backend(requested: str | None, *, world_size: int, device: torch.device) -> str:
-    """The backend to use (see module docstring). Raises ValueError for an unknown name."""
-    if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(f"distributed_executor_backend must be one of "
-                             f"{', '.join(BACKENDS)}; got {requested!r}")
-        if requested == "uni" and world_size > 1:
-            raise ValueError("distributed_executor_backend='uni' runs a single rank; use 'mp' or "
-                             f"'ray' for tensor_parallel_size x pipeline_parallel_size = "
-                             f"{world_size}")
-        return requested
-    if world_size == 1:
-        return "uni"
-    if in_ray_placement_group():
-        return "ray"
-    if device.type == "cuda" and torch.cuda.device_count() < world_size:
-        return "ray"
-    return "mp"
+    """The backend an engine of `world_size` ranks on `device` uses in this process:
+    `backend.choose_backend` with this process's visible CUDA GPUs, placement group and Ray
+    install. `LLMEngine` calls this before loading anything. Raises its ValueErrors."""
+    return backend_rule.choose_backend(
+        requested, world_size=world_size, device_type=device.type,
+        num_visible_gpus=torch.cuda.device_count() if device.type == "cuda" else 0,
+        in_placement_group=backend_rule.in_ray_placement_group(),
+        ray_available=backend_rule.ray_is_available)
 
 
 def make_executor(spec: WorkerSpec, *, tp_size: int, pp_size: int,
                   backend: str | None) -> Executor:
-    """Start the tp_size x pp_size workers of one engine with the chosen backend."""
+    """Start the tp_size x pp_size workers of one engine with the backend `choose_backend`
+    picks for `backend` (an explicit name is checked and kept)."""
     chosen = choose_backend(backend, world_size=tp_size * pp_size,
                             device=torch.device(spec.device))
     if chosen == "uni":

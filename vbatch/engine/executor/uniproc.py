@@ -14,6 +14,3 @@ class UniProcExecutor(Executor):
 
     def submit(self, method: str, *args) -> PendingResult:
         return DoneResult([getattr(self.worker, method)(*args)])
-
-    def execute_model(self, seqs) -> list[int]:
-        return self.worker.execute_model(seqs)

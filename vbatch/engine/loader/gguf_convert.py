@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vbatch.errors import VBatchUsageError
+from vbatch.errors import VBatchUsageError, one_line
 
 # Bump when the conversion output changes, so old caches are not reused.
 CONVERTER_VERSION = 1
@@ -77,7 +77,7 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
         except OSError as exc:
             if not (final_dir / SOURCE_INFO_FILE).is_file():
                 raise VBatchUsageError(
-                    f"cannot publish the GGUF conversion to '{final_dir}' ({_one_line(exc)}); delete it and retry"
+                    f"cannot publish the GGUF conversion to '{final_dir}' ({one_line(exc)}); delete it and retry"
                 ) from exc
             # Another process finished first: use its directory.
     finally:
@@ -133,7 +133,7 @@ def _convert_into(gguf_path: Path, out_dir: Path) -> None:
     try:
         reader = gguf.GGUFReader(gguf_path)
     except Exception as exc:  # the reader raises assorted errors for non-GGUF bytes
-        raise VBatchUsageError(f"cannot read '{gguf_path}' as GGUF: {_one_line(exc)}") from exc
+        raise VBatchUsageError(f"cannot read '{gguf_path}' as GGUF: {one_line(exc)}") from exc
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise VBatchUsageError(
@@ -299,7 +299,7 @@ def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except (ValueError, KeyError, NotImplementedError) as exc:
-        raise VBatchUsageError(f"cannot build the tokenizer of '{gguf_path.name}': {_one_line(exc)}") from exc
+        raise VBatchUsageError(f"cannot build the tokenizer of '{gguf_path.name}': {one_line(exc)}") from exc
     tokenizer.save_pretrained(out_dir)
 
 
@@ -323,8 +323,3 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    """Return the exception's message folded onto one line."""
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -22,7 +22,7 @@ from typing import Any
 
 from vbatch.engine.loader.gguf_convert import convert_gguf, read_source_info
 from vbatch.engine.loader.weights import pickle_files, safetensors_files
-from vbatch.errors import VBatchUsageError
+from vbatch.errors import VBatchUsageError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise VBatchUsageError(f"cannot read '{path / 'config.json'}': {' '.join(str(exc).split())}") from exc
+        raise VBatchUsageError(f"cannot read '{path / 'config.json'}': {one_line(str(exc))}") from exc
     if not isinstance(config, dict):
         raise VBatchUsageError(f"'{path / 'config.json'}' is not a JSON object")
     if "auto_map" in config and not trust_remote_code:
@@ -183,7 +183,7 @@ def _resolve_hub(repo_id: str, cache_root: Path, allow_pickle: bool, trust_remot
     except LocalEntryNotFoundError:
         local = None
     except Exception as exc:  # e.g. a corrupt cache entry
-        raise VBatchUsageError(f"cannot use hub model '{repo_id}' from the local cache: {_one_line(exc)}") from exc
+        raise VBatchUsageError(f"cannot use hub model '{repo_id}' from the local cache: {one_line(exc, 300)}") from exc
     if local is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
         if offline or constants.HF_HUB_OFFLINE:
@@ -220,16 +220,10 @@ def _download(repo_id: str, patterns: list[str]) -> str:
     if "error" in outcome:
         raise VBatchUsageError(
             f"hub model '{repo_id}' is not in the local cache and could not be fetched "
-            f"({_one_line(outcome['error'])}); download it first or pass a local directory or .gguf file"
+            f"({one_line(outcome['error'], 300)}); download it first or pass a local directory or .gguf file"
         )
     logger.info("downloading %s from the Hugging Face hub", repo_id)
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10)
     except Exception as exc:  # network, permissions, disk
-        raise VBatchUsageError(f"downloading hub model '{repo_id}' failed: {_one_line(exc)}") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    """Return the exception's message folded onto one line (truncated to 300 characters)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+        raise VBatchUsageError(f"downloading hub model '{repo_id}' failed: {one_line(exc, 300)}") from exc

@@ -1,4 +1,5 @@
-"""A job directory's commit state: the job fingerprint, and what a `--resume` may skip.
+"""The job manifest (`_manifest.json`): writing it, reading it back, and what a `--resume`
+may skip.
 
 The commit protocol (Hadoop's v1 committer, one level): a part file is written under a hidden
 temporary name, fsync'd, renamed into place, and then `_manifest.json` is rewritten atomically
@@ -19,10 +20,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vbatch.errors import VBatchUsageError
+from vbatch.io.atomic import write_json_atomically
+from vbatch.io.output_dir import MANIFEST_FILE, PART_FILE_PATTERN, SUCCESS_FILE
 from vbatch.io.positions import IntervalSet
-from vbatch.io.writer import MANIFEST_FILE, PART_FILE_PATTERN, SUCCESS_FILE
 
 FINGERPRINT_KEY = "fingerprint"
+
+
+def write_manifest(output_dir: str | os.PathLike[str], manifest: dict,
+                   parts: list[dict]) -> Path:
+    """Write `output_dir/_manifest.json` atomically: `manifest` plus an "output" entry,
+    {"num_rows": total rows, "part_files": `parts`} (each part {"name", "num_rows"} and, when
+    known, "positions"); any "output" key of `manifest` is replaced. Returns the path."""
+    content = {**manifest, "output": {"num_rows": sum(p["num_rows"] for p in parts),
+                                      "part_files": parts}}
+    return write_json_atomically(Path(output_dir) / MANIFEST_FILE, content)
+
+
+def read_manifest(output_dir: Path) -> dict | None:
+    """The manifest of `output_dir`, or None if there is none. Raises VBatchUsageError if it
+    cannot be parsed."""
+    path = Path(output_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise VBatchUsageError(f"cannot resume: {path} is unreadable ({error})") from None
 
 
 def file_identity(path: Path) -> dict:
@@ -78,19 +102,8 @@ class ResumeState:
 
     @property
     def num_committed_rows(self) -> int:
+        """Rows in the committed part files."""
         return sum(part["num_rows"] for part in self.parts)
-
-
-def read_manifest(output_dir: Path) -> dict | None:
-    """The manifest of `output_dir`, or None if there is none. Raises VBatchUsageError if it
-    cannot be parsed."""
-    path = Path(output_dir) / MANIFEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise VBatchUsageError(f"cannot resume: {path} is unreadable ({error})") from None
 
 
 def load_resume_state(output_dir: Path, fingerprint: dict, *, force: bool) -> ResumeState:

@@ -1,0 +1,46 @@
+"""What an `EngineConfig` resolves to on this machine: device, dtype and KV block size.
+
+Kept apart from `engine/config.py` so that reading the declarations (the CLI does, for its
+flags) never imports torch.
+"""
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_block_size(block_size: int | None, device: torch.device) -> int:
+    """The KV block size: as given, else 16 on GPUs and 8 on CPUs."""
+    if block_size is not None:
+        return block_size
+    return 16 if device.type == "cuda" else 8
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`None` -> cuda if available, else cpu."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", 0)   # set_device and mem_get_info need an index
+    return resolved
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs whose matmuls run natively in bfloat16 (AMX or AVX512-BF16)."""
+    cpu = torch.cpu
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs that support it and on CPUs with AMX / AVX512-BF16, else float32.
+
+    Explicit names are honoured as given (float32 is the reference-exact setting).
+    """
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

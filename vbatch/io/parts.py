@@ -1,0 +1,188 @@
+"""Arrow batches -> Parquet part files in a job directory, committed through the manifest.
+
+`ParquetPartWriter` buffers rows and writes a part file (io/atomic.py: temporary name, fsync,
+rename) whenever `rows_per_file` rows are buffered; with `job_info` it rewrites the manifest
+after every part (a part is committed once the manifest lists it, io/manifest.py). `commit`
+writes the final manifest and then `_SUCCESS`. File names: io/output_dir.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vbatch.io.atomic import temp_path_for, write_atomically, write_text_atomically
+from vbatch.io.manifest import write_manifest
+from vbatch.io.output_dir import (
+    MANIFEST_FILE,
+    SUCCESS_FILE,
+    part_file_index,
+    part_file_name,
+)
+from vbatch.io.positions import POSITION_COLUMN, IntervalSet
+
+
+class ParquetPartWriter:
+    """Buffer rows and write them as Parquet part files of at most `rows_per_file` rows into
+    `output_dir` (created if missing; see `prepare_output_dir` for an existing one).
+
+    `write()` takes record batches (or tables) with one schema (`schema`, or the first batch's;
+    batches whose column names match are cast to it). `close()` writes the remaining rows (and,
+    when no row was written at all, one empty part file so readers still see the schema).
+    `commit(manifest)` closes, then writes `_manifest.json` and `_SUCCESS`, in that order.
+    `abort()` drops buffered rows and temporary files and never writes `_SUCCESS`; complete
+    part files stay. As a context manager: an exception aborts, a normal exit closes (the
+    caller commits).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        rows_per_file: int = 10_000,
+        schema: pa.Schema | None = None,
+        compression: str = "zstd",
+        existing_parts: list[dict] | None = None,
+        job_info: dict | None = None,
+    ) -> None:
+        if rows_per_file < 1:
+            raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.rows_per_file = rows_per_file
+        self.schema = schema
+        self.compression = compression
+        self.job_info = job_info
+        self._existing_parts = list(existing_parts or [])
+        self._first_index = 1 + max(
+            (part_file_index(part["name"]) for part in self._existing_parts), default=-1)
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_positions: list[np.ndarray] = []
+        self._num_pending = 0
+        self._part_files: list[Path] = []
+        self._part_num_rows: list[int] = []
+        self._part_positions: list[list[list[int]] | None] = []
+        self._is_closed = False
+        self._is_finished = False  # committed or aborted
+
+    @property
+    def num_rows_written(self) -> int:
+        """Rows in complete part files of this run (buffered rows not included)."""
+        return sum(self._part_num_rows)
+
+    @property
+    def part_files(self) -> list[Path]:
+        """Complete part files of this run, in the order they were written."""
+        return list(self._part_files)
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Add rows; writes every part file that fills up. A `POSITION_COLUMN` is stripped and
+        recorded per part (see io/positions.py). Raises ValueError on a schema mismatch or
+        after close/commit/abort."""
+        if self._is_closed:
+            raise ValueError("cannot write: the writer is already closed")
+        positions = None
+        if POSITION_COLUMN in batch.schema.names:
+            index = batch.schema.get_field_index(POSITION_COLUMN)
+            positions = batch.column(index).to_numpy(zero_copy_only=False).astype(np.int64)
+            batch = batch.drop_columns([POSITION_COLUMN])
+        if self.schema is None:
+            self.schema = batch.schema
+        if not batch.schema.equals(self.schema):
+            if batch.schema.names != self.schema.names:
+                raise ValueError(
+                    f"batch columns {batch.schema.names} do not match the output columns "
+                    f"{self.schema.names}"
+                )
+            batch = batch.cast(self.schema)
+        if batch.num_rows:
+            table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+            self._pending.extend(table.to_batches())
+            self._pending_positions.append(
+                positions if positions is not None else np.full(batch.num_rows, -1, np.int64))
+            self._num_pending += batch.num_rows
+        while self._num_pending >= self.rows_per_file:
+            self._write_part(self.rows_per_file)
+
+    def _write_part(self, num_rows: int) -> None:
+        table = pa.Table.from_batches(self._pending, schema=self.schema)
+        positions = (np.concatenate(self._pending_positions) if self._pending_positions
+                     else np.empty(0, np.int64))
+        rest = table.slice(num_rows)
+        self._pending = rest.combine_chunks().to_batches() if rest.num_rows else []
+        self._pending_positions = [positions[num_rows:]] if rest.num_rows else []
+        self._num_pending = rest.num_rows
+        final_path = self.output_dir / part_file_name(self._first_index + len(self._part_files))
+        write_atomically(final_path, lambda temp_path: pq.write_table(
+            table.slice(0, num_rows), temp_path, compression=self.compression))
+        part_positions = positions[:num_rows]
+        self._part_files.append(final_path)
+        self._part_num_rows.append(num_rows)
+        self._part_positions.append(
+            IntervalSet.from_positions(part_positions).to_list()
+            if part_positions.size and part_positions.min() >= 0 else None)
+        if self.job_info is not None:   # the part is committed once the manifest lists it
+            self._write_manifest({**self.job_info, "status": "running"})
+
+    def _parts(self) -> list[dict]:
+        parts = list(self._existing_parts)
+        for path, num_rows, positions in zip(self._part_files, self._part_num_rows,
+                                             self._part_positions):
+            entry = {"name": path.name, "num_rows": num_rows}
+            if positions is not None:
+                entry["positions"] = positions
+            parts.append(entry)
+        return parts
+
+    def _write_manifest(self, manifest: dict) -> None:
+        write_manifest(self.output_dir, manifest, self._parts())
+
+    def close(self) -> None:
+        """Write the buffered rows as a last part file. Idempotent."""
+        if self._is_closed:
+            return
+        if self._num_pending or (not self._part_files and not self._existing_parts
+                                 and self.schema is not None):
+            self._write_part(self._num_pending)
+        self._is_closed = True
+
+    def commit(self, manifest: dict) -> None:
+        """Close, then write `_manifest.json` (`manifest`, status "complete", plus an "output"
+        entry listing every part file with its row count and positions) and finally
+        `_SUCCESS`, each atomically."""
+        if self._is_finished:
+            raise ValueError("cannot commit: the writer was already committed or aborted")
+        if "output" in manifest:
+            raise ValueError("the manifest key 'output' is reserved for the part file list")
+        self.close()
+        self._write_manifest({**(self.job_info or {}), **manifest, "status": "complete"})
+        write_text_atomically(self.output_dir / SUCCESS_FILE, "")
+        self._is_finished = True
+
+    def abort(self) -> None:
+        """Stop: drop buffered rows, remove temporary files, never write `_SUCCESS`."""
+        self._pending, self._num_pending = [], 0
+        self._is_closed = self._is_finished = True
+        names = (part_file_name(self._first_index + len(self._part_files)), MANIFEST_FILE,
+                 SUCCESS_FILE)
+        for name in names:  # only this writer's own temporary files
+            temp_path_for(self.output_dir / name).unlink(missing_ok=True)
+
+    def __enter__(self) -> ParquetPartWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,66 @@
+"""A job's checked inputs: the files, their scan, the prompt column, the output directory.
+
+`check_job_inputs` does everything that can fail on the user's data or paths before a model
+loads (exit code 2 in seconds, not after a long load): resolve INPUT to files, check the output
+path, scan every file's schema. Every replica pool reads its batches through
+`JobInputs.batches`, so rows, types, row keys and positions are the same on every runner.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from vbatch.io import inputs, reader
+from vbatch.io.formats import count_rows
+from vbatch.io.output_dir import check_output_dir, default_output_dir
+from vbatch.io.positions import IntervalSet
+from vbatch.io.schema import output_schema
+from vbatch.jobs.config import JobConfig
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """The checked inputs of a job: files, the root of their row keys (None: the reader's
+    default), the scan (schemas), the prompt column actually used, the output schema, the
+    number of rows to compute when cheap to know, the output directory (checked, not yet
+    created) and the row positions an earlier run already committed (`--resume`)."""
+
+    files: list[Path]
+    root: Path | None
+    scan: reader.InputScan
+    prompt_column: str
+    out_schema: pa.Schema
+    total_rows: int | None
+    output_dir: Path
+    skip: IntervalSet | None = None
+
+    def batches(self, config: JobConfig) -> Iterator[pa.RecordBatch]:
+        """The input rows still to compute, in batches of `config.batch_size`, with the hidden
+        position column (io/positions.py)."""
+        return reader.read_batches(self.files, batch_size=config.batch_size,
+                                   prompt_column=config.prompt_column,
+                                   id_column=config.id_column, root=self.root, scan=self.scan,
+                                   with_positions=True, skip=self.skip)
+
+
+def output_dir_of(config: JobConfig) -> Path:
+    """The job's output directory: `--output`, else named after the input."""
+    return Path(config.output) if config.output else default_output_dir(config.input)
+
+
+def check_job_inputs(config: JobConfig) -> JobInputs:
+    """Resolve and scan the inputs and check the output path (no model, nothing written).
+    Raises InputError / VBatchUsageError."""
+    files = inputs.resolve_input_files(config.input)
+    output_dir = output_dir_of(config)
+    check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
+                     root=config.output_root)
+    scan = reader.scan_inputs(files, prompt_column=config.prompt_column,
+                              id_column=config.id_column)
+    prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)
+    return JobInputs(files=files, root=inputs.input_root(config.input), scan=scan,
+                     prompt_column=prompt_column, out_schema=output_schema(scan.schema),
+                     total_rows=count_rows(files), output_dir=output_dir)

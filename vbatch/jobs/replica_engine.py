@@ -1,0 +1,34 @@
+"""One replica's engine and the `Replica` that drives it, built the same way by every pool."""
+from __future__ import annotations
+
+from vbatch.engine.llm_engine import LLMEngine
+from vbatch.jobs.config import JobConfig
+from vbatch.jobs.replica import Replica
+from vbatch.jobs.row_prompts import RowPrompts
+
+
+def start_replica(config: JobConfig, prompt_column: str) -> Replica:
+    """Load the engine of `config` and wrap it in the job's `Replica` (its engine is
+    `replica.engine`; the caller shuts it down). `prompt_column`: the column the input scan
+    found the prompts in (`--prompt-column`, or `messages`)."""
+    engine = LLMEngine(config.engine_config())
+    try:
+        return Replica(engine, config.sampling_params(),
+                       RowPrompts(prompt_column, config.id_column, config.chat,
+                                  on_long_prompt=config.on_long_prompt))
+    except BaseException:
+        engine.shutdown()
+        raise
+
+
+def model_info(engine: LLMEngine) -> dict:
+    """The manifest's `model` entry for a loaded engine: source, fingerprint, dtype."""
+    return {"source": engine.resolved_model.source,
+            "fingerprint": engine.resolved_model.fingerprint,
+            "dtype": dtype_name(engine)}
+
+
+def dtype_name(engine: LLMEngine) -> str:
+    """`bfloat16`, or `bfloat16 (auto)` when the dtype was chosen by `--dtype auto`."""
+    name = str(engine.dtype).removeprefix("torch.")
+    return f"{name} (auto)" if engine.config.dtype == "auto" else name
