@@ -41,6 +41,7 @@ class InProcessPool:
         self._replica = start_replica(self.config, job.prompt_column)
         self.model_info = model_info(self._replica.engine)
         self.load_time_s = time.perf_counter() - self._started
+        reporter.start(job.total_rows)
         if not self.config.preserve_order:
             yield from self._replica.process(job.batches(self.config),
                                              on_progress=reporter.update)

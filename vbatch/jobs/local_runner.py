@@ -149,6 +149,7 @@ class LocalReplicaPool:
         order with `preserve_order`, else completion order). Raises the first user error, or
         ReplicaFailed once a replica has failed more than `max_replica_restarts` times."""
         self._prompt_column = job.prompt_column
+        reporter.start(job.total_rows)
         for slot in self._slots:
             self._start(slot, reporter)
         yield from self._run(job.batches(self.config), reporter)

@@ -10,6 +10,7 @@ only writer). Three implementations:
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -26,7 +27,9 @@ class ReplicaPool(Protocol):
     """What the job pipeline needs of a pool. A context manager: leaving it, on success, error,
     Ctrl-C or SIGTERM, stops every replica and its workers.
 
-    `outputs(job, reporter)` starts the replicas, feeds them `job.batches(config)` and yields
+    `outputs(job, reporter)` starts the replicas (calling `reporter.start(job.total_rows)`
+    once, when progress begins: before loading replicas whose states it reports, after the
+    load of an in-process engine), feeds them `job.batches(config)` and yields
     output batches (columns of `job.out_schema` plus the hidden position column; input order
     with `--preserve-order`); it raises the first user error (ValueError) or a replica failure.
     After it: `model_info` (the manifest's model entry), `load_time_s` (from the job's start
@@ -51,6 +54,9 @@ class ReplicaPool(Protocol):
 def make_pool(config: JobConfig, plan: JobPlan, *, started: float) -> ReplicaPool:
     """The pool that runs `plan`: in this process for one local replica, else local processes
     or Ray. `started`: the job's `time.perf_counter()` start, for `load_time_s`."""
+    # The replicas' engines run the executor the plan chose (and `--dry-run` printed); the
+    # engine still checks it against what it sees.
+    config = dataclasses.replace(config, distributed_executor_backend=plan.executor)
     # Imported by choice: Ray is an optional dependency, and each runner pulls in its own.
     if plan.runner == "ray":
         from vbatch.jobs.ray_runner import RayReplicaPool

@@ -197,6 +197,7 @@ class RayReplicaPool:
 
     def outputs(self, job: JobInputs, reporter: ProgressReporter) -> Iterator[pa.RecordBatch]:
         """Run the pipeline; yield output batches (input order with `preserve_order`)."""
+        reporter.start(job.total_rows)
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False

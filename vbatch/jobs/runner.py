@@ -56,7 +56,6 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     budget = ErrorBudget(config.max_error_rate, job.total_rows)
     tally = OutputTally()
     with make_pool(config, plan, started=started) as pool:
-        reporter.start(job.total_rows)
         part_writer = None
         try:
             for batch in pool.outputs(job, reporter):
