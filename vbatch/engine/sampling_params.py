@@ -61,7 +61,7 @@ class SamplingParams:
     ignore_eos: bool = option(
         False, help="Keep generating after the end-of-sequence token (until --max-tokens).")
     include_stop_str_in_output: bool = option(
-        False, in_job=False, help="Keep the stop string at the end of the output text.")
+        False, help="Keep the stop string (--stop) that ended a row at the end of its text.")
     skip_special_tokens: bool = option(True, in_job=False,
                                        help="Leave special tokens out of the output text.")
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
