@@ -203,7 +203,8 @@ def machine_busy_fraction(interval_s: float = 1.0) -> float | None:
     return 0.0 if total <= 0 else 1.0 - (idle1 - idle0) / total
 
 
-def wait_until_idle(max_wait_s: float, threshold: float = 0.15, quiet: bool = False) -> float | None:
+def wait_until_idle(max_wait_s: float, threshold: float = 0.15,
+                    quiet: bool = False) -> float | None:
     """Wait (up to `max_wait_s`) until the machine is below `threshold` busy; return the last
     busy fraction. Benchmarks on a shared machine are meaningless while someone else computes."""
     deadline = time.monotonic() + max_wait_s

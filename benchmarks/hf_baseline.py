@@ -100,7 +100,8 @@ def count_until_eos(token_ids: list[int], eos_ids: set[int]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="HF-style model directory (default: vbatch's default model)")
+    parser.add_argument("--model",
+                        help="HF-style model directory (default: vbatch's default model)")
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL or CSV input")
     parser.add_argument("--prompt-column", default="prompt")
     parser.add_argument("--id-column", default="id")

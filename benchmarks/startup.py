@@ -10,10 +10,10 @@ What it measures, each as a whole subprocess (interpreter start to exit) timed f
 - reference (unless --no-hf): `benchmarks/hf_baseline.py` on the cached HF directory, one prompt,
   one new token (what plain transformers costs to start up on the same weights).
 
-As in `throughput.py`, each timed run first waits for an idle machine (`--wait-idle`) and warm
-runs are repeated while other processes competed for the CPUs (`--attempts`; column "other" =
-cores used by other processes meanwhile). Each row shows the wall time, the peak RSS of the largest process (`wait4` ru_maxrss) and the
-sampled peak of the summed RSS of the process tree.
+As in `throughput.py`, each timed run first waits for an idle machine (`--wait-idle`) and warm runs
+are repeated while other processes competed for the CPUs (`--attempts`; column "other" = cores used
+by other processes meanwhile). Each row shows the wall time, the peak RSS of the largest process
+(`wait4` ru_maxrss) and the sampled peak of the summed RSS of the process tree.
 
 Run (from the repository root, after `pip install -e .`):
 

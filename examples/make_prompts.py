@@ -33,15 +33,17 @@ QUESTION_TEMPLATES = [
 ]
 
 HOWTO_TASKS = [
-    "make a good cup of pour-over coffee", "prepare for a job interview", "start running as a beginner",
-    "keep houseplants alive in a dark apartment", "save money on groceries", "learn a new language faster",
-    "write a strong cover letter", "organize a small kitchen", "fall asleep faster at night",
-    "change a flat bicycle tire", "negotiate a higher salary", "plan a weekend trip on a budget",
-    "reduce screen time", "clean a cast iron pan", "give constructive feedback to a coworker",
+    "make a good cup of pour-over coffee", "prepare for a job interview",
+    "start running as a beginner", "keep houseplants alive in a dark apartment",
+    "save money on groceries", "learn a new language faster", "write a strong cover letter",
+    "organize a small kitchen", "fall asleep faster at night", "change a flat bicycle tire",
+    "negotiate a higher salary", "plan a weekend trip on a budget", "reduce screen time",
+    "clean a cast iron pan", "give constructive feedback to a coworker",
     "prepare a simple vegetable stir fry", "back up photos from my phone", "study for a math exam",
-    "train a puppy to sit", "make a monthly budget", "improve my handwriting", "speak confidently in meetings",
-    "set up a home compost bin", "write clear emails", "stay focused while working from home",
-    "choose a good laptop for college", "care for a sourdough starter", "pack light for a week of travel",
+    "train a puppy to sit", "make a monthly budget", "improve my handwriting",
+    "speak confidently in meetings", "set up a home compost bin", "write clear emails",
+    "stay focused while working from home", "choose a good laptop for college",
+    "care for a sourdough starter", "pack light for a week of travel",
 ]
 HOWTO_TEMPLATES = [
     "Give me step-by-step instructions to {t}.",
@@ -52,18 +54,18 @@ HOWTO_TEMPLATES = [
 ]
 
 SUMMARIZE_TEXTS = [
-    "The city council voted to expand the bike lane network by forty kilometers over the next three "
-    "years, citing rising cycling numbers and fewer traffic injuries.",
-    "Researchers found that people who walked at least seven thousand steps a day had a lower risk of "
-    "heart disease, even after accounting for age and diet.",
+    "The city council voted to expand the bike lane network by forty kilometers over the next "
+    "three years, citing rising cycling numbers and fewer traffic injuries.",
+    "Researchers found that people who walked at least seven thousand steps a day had a lower "
+    "risk of heart disease, even after accounting for age and diet.",
     "The company reported record quarterly revenue, driven by strong cloud sales, but warned that "
     "rising energy costs and slower hiring could weigh on profits next year.",
     "After months of drought, heavy rains finally reached the region, filling reservoirs but also "
     "causing flooding in several low-lying villages where roads were washed away.",
     "The museum's new exhibit brings together paintings, letters and photographs that show how the "
     "artist's style changed after she moved from the countryside to the capital.",
-    "A new study suggests that twenty-minute naps can improve alertness and memory, while longer naps "
-    "may leave people feeling groggy.",
+    "A new study suggests that twenty-minute naps can improve alertness and memory, while longer "
+    "naps may leave people feeling groggy.",
     "The library will extend its opening hours during exam season and add quiet study rooms, "
     "free printing for students and a weekend tutoring program run by volunteers.",
     "Engineers replaced the old bridge with a lighter steel design that can carry more traffic, "
@@ -81,7 +83,8 @@ SUMMARIZE_TEMPLATES = [
 
 TRANSLATE_SENTENCES = [
     "Where is the nearest train station?", "I would like a table for two, please.",
-    "The meeting has been moved to Thursday afternoon.", "Thank you very much for your help yesterday.",
+    "The meeting has been moved to Thursday afternoon.",
+    "Thank you very much for your help yesterday.",
     "How much does this jacket cost?", "Could you speak a little more slowly?",
     "We are going to the beach this weekend.", "My flight was delayed by three hours.",
     "Please close the window, it is cold.", "The museum is closed on Mondays.",
@@ -152,7 +155,8 @@ CODING = [
 
 MATH = [
     "A shirt costs 25 dollars and is on sale for 20 percent off. What is the sale price?",
-    "Tom has 12 apples. He gives 3 to Anna and half of the rest to Ben. How many apples does Tom have left?",
+    "Tom has 12 apples. He gives 3 to Anna and half of the rest to Ben. How many apples does Tom "
+    "have left?",
     "A train travels 180 kilometers in 2 hours. What is its average speed?",
     "If 5 pencils cost 2 dollars, how much do 15 pencils cost?",
     "A rectangle is 8 meters long and 5 meters wide. What is its area and perimeter?",
@@ -160,14 +164,18 @@ MATH = [
     "What is 15 percent of 240? Show your work.",
     "A recipe needs 3 eggs for 12 cookies. How many eggs are needed for 36 cookies?",
     "Solve for x: 3x + 7 = 22.",
-    "A car uses 6 liters of fuel per 100 kilometers. How much fuel does it need for 350 kilometers?",
+    "A car uses 6 liters of fuel per 100 kilometers. How much fuel does it need for 350 "
+    "kilometers?",
     "The sum of two numbers is 50 and their difference is 10. What are the numbers?",
     "If a pizza is cut into 8 slices and you eat 3, what fraction of the pizza is left?",
-    "A bank account pays 5 percent interest per year. How much is 1000 dollars worth after two years with compounding?",
-    "Maria is twice as old as her brother. In 5 years their ages will add up to 40. How old is Maria now?",
+    "A bank account pays 5 percent interest per year. How much is 1000 dollars worth after two "
+    "years with compounding?",
+    "Maria is twice as old as her brother. In 5 years their ages will add up to 40. How old is "
+    "Maria now?",
     "A store sells notebooks at 3 for 4 dollars. How much do 12 notebooks cost?",
     "What is the average of 12, 18, 25 and 45?",
-    "A tank holds 200 liters and fills at 8 liters per minute. How long does it take to fill from empty?",
+    "A tank holds 200 liters and fills at 8 liters per minute. How long does it take to fill from "
+    "empty?",
     "Three workers build a wall in 6 days. How long would it take two workers at the same rate?",
     "What is the next number in the sequence 2, 6, 12, 20, 30?",
     "A circle has a radius of 7 centimeters. What is its approximate area?",
@@ -183,19 +191,24 @@ MATH = [
 
 TRIVIA = [
     "What is the capital of Australia?", "Who wrote the novel Pride and Prejudice?",
-    "What is the largest planet in our solar system?", "In which year did the first person walk on the Moon?",
+    "What is the largest planet in our solar system?",
+    "In which year did the first person walk on the Moon?",
     "What is the chemical symbol for gold?", "Which ocean is the largest on Earth?",
     "Who painted the Mona Lisa?", "What is the tallest mountain in Africa?",
     "How many bones are in the adult human body?", "What language has the most native speakers?",
-    "Which country is home to the kangaroo?", "What is the boiling point of water at sea level in Celsius?",
+    "Which country is home to the kangaroo?",
+    "What is the boiling point of water at sea level in Celsius?",
     "Who developed the theory of general relativity?", "What is the smallest prime number?",
-    "Which element do plants absorb from the air to make sugar?", "What is the longest river in South America?",
+    "Which element do plants absorb from the air to make sugar?",
+    "What is the longest river in South America?",
     "Who was the first woman to win a Nobel Prize?", "What is the hardest natural substance?",
     "What is the currency of Japan?", "How many continents are there, and what are they?",
     "Which planet is known as the Red Planet, and why?", "What instrument has 88 keys?",
-    "Who is usually credited with inventing the telephone?", "What is the main gas in the Earth's atmosphere?",
+    "Who is usually credited with inventing the telephone?",
+    "What is the main gas in the Earth's atmosphere?",
     "In which city is the Colosseum located?", "What is the speed of light, approximately?",
-    "Which animal is the largest mammal on Earth?", "What is the freezing point of water in Fahrenheit?",
+    "Which animal is the largest mammal on Earth?",
+    "What is the freezing point of water in Fahrenheit?",
 ]
 
 CREATIVE = [

@@ -45,7 +45,8 @@ def build_tokenizer(vocab_size: int = 500):
 
 
 def save_tiny_model(path: Path, kind: str, *, seed: int = 0) -> Path:
-    """Save a tiny random HF model of `kind` (llama-gqa-untied, llama-gqa-tied, gpt2) + tokenizer."""
+    """Save a tiny random HF model of `kind` (llama-gqa-untied, llama-gqa-tied, gpt2) and its
+    tokenizer."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -73,7 +74,7 @@ def save_tiny_model(path: Path, kind: str, *, seed: int = 0) -> Path:
         raise ValueError(kind)
     # Random init is small; widen the weights so greedy decoding is not degenerate.
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0, 0.2)
     model.eval()

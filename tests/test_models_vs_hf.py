@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import without_native_kernels
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vbatch import LLM, SamplingParams
 from vbatch.engine.sequence import ScheduledSequence
-
-from conftest import without_native_kernels
 
 KINDS = ["llama-gqa-untied", "llama-gqa-tied", "gpt2", "llama-rope-llama3-untied"]
 PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):\n    return a",

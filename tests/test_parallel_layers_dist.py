@@ -26,8 +26,12 @@ def _check_layers(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
 
     from vbatch.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
-    from vbatch.parallel.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
-                                        QKVParallelLinear, RowParallelLinear)
+    from vbatch.parallel.linear import (
+        ColumnParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
     from vbatch.parallel.state import init_parallel_state
 
     torch.set_num_threads(1)

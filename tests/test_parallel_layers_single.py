@@ -19,8 +19,13 @@ import torch.nn.functional as F
 
 from vbatch.parallel.comm import GroupCoordinator
 from vbatch.parallel.embedding import ParallelLMHead, VocabParallelEmbedding, pad_vocab_size
-from vbatch.parallel.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
-                                    QKVParallelLinear, RowParallelLinear, divide)
+from vbatch.parallel.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    divide,
+)
 
 CPU = torch.device("cpu")
 F32 = torch.float32

@@ -13,10 +13,10 @@ import time
 
 import pytest
 import torch
+from conftest import last_stage_logits
 
 from vbatch import LLM, SamplingParams
 from vbatch.engine.executor.base import WorkerError
-from conftest import last_stage_logits
 from vbatch.parallel.pipeline import LAYER_PARTITION_ENV, layer_partition, layer_range
 
 PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):\n    return a", "Once"] * 2

@@ -1,12 +1,12 @@
 """The `ray` executor (one Ray actor per rank) and the backend rule (executor/backend.py, as
 executor/factory.py applies it to this process).
 
-Proves: tp=2 and pp=2 over Ray actors give greedy tokens identical to a single rank; a rank actor killed
-mid-generation fails the engine within seconds naming the rank, and leaves no actor process or
-placement group behind; a rank that raises while loading is named too; an engine started inside
-a caller's placement group (a Ray Data replica, say) picks `ray` and runs in that group's
-bundles; a cluster too small for the ranks is a clear error; without Ray installed, `ray` is a
-one-line ValueError. The backend rule tests need no Ray.
+Proves: tp=2 and pp=2 over Ray actors give greedy tokens identical to a single rank; a rank actor
+killed mid-generation fails the engine within seconds naming the rank, and leaves no actor process
+or placement group behind; a rank that raises while loading is named too; an engine started inside a
+caller's placement group (a Ray Data replica, say) picks `ray` and runs in that group's bundles; a
+cluster too small for the ranks is a clear error; without Ray installed, `ray` is a one-line
+ValueError. The backend rule tests need no Ray.
 """
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ def make_seq(seq_id: int, num_tokens: int) -> Sequence:
 
 def make_scheduler(num_blocks: int, block_size: int, *, max_num_seqs: int = 8,
                    max_num_batched_tokens: int = 1000) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching=False), max_num_seqs=max_num_seqs,
-                     max_num_batched_tokens=max_num_batched_tokens)
+    return Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching=False),
+                     max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
 
 
 def token_for(seq: Sequence) -> int:

@@ -11,8 +11,8 @@ tokens. The checks run in the documented order (stop token, stop string, length)
 from __future__ import annotations
 
 import pytest
-
 from conftest import build_tokenizer
+
 from vbatch.engine.sampling_params import SamplingParams
 from vbatch.engine.sequence import Sequence
 from vbatch.engine.stop_checker import StopChecker

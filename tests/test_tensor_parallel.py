@@ -13,10 +13,10 @@ import time
 
 import pytest
 import torch
+from conftest import last_stage_logits
 
 from vbatch import LLM, SamplingParams
 from vbatch.engine.executor.multiproc import WorkerError
-from conftest import last_stage_logits
 
 PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):\n    return a", "Once"]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

@@ -5,6 +5,8 @@ command runs whole dataset jobs. Heavy modules (torch, transformers) load on fir
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -21,6 +23,5 @@ __all__ = ["__version__", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vbatch' has no attribute {name!r}")

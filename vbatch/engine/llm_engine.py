@@ -10,14 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vbatch.engine.block_manager import BlockManager, num_blocks_for
-from vbatch.engine.config import (DEFAULT_CPU_KV_CACHE_GB, DEFAULT_GPU_MEMORY_UTILIZATION,
-                                  EngineConfig, check_parallel_sizes)
+from vbatch.engine.config import (
+    DEFAULT_CPU_KV_CACHE_GB,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    EngineConfig,
+    check_parallel_sizes,
+)
+from vbatch.engine.executor.base import PendingResult
+from vbatch.engine.executor.factory import choose_backend, make_executor
+from vbatch.engine.loader import resolve_model
 from vbatch.engine.model_loader import model_class_for
 from vbatch.engine.outputs import CompletionOutput, RequestOutput
 from vbatch.engine.platform import resolve_block_size, resolve_device, resolve_dtype
 from vbatch.engine.sampling_params import SamplingParams
-from vbatch.engine.executor.base import PendingResult
-from vbatch.engine.executor.factory import choose_backend, make_executor
 from vbatch.engine.scheduler import Scheduler, SchedulerOutput
 from vbatch.engine.sequence import ScheduledSequence, Sequence
 from vbatch.engine.stop_checker import StopChecker
@@ -49,9 +54,8 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415 - start-up: transformers loads when an engine is built
 
-        from vbatch.engine.loader import resolve_model
         config.validate()
         self.config = config
         self.resolved_model = resolve_model(config.model, allow_pickle=config.allow_pickle,

@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from vbatch.engine.loader.weights import iter_checkpoint_tensors, load_slice, shape_of
+from vbatch.engine.models.gpt2 import GPT2LMHeadModel
+from vbatch.engine.models.llama import LlamaForCausalLM
 from vbatch.parallel.state import ParallelState
 
 
 def model_class_for(hf_config) -> type[nn.Module]:
     """The vbatch model implementing the config's architecture (ValueError if unsupported)."""
-    from vbatch.engine.models.gpt2 import GPT2LMHeadModel
-    from vbatch.engine.models.llama import LlamaForCausalLM
     by_model_type = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM,
                      "gpt2": GPT2LMHeadModel}
     model_type = getattr(hf_config, "model_type", None)

@@ -32,7 +32,7 @@ def inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
         return 1.0 / (params["rope_theta"] ** exponent), 1.0
     if rope_type == "dynamic":
         raise ValueError("dynamic NTK rope scaling is not supported")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: PLC0415 - start-up: transformers loads when a model is built
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r}")
     return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
@@ -59,7 +59,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", (emb.sin() * scaling).to(device=device, dtype=dtype),
                              persistent=False)
 
-    def at(self, positions: torch.Tensor) -> "RotaryStep":
+    def at(self, positions: torch.Tensor) -> RotaryStep:
         """The embedding at one step's [T] positions, for every layer of that step: the
         PyTorch path looks cos/sin up here, once; the kernel reads the tables itself."""
         if self.kernels is not None:

@@ -36,7 +36,7 @@ class SamplingMetadata:
     needs_min_p: bool
 
     @staticmethod
-    def build(rows: list, device: torch.device) -> "SamplingMetadata":
+    def build(rows: list, device: torch.device) -> SamplingMetadata:
         """From objects with temperature, top_k, top_p, min_p, seed, row_key, output_index."""
         all_greedy = all(r.temperature == 0 for r in rows)
         uniforms = [0.0 if r.temperature == 0 else row_uniform(r.seed, r.row_key, r.output_index)

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vbatch.options import (at_least, in_range, non_empty_strings, normalize_options, option,
-                            validate_options)
+from vbatch.options import (
+    at_least,
+    in_range,
+    non_empty_strings,
+    normalize_options,
+    option,
+    validate_options,
+)
 
 
 def _only_one(value: int) -> str | None:
     if value != 1:
-        return f"= {value} is not supported yet: vbatch returns one completion per prompt (n=1)"
+        return f"must be 1 (n={value} is not supported yet: one completion per prompt)"
     return None
 
 

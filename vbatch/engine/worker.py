@@ -9,7 +9,7 @@ import torch
 from vbatch.engine.model_loader import load_model
 from vbatch.engine.model_runner import ModelRunner
 from vbatch.engine.sequence import ScheduledSequence
-from vbatch.parallel.state import ParallelState
+from vbatch.parallel.state import ParallelState, init_parallel_state
 
 
 @dataclass
@@ -93,7 +93,6 @@ def start_worker(spec: WorkerSpec, *, world_rank: int, tp_size: int, pp_size: in
     On CUDA the rank uses device `cuda:<world_rank mod visible devices>`: with the ray executor
     each actor sees exactly one GPU (cuda:0); with mp the engine's GPUs are all visible.
     """
-    from vbatch.parallel.state import init_parallel_state
     device = torch.device(spec.device)
     if device.type == "cuda":
         device = torch.device("cuda", world_rank % max(1, torch.cuda.device_count()))

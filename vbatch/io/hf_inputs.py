@@ -43,7 +43,7 @@ def hf_dataset_files(uri: str) -> list[Path]:
     order. Without SPLIT the dataset must have exactly one split. Raises InputError (one line)
     when the dataset cannot be loaded, has several splits and none was named, or lives only in
     memory."""
-    import datasets  # optional and slow to import: only for hf:// inputs
+    import datasets  # noqa: PLC0415 - start-up: slow to import, only hf:// inputs need it
 
     name, split = parse_hf_uri(uri)
     try:

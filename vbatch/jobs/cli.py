@@ -17,9 +17,11 @@ from typing import Any
 
 import click
 
+import vbatch
 from vbatch.errors import TooManyRowErrors, one_line
-from vbatch.jobs.signals import redeliver_stop_signals
 from vbatch.jobs.config import JOB_OPTIONS, load_job_config
+from vbatch.jobs.progress import ProgressReporter
+from vbatch.jobs.signals import redeliver_stop_signals
 from vbatch.options import DeclaredOption, base_type
 
 EXIT_OK = 0
@@ -37,13 +39,11 @@ _EXPLICIT_SOURCES = (
 
 def package_version() -> str:
     """The installed vbatch version, or `vbatch.__version__`, or "unknown" if neither exists."""
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415 - start-up: only --version needs it
 
     try:
         return version("vbatch")
     except PackageNotFoundError:
-        import vbatch
-
         return str(getattr(vbatch, "__version__", "unknown"))
 
 
@@ -147,8 +147,6 @@ def execute_job(cli_values: dict[str, Any], config_path: str | None, *, is_quiet
     `cli_values` holds only explicitly set values (see `load_job_config`). `is_dry_run`: print
     the job's plan on stdout instead of running it (no model load, nothing written).
     """
-    from vbatch.jobs.progress import ProgressReporter
-
     reporter = ProgressReporter(quiet=is_quiet)
     previous_sigterm = _raise_on_sigterm()
     try:
@@ -174,10 +172,10 @@ def _run(cli_values: dict[str, Any], config_path: str | None, is_dry_run: bool,
     try:
         config = load_job_config(cli_values, config_path)
         if is_dry_run:
-            from vbatch.jobs.dry_run import describe_job
+            from vbatch.jobs.dry_run import describe_job  # noqa: PLC0415 - start-up: pulls in pyarrow, huggingface_hub
             click.echo(describe_job(config))
             return EXIT_OK
-        from vbatch.jobs import runner  # lazy: torch is imported only when a job runs
+        from vbatch.jobs import runner  # noqa: PLC0415 - start-up: keeps `vbatch --help` free of torch
 
         stats = runner.run_job(config, reporter)
         reporter.summary(stats)

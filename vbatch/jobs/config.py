@@ -27,8 +27,13 @@ from vbatch.engine.config import EngineConfig
 from vbatch.engine.sampling_params import SamplingParams
 from vbatch.errors import VBatchUsageError
 from vbatch.jobs.options import JobOptions
-from vbatch.options import (DeclaredOption, convert_plain_value, declared_options,
-                            normalize_options, validate_options)
+from vbatch.options import (
+    DeclaredOption,
+    convert_plain_value,
+    declared_options,
+    normalize_options,
+    validate_options,
+)
 
 #: Where each job option goes, in the order the CLI lists them.
 _DESTINATIONS = (("job", JobOptions), ("sampling", SamplingParams), ("engine", EngineConfig))
@@ -105,7 +110,7 @@ def read_yaml_config(config_path: str) -> dict[str, Any]:
     naming the file for an unreadable file, invalid YAML, a top level that is not a mapping, an
     unknown key (listing the valid ones) or a value of the wrong type.
     """
-    import yaml  # lazy: keeps `vbatch --help` fast
+    import yaml  # noqa: PLC0415 - start-up: keeps `vbatch --help` fast
 
     try:
         with open(config_path, encoding="utf-8") as config_file:

@@ -15,12 +15,13 @@ result queue and the driver alone writes them. Every batch carries a hidden sequ
 column, added here and dropped before writing, so the driver can check that each batch came
 back once with all its rows and, with `--preserve-order`, write them in input order.
 
-Each replica answers on its own result pipe, so a replica killed in the middle of a message
-garbles nothing but its own pipe, which is dropped with it. Failures. A replica that dies
-(SIGKILL, OOM) or raises an internal error is replaced by a new process (at most `--max-replica-restarts` times per replica, then the job fails naming it), and
-the batches it held go back to the front of the queue for the live replicas; whatever the dead
-process still had in its pipe is dropped with the pipe, so every batch comes back once. A user error
-(ValueError: a bad model, say) fails the job at once: a restart would fail the same way.
+Each replica answers on its own result pipe, so a replica killed in the middle of a message garbles
+nothing but its own pipe, which is dropped with it. Failures. A replica that dies (SIGKILL, OOM) or
+raises an internal error is replaced by a new process (at most `--max-replica-restarts` times per
+replica, then the job fails naming it), and the batches it held go back to the front of the queue
+for the live replicas; whatever the dead process still had in its pipe is dropped with the pipe, so
+every batch comes back once. A user error (ValueError: a bad model, say) fails the job at once: a
+restart would fail the same way.
 
 Stopping. On success each replica gets a sentinel, reports its counters and exits. On any
 error, Ctrl-C or SIGTERM in the driver, leaving the pool sends SIGTERM to every replica (which
@@ -28,6 +29,7 @@ unwinds and shuts its engine's workers down), then SIGKILL after a grace period.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -42,8 +44,18 @@ from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import JobInputs
 from vbatch.jobs.plan import JobPlan
 from vbatch.jobs.progress import ProgressReporter
-from vbatch.jobs.replica_process import (DONE, ERROR, OUTPUT, PROGRESS, READY, TAKEN,
-                                         ReplicaFailed, from_ipc, replica_main, to_ipc)
+from vbatch.jobs.replica_process import (
+    DONE,
+    ERROR,
+    OUTPUT,
+    PROGRESS,
+    READY,
+    TAKEN,
+    ReplicaFailed,
+    from_ipc,
+    replica_main,
+    to_ipc,
+)
 
 _STOP_GRACE_S = 20.0
 
@@ -290,8 +302,6 @@ class LocalReplicaPool:
 
     def replica_stats(self) -> list[dict]:
         """Per-replica summary entries: index, state, device group, pid, rows, counters."""
-        import dataclasses
-
         stats = []
         for slot in self._slots:
             index = slot.index

@@ -24,9 +24,10 @@ A replica is one `LLMEngine` over its own group of tp x pp devices (its ranks). 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from vbatch.engine.executor import backend as backend_rule
 from vbatch.errors import VBatchUsageError
@@ -50,7 +51,7 @@ class Resources:
 
 def local_resources() -> Resources:
     """This node's CPUs and the GPUs torch can see (honouring `CUDA_VISIBLE_DEVICES`)."""
-    import torch
+    import torch  # noqa: PLC0415 - start-up: keeps `vbatch --help` free of torch
 
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -63,7 +64,6 @@ def local_resources() -> Resources:
 
 def is_ray_importable() -> bool:
     """True when `import ray` works (any ImportError, e.g. from a broken install, is False)."""
-    import importlib
     try:
         importlib.import_module("ray")
     except ImportError:

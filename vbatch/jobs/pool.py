@@ -59,10 +59,10 @@ def make_pool(config: JobConfig, plan: JobPlan, *, started: float) -> ReplicaPoo
     config = dataclasses.replace(config, distributed_executor_backend=plan.executor)
     # Imported by choice: Ray is an optional dependency, and each runner pulls in its own.
     if plan.runner == "ray":
-        from vbatch.jobs.ray_runner import RayReplicaPool
+        from vbatch.jobs.ray_runner import RayReplicaPool  # noqa: PLC0415 - optional dependency (vbatch[ray])
         return RayReplicaPool(config, plan, started=started)
     if plan.num_replicas > 1:
-        from vbatch.jobs.local_runner import LocalReplicaPool
+        from vbatch.jobs.local_runner import LocalReplicaPool  # noqa: PLC0415 - lazy: each runner pulls in its own
         return LocalReplicaPool(config, plan, started=started)
-    from vbatch.jobs.inprocess_runner import InProcessPool
+    from vbatch.jobs.inprocess_runner import InProcessPool  # noqa: PLC0415 - lazy: each runner pulls in its own
     return InProcessPool(config, plan, started=started)

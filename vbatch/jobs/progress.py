@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 LINE_PREFIX = "[vbatch]"
 
@@ -147,7 +148,7 @@ class ProgressReporter:
         self._rows_at_last_line = -1
         if self.quiet or not self._uses_bar():
             return
-        from tqdm.auto import tqdm  # lazy: keeps `vbatch --help` fast
+        from tqdm.auto import tqdm  # noqa: PLC0415 - start-up: keeps `vbatch --help` fast
 
         self._bar = tqdm(
             total=total_rows,

@@ -14,16 +14,16 @@ backpressure, so memory is bounded by the blocks in flight. Read tasks run on th
 replica actors may hold every CPU of a node.
 
 Each actor reserves tp x pp GPUs (tp x pp CPUs on CPU-only clusters) and runs its ranks as local
-processes (the mp executor); with `--distributed-executor-backend ray` the actor reserves
-nothing and its engine places one Ray actor per rank in its own placement group of tp x pp
-bundles (`engine/executor/ray_executor.py`), so a replica may span nodes. A `ReplicaLedger` actor collects each replica's node, model and
-counters for the summary and the exactly-once check. With no `--ray-address` and no Ray already
-running in this process, a private Ray is started (dashboard off, bound to 127.0.0.1, enough
-logical CPUs for every replica plus the readers) and shut down at the end. Ray's own progress
-bars are off: the job's `ProgressReporter` shows rows as output batches arrive. Work starts once
-every replica has loaded; each actor then gets a block whenever it has room for one (at most 2
-queued per actor). An actor drains its engine at the end of each block (`batch_size` rows), so
-keep blocks well above `max_num_seqs`.
+processes (the mp executor); with `--distributed-executor-backend ray` the actor reserves nothing
+and its engine places one Ray actor per rank in its own placement group of tp x pp bundles
+(`engine/executor/ray_executor.py`), so a replica may span nodes. A `ReplicaLedger` actor collects
+each replica's node, model and counters for the summary and the exactly-once check. With no
+`--ray-address` and no Ray already running in this process, a private Ray is started (dashboard off,
+bound to 127.0.0.1, enough logical CPUs for every replica plus the readers) and shut down at the
+end. Ray's own progress bars are off: the job's `ProgressReporter` shows rows as output batches
+arrive. Work starts once every replica has loaded; each actor then gets a block whenever it has room
+for one (at most 2 queued per actor). An actor drains its engine at the end of each block
+(`batch_size` rows), so keep blocks well above `max_num_seqs`.
 """
 from __future__ import annotations
 

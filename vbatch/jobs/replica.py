@@ -17,8 +17,14 @@ import pyarrow as pa
 
 from vbatch.engine.llm_engine import LLMEngine
 from vbatch.engine.sampling_params import SamplingParams
-from vbatch.io.schema import (ERROR, FINISH_REASON, GENERATED_TEXT, NUM_GENERATED_TOKENS,
-                              NUM_PROMPT_TOKENS, build_output_batch)
+from vbatch.io.schema import (
+    ERROR,
+    FINISH_REASON,
+    GENERATED_TEXT,
+    NUM_GENERATED_TOKENS,
+    NUM_PROMPT_TOKENS,
+    build_output_batch,
+)
 from vbatch.jobs.row_errors import REJECTED, RowError
 from vbatch.jobs.row_prompts import PromptEncoder, RowPrompts
 from vbatch.jobs.row_sampling import RowSampling

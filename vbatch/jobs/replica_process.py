@@ -75,7 +75,7 @@ def _serve(wid: int, index: int, config: JobConfig, prompt_column: str, env: dic
     try:
         # Imported here, after the replica's environment (CUDA_VISIBLE_DEVICES, thread count)
         # is set, and inside the try so that a broken install is reported to the driver.
-        from vbatch.jobs.replica_engine import model_info, start_replica
+        from vbatch.jobs.replica_engine import model_info, start_replica  # noqa: PLC0415 - imported after the env is set
         replica = start_replica(config, prompt_column)
         engine = replica.engine
         results.send((READY, wid, model_info(engine)))

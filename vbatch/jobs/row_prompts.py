@@ -18,8 +18,15 @@ import pyarrow as pa
 from vbatch.errors import VBatchUsageError
 from vbatch.io.schema import MESSAGES_COLUMN
 from vbatch.jobs.options import ON_LONG_PROMPT_CHOICES
-from vbatch.jobs.row_errors import (BAD_MESSAGES, CHAT_TEMPLATE, EMPTY_PROMPT, NOT_TEXT,
-                                    PROMPT_TOO_LONG, TOKENIZE, RowError)
+from vbatch.jobs.row_errors import (
+    BAD_MESSAGES,
+    CHAT_TEMPLATE,
+    EMPTY_PROMPT,
+    NOT_TEXT,
+    PROMPT_TOO_LONG,
+    TOKENIZE,
+    RowError,
+)
 
 
 @dataclass(frozen=True)

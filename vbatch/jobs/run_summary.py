@@ -1,11 +1,11 @@
 """`_run_summary.json`: what a finished job did, for people and dashboards.
 
-The leading underscore makes Parquet readers (pyarrow, Spark, Ray) skip it when they read the
-output directory, as they skip `_SUCCESS` and `_manifest.json`. Written into the output directory before `_SUCCESS` (and after the part files) by every runner:
-counts, tokens, timings, the plan (runner, replicas, tp, pp, executor, device groups), per-replica
-statistics (rows, tokens, node, state), the job config and the versions of vbatch, Python,
-torch, transformers, pyarrow and Ray (when Ray ran the job). `merge_counters` adds up the
-counters that replicas report.
+The leading underscore makes Parquet readers (pyarrow, Spark, Ray) skip it when they read the output
+directory, as they skip `_SUCCESS` and `_manifest.json`. Written into the output directory before
+`_SUCCESS` (and after the part files) by every runner: counts, tokens, timings, the plan (runner,
+replicas, tp, pp, executor, device groups), per-replica statistics (rows, tokens, node, state), the
+job config and the versions of vbatch, Python, torch, transformers, pyarrow and Ray (when Ray ran
+the job). `merge_counters` adds up the counters that replicas report.
 """
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
+import pyarrow
+import torch
+import transformers
+
+import vbatch
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.plan import JobPlan
 from vbatch.jobs.progress import JobStats
@@ -39,11 +44,6 @@ def merge_counters(counters: list[Any]) -> Any:
 
 def versions() -> dict[str, str]:
     """Versions of the software that ran the job (Ray only when it is already imported)."""
-    import pyarrow
-    import torch
-    import transformers
-
-    import vbatch
     found = {"vbatch": vbatch.__version__, "python": platform.python_version(),
              "torch": torch.__version__, "transformers": transformers.__version__,
              "pyarrow": pyarrow.__version__}

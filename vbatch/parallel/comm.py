@@ -39,7 +39,7 @@ class GroupCoordinator:
         return self.rank_in_group == self.world_size - 1
 
     @staticmethod
-    def single() -> "GroupCoordinator":
+    def single() -> GroupCoordinator:
         """A group of one member: every collective is the identity."""
         return GroupCoordinator(ranks=[0], rank_in_group=0, device_group=None)
 

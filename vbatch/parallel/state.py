@@ -47,7 +47,7 @@ class ParallelState:
         return self.pp.is_last_rank and self.tp_rank == 0
 
     @staticmethod
-    def single(device: torch.device | str = "cpu") -> "ParallelState":
+    def single(device: torch.device | str = "cpu") -> ParallelState:
         """tp = pp = 1 in this process: no torch.distributed initialisation at all."""
         return ParallelState(tp=GroupCoordinator.single(), pp=GroupCoordinator.single(),
                              world_rank=0, world_size=1, device=torch.device(device))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 BACKENDS = ("uni", "mp", "ray")
 
@@ -31,7 +31,7 @@ def in_ray_placement_group() -> bool:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return False
-    from ray.util import get_current_placement_group
+    from ray.util import get_current_placement_group  # noqa: PLC0415 - optional; ray already imported
     return get_current_placement_group() is not None
 
 

@@ -56,5 +56,6 @@ class Executor(ABC):
         """Start one model step on every rank; `.driver_result()` gives the sampled tokens."""
         return self.submit("execute_model", seqs)
 
+    @abstractmethod
     def shutdown(self) -> None:
         """Release the workers (idempotent)."""

@@ -6,6 +6,8 @@ import torch
 
 from vbatch.engine.executor import backend as backend_rule
 from vbatch.engine.executor.base import Executor
+from vbatch.engine.executor.multiproc import MultiprocExecutor
+from vbatch.engine.executor.uniproc import UniProcExecutor
 from vbatch.engine.worker import WorkerSpec
 
 
@@ -27,10 +29,8 @@ def make_executor(spec: WorkerSpec, *, tp_size: int, pp_size: int,
     chosen = choose_backend(backend, world_size=tp_size * pp_size,
                             device=torch.device(spec.device))
     if chosen == "uni":
-        from vbatch.engine.executor.uniproc import UniProcExecutor
         return UniProcExecutor(spec)
     if chosen == "mp":
-        from vbatch.engine.executor.multiproc import MultiprocExecutor
         return MultiprocExecutor(spec, tp_size=tp_size, pp_size=pp_size)
-    from vbatch.engine.executor.ray_executor import RayExecutor
+    from vbatch.engine.executor.ray_executor import RayExecutor  # noqa: PLC0415 - lazy: ray backend only
     return RayExecutor(spec, tp_size=tp_size, pp_size=pp_size)

@@ -14,8 +14,10 @@ import socket
 import traceback
 from multiprocessing.connection import wait
 
+import torch.distributed as dist
+
 from vbatch.engine.executor.base import Executor, PendingResult, WorkerError
-from vbatch.engine.worker import WorkerSpec
+from vbatch.engine.worker import WorkerSpec, start_worker
 
 __all__ = ["MultiprocExecutor", "WorkerError"]
 
@@ -33,7 +35,6 @@ def _worker_main(rank: int, spec: WorkerSpec, tp_size: int, pp_size: int, init_m
     """Entry point of a worker process: build this rank, then serve (method, args) messages."""
     if visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
-    from vbatch.engine.worker import start_worker
     try:
         worker = start_worker(spec, world_rank=rank, tp_size=tp_size, pp_size=pp_size,
                               init_method=init_method)
@@ -52,7 +53,6 @@ def _worker_main(rank: int, spec: WorkerSpec, tp_size: int, pp_size: int, init_m
             conn.send(("ok", getattr(worker, method)(*args)))
         except BaseException as error:
             conn.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
 

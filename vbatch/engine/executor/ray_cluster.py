@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import vbatch
+
 
 def import_ray():
     """The `ray` module, or a one-line ValueError telling the user how to install it."""
     try:
-        import ray
+        import ray  # noqa: PLC0415 - optional dependency (vbatch[ray]): reported below
     except ImportError:
         raise ValueError("distributed_executor_backend='ray' needs Ray, which is not installed: "
                          "pip install 'vbatch[ray]'") from None
@@ -41,7 +43,6 @@ def worker_env() -> dict[str, str]:
     """Environment variables for the rank actors: this vbatch first on PYTHONPATH (so every
     actor imports the same code as the engine, installed or not) and the VBATCH_* / HF_*
     settings. CUDA_VISIBLE_DEVICES is deliberately not passed: Ray sets it per actor."""
-    import vbatch
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(vbatch.__file__)))
     python_path = os.environ.get("PYTHONPATH")
     env = {"PYTHONPATH": package_root + (os.pathsep + python_path if python_path else "")}
@@ -65,8 +66,11 @@ def reserve(ray, *, device_type: str, world_size: int, tp_size: int, pp_size: in
     """One bundle per rank: the current placement group's bundles when this process runs in
     one (a Ray Data replica actor, say), else a new PACK group of `world_size` bundles of
     {"GPU": 1} (CUDA) or {"CPU": 1} (CPU). Raises ValueError if it cannot be placed in time."""
-    from ray.util.placement_group import (get_current_placement_group, placement_group,
-                                          remove_placement_group)
+    from ray.util.placement_group import (  # noqa: PLC0415 - optional dependency (vbatch[ray])
+        get_current_placement_group,
+        placement_group,
+        remove_placement_group,
+    )
     gpu = device_type == "cuda"
     current = get_current_placement_group()
     if current is not None:

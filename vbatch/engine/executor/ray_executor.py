@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import socket
 
+import torch
+
 from vbatch.engine.executor import ray_cluster
 from vbatch.engine.executor.base import Executor, PendingResult, WorkerError
-from vbatch.engine.worker import WorkerSpec
+from vbatch.engine.worker import WorkerSpec, start_worker
 
 __all__ = ["RayExecutor", "RankActor", "WorkerError"]
 
@@ -33,7 +35,7 @@ class RankActor:
 
     def node_id(self) -> str:
         """The Ray node this actor runs on."""
-        import ray
+        import ray  # noqa: PLC0415 - optional dependency (vbatch[ray])
         return ray.get_runtime_context().get_node_id()
 
     def pid(self) -> int:
@@ -48,9 +50,6 @@ class RankActor:
     def start(self, spec: WorkerSpec, world_rank: int, tp_size: int, pp_size: int,
               init_method: str) -> None:
         """Join the engine's process groups and load this rank's shard."""
-        import torch
-
-        from vbatch.engine.worker import start_worker
         if torch.device(spec.device).type == "cuda" and torch.cuda.device_count() < 1:
             raise RuntimeError(f"rank {world_rank} sees no GPU (CUDA_VISIBLE_DEVICES="
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
@@ -93,7 +92,7 @@ class RayExecutor(Executor):
             raise
 
     def _start_actors(self, spec: WorkerSpec, tp_size: int, pp_size: int) -> None:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: PLC0415 - optional dependency (vbatch[ray])
         ray, placement = self._ray, self._placement
         actor_class = ray.remote(RankActor)
         env = {"env_vars": ray_cluster.worker_env()}
@@ -140,7 +139,7 @@ class RayExecutor(Executor):
 
     def _failures(self, ready: list, rank_of: dict) -> dict[int, tuple[str, str]]:
         """rank -> ("died" | "failed", first line of the cause) for the failed refs in ready."""
-        from ray.exceptions import RayActorError, RayError, RayTaskError
+        from ray.exceptions import RayActorError, RayError, RayTaskError  # noqa: PLC0415 - optional dependency (vbatch[ray])
         failures = {}
         for ref in ready:
             try:
@@ -170,7 +169,7 @@ class RayExecutor(Executor):
         self.actors = []
         placement, self._placement = self._placement, None
         if placement is not None and placement.owned:
-            from ray.util.placement_group import remove_placement_group
+            from ray.util.placement_group import remove_placement_group  # noqa: PLC0415 - optional dependency (vbatch[ray])
             try:
                 remove_placement_group(placement.group)
             except Exception:

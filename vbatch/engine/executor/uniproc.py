@@ -14,3 +14,6 @@ class UniProcExecutor(Executor):
 
     def submit(self, method: str, *args) -> PendingResult:
         return DoneResult([getattr(self.worker, method)(*args)])
+
+    def shutdown(self) -> None:
+        """Nothing to release: the worker lives in the engine's process and goes with it."""

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from vbatch.engine.loader.resolve import cache_root_dir
+
 logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent
@@ -222,7 +224,6 @@ def cpu_kernels() -> CpuKernels | None:
         logger.warning("no C compiler (%s) found: CPU attention runs on PyTorch ops (slower); "
                        "install gcc to enable the native kernels", compiler)
         return None
-    from vbatch.engine.loader.resolve import cache_root_dir
     try:
         return CpuKernels(build_library(cache_root_dir(), compiler))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:

@@ -8,8 +8,19 @@
 from __future__ import annotations
 
 from vbatch.engine.loader.gguf_convert import CONVERTER_VERSION, convert_gguf
-from vbatch.engine.loader.resolve import ResolvedModel, cache_root_dir, default_model_file, resolve_model
-from vbatch.engine.loader.weights import Sliceable, iter_checkpoint_tensors, load_full, load_slice, shape_of
+from vbatch.engine.loader.resolve import (
+    ResolvedModel,
+    cache_root_dir,
+    default_model_file,
+    resolve_model,
+)
+from vbatch.engine.loader.weights import (
+    Sliceable,
+    iter_checkpoint_tensors,
+    load_full,
+    load_slice,
+    shape_of,
+)
 
 __all__ = [
     "CONVERTER_VERSION",

@@ -30,10 +30,12 @@ CONVERTER_VERSION = 1
 SOURCE_INFO_FILE = "vbatch_source.json"
 _STALE_TEMP_S = 24 * 3600
 
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                 "output": "lm_head"}
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 # Tensors that only feed the config (llama3 RoPE frequency factors), not a parameter.
@@ -77,7 +79,8 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
         except OSError as exc:
             if not (final_dir / SOURCE_INFO_FILE).is_file():
                 raise VBatchUsageError(
-                    f"cannot publish the GGUF conversion to '{final_dir}' ({one_line(exc)}); delete it and retry"
+                    f"cannot publish the GGUF conversion to '{final_dir}' ({one_line(exc)}); "
+                    "delete it and retry"
                 ) from exc
             # Another process finished first: use its directory.
     finally:
@@ -128,7 +131,7 @@ def unpermute_rope(weight: Any, num_heads: int) -> Any:
 
 def _convert_into(gguf_path: Path, out_dir: Path) -> None:
     """Write the whole converted model for `gguf_path` into the empty directory `out_dir`."""
-    import gguf
+    import gguf  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
 
     try:
         reader = gguf.GGUFReader(gguf_path)
@@ -156,7 +159,7 @@ def _convert_into(gguf_path: Path, out_dir: Path) -> None:
 
 def _llama_config(reader: Any) -> Any:
     """Build a transformers `LlamaConfig` from the `llama.*` and tokenizer GGUF metadata."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # noqa: PLC0415 - start-up: transformers loads only when a GGUF is converted
 
     def get(key: str, default: Any = None) -> Any:
         return _field(reader, f"llama.{key}", default)
@@ -167,7 +170,8 @@ def _llama_config(reader: Any) -> Any:
     head_dim = int(get("attention.key_length", hidden_size // num_heads))
     rotary_dim = int(get("rope.dimension_count", head_dim))
     if rotary_dim != head_dim:
-        raise VBatchUsageError(f"GGUF with partial rotary embeddings ({rotary_dim} of {head_dim}) is not supported")
+        raise VBatchUsageError(f"GGUF with partial rotary embeddings ({rotary_dim} of {head_dim}) "
+                               "is not supported")
     vocab_size = get("vocab_size")
     if vocab_size is None:
         embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
@@ -225,8 +229,8 @@ def _llama3_rope(freqs_tensor: Any, rope_theta: float, head_dim: int) -> dict[st
     llama.cpp stores factor f_i = 1 / ((1 - s_i) / factor + s_i) per frequency, with
     s_i = clip((8192 / wavelen_i - low) / (high - low), 0, 1), low = 1, high = 4.
     """
-    import numpy as np
-    from gguf.quants import dequantize
+    import numpy as np  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
+    from gguf.quants import dequantize  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
 
     stored = np.asarray(dequantize(freqs_tensor.data, freqs_tensor.tensor_type), np.float64).ravel()
     factor, original = float(stored.max()), 8192
@@ -234,9 +238,10 @@ def _llama3_rope(freqs_tensor: Any, rope_theta: float, head_dim: int) -> dict[st
     smooth = np.clip((original / wavelen - 1.0) / 3.0, 0.0, 1.0)
     expected = 1.0 / ((1 - smooth) / factor + smooth)
     if expected.shape != stored.shape or not np.allclose(stored, expected, rtol=1e-4):
-        raise VBatchUsageError("GGUF rope_freqs factors do not match llama3 rope scaling; not supported")
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": original}
+        raise VBatchUsageError("GGUF rope_freqs factors do not match llama3 rope scaling; "
+                               "not supported")
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": original}
 
 
 def _write_weights(reader: Any, config: Any, path: Path) -> None:
@@ -244,8 +249,8 @@ def _write_weights(reader: Any, config: Any, path: Path) -> None:
 
     Written by hand (header, then each tensor's bytes) so only one tensor is in memory at a time.
     """
-    import numpy as np
-    from gguf.quants import dequantize
+    import numpy as np  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
+    from gguf.quants import dequantize  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
 
     entries = []
     offset = 0
@@ -264,12 +269,13 @@ def _write_weights(reader: Any, config: Any, path: Path) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
-        for name, shape, _, num_bytes, tensor in entries:
+        for _name, shape, _, num_bytes, tensor in entries:
             try:
                 weight = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype="<f4")
             except NotImplementedError as exc:
                 raise VBatchUsageError(
-                    f"GGUF tensor {tensor.name} uses type {tensor.tensor_type.name}, which gguf cannot dequantize"
+                    f"GGUF tensor {tensor.name} uses type {tensor.tensor_type.name}, "
+                    "which gguf cannot dequantize"
                 ) from exc
             if ".attn_q." in tensor.name:
                 weight = unpermute_rope(weight, config.num_attention_heads)
@@ -277,13 +283,14 @@ def _write_weights(reader: Any, config: Any, path: Path) -> None:
                 weight = unpermute_rope(weight, config.num_key_value_heads)
             weight = np.ascontiguousarray(weight.reshape(shape))
             if weight.nbytes != num_bytes:
-                raise RuntimeError(f"GGUF tensor {tensor.name} dequantized to {weight.nbytes} bytes, expected {num_bytes}")
+                raise RuntimeError(f"GGUF tensor {tensor.name} dequantized to {weight.nbytes} "
+                                   f"bytes, expected {num_bytes}")
             f.write(memoryview(weight).cast("B"))
 
 
 def _write_generation_config(config: Any, out_dir: Path) -> None:
     """Write `generation_config.json` carrying the GGUF's bos/eos/pad token ids."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # noqa: PLC0415 - start-up: transformers loads only when a GGUF is converted
 
     GenerationConfig(
         bos_token_id=config.bos_token_id,
@@ -294,12 +301,13 @@ def _write_generation_config(config: Any, out_dir: Path) -> None:
 
 def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     """Save the GGUF's tokenizer (and chat template) as Hugging Face tokenizer files."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - start-up: transformers loads only when a GGUF is converted
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except (ValueError, KeyError, NotImplementedError) as exc:
-        raise VBatchUsageError(f"cannot build the tokenizer of '{gguf_path.name}': {one_line(exc)}") from exc
+        raise VBatchUsageError(f"cannot build the tokenizer of '{gguf_path.name}': "
+                               f"{one_line(exc)}") from exc
     tokenizer.save_pretrained(out_dir)
 
 
@@ -311,7 +319,7 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 def _short_float32(value: float) -> float:
     """Return the shortest decimal that rounds to the same float32 (9.99999974e-06 -> 1e-05)."""
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
 
     return float(str(np.float32(value)))
 

@@ -83,7 +83,8 @@ def resolve_model(
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return _resolve_gguf(path, cache_root)
-        raise VBatchUsageError(f"model file '{text}' is not a .gguf file; pass a .gguf file or a model directory")
+        raise VBatchUsageError(f"model file '{text}' is not a .gguf file; pass a .gguf file or a "
+                               "model directory")
     if text.lower().endswith(".gguf") or text.startswith(("/", "./", "../", "~")):
         raise VBatchUsageError(f"model path '{text}' does not exist")
     if _HUB_ID.match(text) and ".." not in text and "--" not in text:
@@ -95,7 +96,8 @@ def resolve_model(
 
 
 def cache_root_dir(cache_dir: str | None = None) -> Path:
-    """Return the vbatch cache root: `cache_dir`, else `$VBATCH_CACHE_DIR`, else `~/.cache/vbatch`."""
+    """Return the vbatch cache root: `cache_dir`, else `$VBATCH_CACHE_DIR`, else
+    `~/.cache/vbatch`."""
     chosen = cache_dir or os.environ.get("VBATCH_CACHE_DIR") or "~/.cache/vbatch"
     return Path(chosen).expanduser()
 
@@ -118,7 +120,8 @@ def _resolve_gguf(gguf_path: Path, cache_root: Path) -> ResolvedModel:
     return ResolvedModel(converted, str(gguf_path.resolve()), fingerprint, "gguf")
 
 
-def _resolve_dir(path: Path, cache_root: Path, allow_pickle: bool, trust_remote_code: bool) -> ResolvedModel:
+def _resolve_dir(path: Path, cache_root: Path, allow_pickle: bool,
+                 trust_remote_code: bool) -> ResolvedModel:
     """Check a local model directory and fingerprint it."""
     path = path.resolve()
     if not (path / "config.json").is_file():
@@ -127,8 +130,10 @@ def _resolve_dir(path: Path, cache_root: Path, allow_pickle: bool, trust_remote_
             return _resolve_gguf(ggufs[0], cache_root)
         if ggufs:
             names = ", ".join(p.name for p in ggufs)
-            raise VBatchUsageError(f"directory '{path}' holds several GGUF files ({names}); pass one of them")
-        raise VBatchUsageError(f"directory '{path}' has no config.json; it is not a Hugging Face model directory")
+            raise VBatchUsageError(f"directory '{path}' holds several GGUF files ({names}); "
+                                   "pass one of them")
+        raise VBatchUsageError(f"directory '{path}' has no config.json; it is not a Hugging Face "
+                               "model directory")
     _check_config(path, trust_remote_code)
     weights = safetensors_files(path)
     fmt = "safetensors"
@@ -153,7 +158,8 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise VBatchUsageError(f"cannot read '{path / 'config.json'}': {one_line(str(exc))}") from exc
+        raise VBatchUsageError(f"cannot read '{path / 'config.json'}': "
+                               f"{one_line(str(exc))}") from exc
     if not isinstance(config, dict):
         raise VBatchUsageError(f"'{path / 'config.json'}' is not a JSON object")
     if "auto_map" in config and not trust_remote_code:
@@ -172,10 +178,11 @@ def _fingerprint_dir(path: Path, weights: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _resolve_hub(repo_id: str, cache_root: Path, allow_pickle: bool, trust_remote_code: bool) -> ResolvedModel:
+def _resolve_hub(repo_id: str, cache_root: Path, allow_pickle: bool,
+                 trust_remote_code: bool) -> ResolvedModel:
     """Find `repo_id` in the local hub cache, or download it when online (bounded probe first)."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub import constants, snapshot_download  # noqa: PLC0415 - start-up: only hub ids need it
+    from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415 - start-up: only hub ids need it
 
     patterns = _HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else [])
     try:
@@ -183,23 +190,25 @@ def _resolve_hub(repo_id: str, cache_root: Path, allow_pickle: bool, trust_remot
     except LocalEntryNotFoundError:
         local = None
     except Exception as exc:  # e.g. a corrupt cache entry
-        raise VBatchUsageError(f"cannot use hub model '{repo_id}' from the local cache: {one_line(exc, 300)}") from exc
+        raise VBatchUsageError(f"cannot use hub model '{repo_id}' from the local cache: "
+                               f"{one_line(exc, 300)}") from exc
     if local is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
         if offline or constants.HF_HUB_OFFLINE:
             raise VBatchUsageError(
-                f"hub model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                "download it first or pass a local directory or .gguf file"
+                f"hub model '{repo_id}' is not in the local Hugging Face cache and "
+                "HF_HUB_OFFLINE is set; download it first or pass a local directory or .gguf file"
             )
         local = _download(repo_id, patterns)
     resolved = _resolve_dir(Path(local), cache_root, allow_pickle, trust_remote_code)
     commit = Path(local).name
-    return ResolvedModel(resolved.path, f"{repo_id}@{commit}", resolved.fingerprint, resolved.format)
+    return ResolvedModel(resolved.path, f"{repo_id}@{commit}", resolved.fingerprint,
+                         resolved.format)
 
 
 def _download(repo_id: str, patterns: list[str]) -> str:
     """Download `repo_id` after checking, within `_HUB_PROBE_TIMEOUT_S`, that the hub answers."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download  # noqa: PLC0415 - start-up: only hub ids need it
 
     outcome: dict[str, Any] = {}
 
@@ -214,16 +223,19 @@ def _download(repo_id: str, patterns: list[str]) -> str:
     thread.join(_HUB_PROBE_TIMEOUT_S)
     if thread.is_alive():
         raise VBatchUsageError(
-            f"hub model '{repo_id}' is not in the local cache and the hub did not answer within "
-            f"{_HUB_PROBE_TIMEOUT_S:.0f} s; download it first or pass a local directory or .gguf file"
+            f"hub model '{repo_id}' is not in the local cache and the hub did not answer "
+            f"within {_HUB_PROBE_TIMEOUT_S:.0f} s; download it first or pass a local directory "
+            "or .gguf file"
         )
     if "error" in outcome:
         raise VBatchUsageError(
             f"hub model '{repo_id}' is not in the local cache and could not be fetched "
-            f"({one_line(outcome['error'], 300)}); download it first or pass a local directory or .gguf file"
+            f"({one_line(outcome['error'], 300)}); download it first or pass a local "
+            "directory or .gguf file"
         )
     logger.info("downloading %s from the Hugging Face hub", repo_id)
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10)
     except Exception as exc:  # network, permissions, disk
-        raise VBatchUsageError(f"downloading hub model '{repo_id}' failed: {one_line(exc, 300)}") from exc
+        raise VBatchUsageError(f"downloading hub model '{repo_id}' failed: "
+                               f"{one_line(exc, 300)}") from exc

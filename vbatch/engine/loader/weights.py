@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from safetensors import safe_open
+
 from vbatch.errors import VBatchUsageError
 
 if TYPE_CHECKING:
@@ -27,12 +29,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
-    """Return the directory's safetensors weight files: the shards named by the index, else `*.safetensors`."""
+    """Return the directory's safetensors weight files: the shards named by the index, else
+    `*.safetensors`."""
     return _weight_files(Path(model_dir), SAFETENSORS_INDEX, (".safetensors",))
 
 
 def pickle_files(model_dir: Path) -> list[Path]:
-    """Return the directory's pickle weight files (`*.bin`, `*.pt`, `*.pth`, or the shards of the index)."""
+    """Return the directory's pickle weight files (`*.bin`, `*.pt`, `*.pth`, or the index's
+    shards)."""
     return _weight_files(Path(model_dir), PICKLE_INDEX, PICKLE_SUFFIXES)
 
 
@@ -47,8 +51,6 @@ def iter_checkpoint_tensors(model_dir: Path) -> Iterator[tuple[str, Sliceable]]:
     model_dir = Path(model_dir)
     files = safetensors_files(model_dir)
     if files:
-        from safetensors import safe_open
-
         for path in files:
             handle = safe_open(str(path), framework="pt")
             for name in handle.keys():
@@ -105,7 +107,7 @@ def _weight_files(model_dir: Path, index_name: str, suffixes: tuple[str, ...]) -
 
 def _load_pickle(path: Path) -> dict[str, Any]:
     """Load a pickle state dict with the restricted (weights-only) unpickler, mmap when possible."""
-    import torch
+    import torch  # noqa: PLC0415 - start-up: keeps vbatch.engine.loader free of torch at import
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -118,6 +120,6 @@ def _load_pickle(path: Path) -> dict[str, Any]:
 
 def _contiguous() -> Any:
     """Return `torch.contiguous_format` (imported lazily to keep this module light)."""
-    import torch
+    import torch  # noqa: PLC0415 - start-up: keeps vbatch.engine.loader free of torch at import
 
     return torch.contiguous_format

@@ -52,7 +52,7 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, config, ps: ParallelState, dtype: torch.dtype):
         super().__init__()
-        from transformers.activations import ACT2FN
+        from transformers.activations import ACT2FN  # noqa: PLC0415 - start-up: transformers loads when a model is built
         inner = config.n_inner or 4 * config.hidden_size
         self.c_fc = ColumnParallelLinear(config.hidden_size, inner, bias=True, tp_group=ps.tp,
                                          dtype=dtype, device=ps.device)

@@ -16,8 +16,7 @@ from vbatch.engine.kernels.cpu_kernels import cpu_kernels_for
 from vbatch.engine.models.loading import StackedParam, load_named_weights
 from vbatch.engine.rotary import RotaryEmbedding, RotaryStep
 from vbatch.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
-from vbatch.parallel.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                    RowParallelLinear)
+from vbatch.parallel.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vbatch.parallel.pipeline import PPMissingLayer, layer_range
 from vbatch.parallel.state import ParallelState
 
