@@ -52,7 +52,8 @@ class Option:
     `fingerprint`: part of the job fingerprint (it changes which rows exist or what they
     generate), so `--resume` refuses a change to it; `in_job`: offered by `vbatch run` and job
     YAML; `job_default`/`job_default_factory`: the job's default where it differs from the API's
-    (vLLM's `max_tokens=16` vs a job's 256); `cli_argument`: the positional INPUT argument.
+    (vLLM's `max_tokens=16` vs a job's 256); `cli_argument`: the positional INPUT argument;
+    `per_row`: an input column of this name overrides the value for its row.
     """
 
     help: str
@@ -69,6 +70,7 @@ class Option:
     job_default: Any = UNSET
     job_default_factory: Callable[[], Any] | None = None
     cli_argument: bool = False
+    per_row: bool = False
 
 
 def option(default: Any = _NO_DEFAULT, *, default_factory: Callable[[], Any] | None = None,

@@ -1,9 +1,10 @@
 """Per-row sampling values: optional input columns that override the job's `SamplingParams`.
 
-An input column named `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p` or `seed` sets
-that parameter for its row; a null cell keeps the job's value. Values are checked by
-`SamplingParams`' own validation; an impossible one (temperature -1, top_p 0, a word in a
-number column) makes that row an error row (`bad_sampling`), never the job.
+An input column named after a `SamplingParams` option declared `per_row` (`temperature`,
+`top_p`, `top_k`, `min_p`, `seed`, `max_tokens`) sets that parameter for its row; a null cell
+keeps the job's value. Cells are converted here (CSV columns may hold numbers as text); values
+are checked by `SamplingParams`' own declared checks; an impossible one (temperature -1, top_p
+0, a word in a number column) makes that row an error row (`bad_sampling`), never the job.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pyarrow as pa
 
 from vbatch.engine.sampling_params import SamplingParams
 from vbatch.jobs.row_errors import BAD_SAMPLING, RowError
+from vbatch.options import DeclaredOption, base_type, declared_options
 
 _INT64_MAX = 2**63 - 1
 
@@ -60,15 +62,17 @@ def _as_seed(value: object) -> int:
     return seed
 
 
-#: Column name -> converter of one cell (raises TypeError naming what it expected).
+def _cell_converter(declared: DeclaredOption) -> Callable[[object], object]:
+    if declared.name == "seed":
+        return _as_seed             # seeds are hashed as unsigned 64-bit integers
+    return {int: _as_int, float: _as_float}[base_type(declared.type)]
+
+
+#: Column name -> converter of one cell (raises TypeError naming what it expected): the
+#: `SamplingParams` options declared `per_row`, in declaration order.
 SAMPLING_COLUMNS: dict[str, Callable[[object], object]] = {
-    "max_tokens": _as_int,
-    "temperature": _as_float,
-    "top_p": _as_float,
-    "top_k": _as_int,
-    "min_p": _as_float,
-    "seed": _as_seed,
-}
+    declared.name: _cell_converter(declared) for declared in declared_options(SamplingParams)
+    if declared.spec.per_row}
 
 
 class RowSampling:
