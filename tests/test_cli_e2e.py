@@ -51,7 +51,8 @@ def test_every_row_exactly_once_with_passthrough(tmp_path, tiny_models, suffix):
     _write(source, rows)
     result = _vbatch("run", str(source), "--model", str(tiny_models["llama-gqa-tied"]),
                      "--max-tokens", "6", "--temperature", "0.7", "--seed", "3",
-                     "--max-num-seqs", "4", "--rows-per-file", "10", "--dtype", "float32")
+                     "--max-num-seqs", "4", "--rows-per-file", "10", "--dtype", "float32",
+                     *(["--csv-infer-types"] if suffix == ".csv" else []))
     assert result.returncode == 0, result.stderr
     out_dir = tmp_path / "prompts.vbatch"
     assert (out_dir / "_SUCCESS").is_file()

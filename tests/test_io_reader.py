@@ -20,6 +20,7 @@ from vbatch.io.reader import (
     input_schema,
     prompt_column_of,
     read_batches,
+    scan_inputs,
     validate_inputs,
 )
 
@@ -42,12 +43,18 @@ def write_parquet(path: Path, columns: dict, **kwargs) -> Path:
     return path
 
 
-def read_all(input: str, *, prompt_column="prompt", id_column="id", batch_size=1024) -> pa.Table:
-    """Read INPUT the way a job does and check every batch has the announced schema."""
+def read_all(input: str, *, prompt_column="prompt", id_column="id", batch_size=1024,
+             **scan_options) -> pa.Table:
+    """Read INPUT the way a job does and check every batch has the announced schema.
+    `scan_options`: `scan_inputs`' csv_infer_types / allow_type_promotion."""
     files = resolve_input_files(input)
     columns = {"prompt_column": prompt_column, "id_column": id_column}
-    schema = input_schema(files, **columns)
-    batches = list(read_batches(files, root=input_root(input), batch_size=batch_size, **columns))
+    scan = scan_inputs(files, **columns, **scan_options)
+    schema = scan.schema
+    if not scan_options:
+        assert input_schema(files, **columns).equals(schema)
+    batches = list(read_batches(files, root=input_root(input), batch_size=batch_size, scan=scan,
+                                **columns))
     assert all(batch.schema.equals(schema) for batch in batches)
     return pa.Table.from_batches(batches, schema=schema)
 
@@ -165,9 +172,9 @@ def test_schemas_are_unified_across_files(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", [{"prompt": "r", "extra": True}])
     table = read_all(str(tmp_path))
     assert table.schema.field("n").type == pa.string()
-    assert table.schema.field("x").type == pa.float64()
+    assert table.schema.field("x").type == pa.string()  # CSV cells are text
     assert table.column("n").to_pylist() == ["1", "many", None]
-    assert table.column("x").to_pylist() == [1.0, 2.5, None]
+    assert table.column("x").to_pylist() == ["1", "2.5", None]
     assert table.column("extra").to_pylist() == [None, None, True]
 
 
@@ -185,11 +192,13 @@ def test_text_files_larger_than_a_block_get_one_schema(tmp_path, monkeypatch):
     jsonl_rows = [{"prompt": f"p{i}", "n": i} for i in range(200)]
     jsonl_rows += [{"prompt": "x" * 1000, "n": 0.5, "late": "new"}]  # one line > a block
     jsonl_path = write_jsonl(tmp_path / "big.jsonl", jsonl_rows)
-    csv_table = read_all(str(csv_path), batch_size=64)
+    # Inferred types that differ between blocks widen only when asked to (else: refused).
+    promote = {"csv_infer_types": True, "allow_type_promotion": True}
+    csv_table = read_all(str(csv_path), batch_size=64, **promote)
     assert csv_table.schema.field("a").type == pa.string()
     assert csv_table.schema.field("b").type == pa.float64()
     assert csv_table.column("a").to_pylist()[-2:] == ["199", "unknown"]
-    jsonl_table = read_all(str(jsonl_path), batch_size=64)
+    jsonl_table = read_all(str(jsonl_path), batch_size=64, allow_type_promotion=True)
     assert jsonl_table.num_rows == 201
     assert jsonl_table.schema.field("n").type == pa.float64()
     assert jsonl_table.column("late").to_pylist()[-2:] == [None, "new"]
@@ -204,7 +213,7 @@ def test_multi_line_csv_prompts_across_blocks(tmp_path, monkeypatch):
     path = write_text(tmp_path / "multi.csv", "prompt,n\n" + lines)
     table = read_all(str(path), batch_size=16)
     assert table.column("prompt").to_pylist() == prompts
-    assert table.column("n").to_pylist() == list(range(40))
+    assert table.column("n").to_pylist() == [str(i) for i in range(40)]  # CSV cells are text
 
 
 def test_byte_order_mark_and_blank_lines_are_tolerated(tmp_path):

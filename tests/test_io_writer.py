@@ -23,7 +23,7 @@ from vbatch.io.output_dir import (
     prepare_output_dir,
 )
 from vbatch.io.parts import ParquetPartWriter
-from vbatch.io.reader import read_batches
+from vbatch.io.reader import read_batches, scan_inputs
 from vbatch.io.schema import OUTPUT_COLUMNS, build_output_batch, output_schema
 
 
@@ -128,10 +128,10 @@ def test_files_appear_atomically_and_success_is_last(tmp_path, monkeypatch):
     replaced: list[tuple[str, str]] = []
     real_replace = os.replace
 
-    def recording_replace(source, target):
+    def recording_replace(source, target, **dir_fds):   # names relative to the directory fd
         replaced.append((Path(source).name, Path(target).name))
-        assert not (Path(target).parent / SUCCESS_FILE).exists()
-        real_replace(source, target)
+        assert not (tmp_path / SUCCESS_FILE).exists()
+        real_replace(source, target, **dir_fds)
 
     monkeypatch.setattr(atomic_module.os, "replace", recording_replace)
     part_writer = ParquetPartWriter(tmp_path, rows_per_file=3)
@@ -156,7 +156,7 @@ def test_exception_aborts_without_success_or_temp_files(tmp_path):
 
 def test_failed_part_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def failing_write_table(table, where, **kwargs):
-        Path(where).write_bytes(b"half a file")
+        where.write(b"half a file")          # a file object of the temporary name
         raise OSError("disk full")
 
     monkeypatch.setattr(parts_module.pq, "write_table", failing_write_table)
@@ -229,7 +229,8 @@ def test_read_generate_write_round_trip(tmp_path):
     files = resolve_input_files(str(data))
     output_dir = prepare_output_dir(default_output_dir(str(data)), overwrite=False)
     with ParquetPartWriter(output_dir, rows_per_file=5) as part_writer:
-        for batch in read_batches(files, batch_size=4, root=input_root(str(data))):
+        scan = scan_inputs(files, allow_type_promotion=True)    # int n and CSV text n
+        for batch in read_batches(files, batch_size=4, root=input_root(str(data)), scan=scan):
             part_writer.write(build_output_batch(batch, [RESULT] * batch.num_rows))
         part_writer.commit({"input": str(data)})
     table = pq.read_table(output_dir)

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from vbatch.engine.sampling_params import SamplingParams
 from vbatch.errors import VBatchUsageError
 from vbatch.jobs.config import FIELD_NAMES, JobConfig, load_job_config, read_yaml_config
 
@@ -205,3 +206,75 @@ def test_every_field_is_loadable_from_yaml(tmp_path):
     text = "\n".join(line.replace("None", "null") for line in lines) + "\n"
     assert load_job_config({}, write(tmp_path, text)) == config
     assert set(FIELD_NAMES) == set(config.to_dict())
+
+
+# --- 64-bit bounds and binary config files ------------------------------------------------------
+
+_INT64_MAX, _UINT64_MAX = 2**63 - 1, 2**64 - 1
+
+
+@pytest.mark.parametrize(("name", "largest"), [
+    ("seed", _UINT64_MAX), ("top_k", _INT64_MAX), ("max_tokens", _INT64_MAX),
+    ("max_model_len", _INT64_MAX), ("max_num_seqs", _INT64_MAX),
+    ("max_num_batched_tokens", _INT64_MAX), ("tensor_parallel_size", _INT64_MAX),
+    ("pipeline_parallel_size", _INT64_MAX), ("batch_size", _INT64_MAX),
+    ("rows_per_file", _INT64_MAX), ("replicas", _INT64_MAX), ("max_replica_restarts", _INT64_MAX),
+])
+def test_integer_options_are_bounded_to_64_bits(name, largest):
+    """The largest value that fits is accepted; one more is refused naming the flag (it used
+    to reach torch or Arrow: "Overflow when unpacking long long", an internal error)."""
+    JobConfig(input="a", **{name: largest}).validate()
+    with pytest.raises(VBatchUsageError) as excinfo:
+        JobConfig(input="a", **{name: largest + 1}).validate()
+    flag = "--" + name.replace("_", "-")
+    assert str(excinfo.value) == f"{flag} must be <= {largest}, got {largest + 1}"
+
+
+def test_sampling_params_bound_64_bit_values_naming_the_field():
+    SamplingParams(top_k=_INT64_MAX, seed=_UINT64_MAX, max_tokens=_INT64_MAX)
+    with pytest.raises(ValueError, match=rf"^top_k must be <= {_INT64_MAX}, got 10+$"):
+        SamplingParams(top_k=10**23)
+    with pytest.raises(ValueError, match=rf"^seed must be <= {_UINT64_MAX}, got"):
+        SamplingParams(seed=2**64)
+
+
+def test_yaml_seed_above_64_bits_names_the_flag(tmp_path):
+    path = write(tmp_path, "seed: 99999999999999999999999\n")
+    with pytest.raises(VBatchUsageError, match=r"^--seed must be <= 18446744073709551615, got "):
+        load_job_config({"input": "a"}, path)
+
+
+def _write_bytes(tmp_path, data, name="job.yaml"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (bytes(range(128, 256)) * 4, "is not UTF-8 text (byte 0x80 at line 1, column 1)"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "is not UTF-8 text (byte 0x89 at line 1"),
+    ("max_tokens: 4\n".encode("utf-16"), "is UTF-16 text; save it as UTF-8"),
+    ("max_tokens: 4\n".encode("utf-16-le"), "is not YAML text: character #x0000 at line 1, "
+                                            "column 2"),
+    (b"max_tokens: 4\n# caf\xe9\n", "is not UTF-8 text (byte 0xe9 at line 2, column 6)"),
+    (b"max_tokens: 4\nstop: \x00\x01\n", "is not YAML text: character #x0000 at line 2, "
+                                         "column 7"),
+], ids=["random-bytes", "png", "utf-16", "utf-16-le-no-bom", "latin-1", "nul-byte"])
+def test_binary_or_non_utf8_yaml_names_the_file(tmp_path, data, expected):
+    path = _write_bytes(tmp_path, data)
+    with pytest.raises(VBatchUsageError) as excinfo:
+        read_yaml_config(path)
+    message = str(excinfo.value)
+    assert message.startswith(f"config file {path} ") and expected in message
+    assert "\n" not in message
+
+
+def test_yaml_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    path = _write_bytes(tmp_path, "max_tokens: 4\nstop: café\n".encode("utf-8-sig"))
+    assert read_yaml_config(path) == {"max_tokens": 4, "stop": ["café"]}
+
+
+def test_invalid_yaml_position_is_still_reported(tmp_path):
+    path = write(tmp_path, "max_tokens: 4\nstop: [a, b\n")
+    with pytest.raises(VBatchUsageError, match=r"is not valid YAML at line 3, column 1$"):
+        read_yaml_config(path)

@@ -58,7 +58,8 @@ def ray_instance():
 def _run(mixed_inputs, model, output, **overrides):
     config = JobConfig(input=str(mixed_inputs), model=str(model), output=str(output),
                        max_tokens=6, temperature=0.0, dtype="float32", batch_size=3,
-                       max_num_seqs=4, rows_per_file=10, **overrides).validate()
+                       max_num_seqs=4, rows_per_file=10, csv_infer_types=True,
+                       **overrides).validate()
     stats = run_job(config, ProgressReporter(quiet=True))
     return stats, pq.read_table(output).to_pylist()
 
@@ -66,7 +67,8 @@ def _run(mixed_inputs, model, output, **overrides):
 def _input_keys(mixed_inputs):
     from vbatch.io import inputs, reader
     files = inputs.resolve_input_files(str(mixed_inputs))
-    batches = reader.read_batches(files, root=inputs.input_root(str(mixed_inputs)))
+    batches = reader.read_batches(files, root=inputs.input_root(str(mixed_inputs)),
+                                  scan=reader.scan_inputs(files, csv_infer_types=True))
     return [key for batch in batches for key in batch.column("id").to_pylist()]
 
 

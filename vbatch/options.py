@@ -25,6 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+#: Bounds of 64-bit integers: integer options end up in torch/Arrow int64 values (top_k, token
+#: counts, sizes), seeds in torch.manual_seed's uint64.
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+
 #: A check returns what is wrong with a value ("must be >= 1, got 0"), or None when it is fine.
 Check = Callable[[Any], "str | None"]
 
@@ -175,11 +180,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def at_least(minimum: float) -> Check:
-    """value >= minimum (and a finite number)."""
+def _is_finite_number(value: Any) -> bool:
+    """A number that is not inf/nan (any int is: `math.isfinite` would overflow on huge ones)."""
+    return _is_number(value) and (isinstance(value, int) or math.isfinite(value))
+
+
+def at_least(minimum: float, maximum: float | None = None) -> Check:
+    """value >= minimum (and a finite number), and value <= maximum when one is given (e.g.
+    `INT64_MAX` for an integer that must fit in 64 bits)."""
     def check(value: Any) -> str | None:
-        if not _is_number(value) or not math.isfinite(value) or value < minimum:
+        if not _is_finite_number(value) or value < minimum:
             return f"must be >= {minimum}, got {value}"
+        if maximum is not None and value > maximum:
+            return f"must be <= {maximum}, got {value}"
         return None
     return check
 
@@ -187,7 +200,7 @@ def at_least(minimum: float) -> Check:
 def greater_than(minimum: float) -> Check:
     """value > minimum (and a finite number)."""
     def check(value: Any) -> str | None:
-        if not _is_number(value) or not math.isfinite(value) or value <= minimum:
+        if not _is_finite_number(value) or value <= minimum:
             return f"must be > {minimum}, got {value}"
         return None
     return check
@@ -198,7 +211,7 @@ def in_range(low: float, high: float, *, low_open: bool = False) -> Check:
     interval = f"{'(' if low_open else '['}{low}, {high}]"
 
     def check(value: Any) -> str | None:
-        if not _is_number(value) or not math.isfinite(value):
+        if not _is_finite_number(value):
             return f"must be in {interval}, got {value}"
         if value > high or value < low or (low_open and value == low):
             return f"must be in {interval}, got {value}"

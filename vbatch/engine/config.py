@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vbatch.engine.executor.backend import BACKENDS
-from vbatch.options import at_least, greater_than, normalize_options, option, validate_options
+from vbatch.options import (
+    INT64_MAX,
+    UINT64_MAX,
+    at_least,
+    greater_than,
+    normalize_options,
+    option,
+    validate_options,
+)
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_CPU_KV_CACHE_GB = 4.0
@@ -36,17 +44,17 @@ class EngineConfig:
         help="Weight and activation dtype. auto: bfloat16 on GPUs and on CPUs with AMX or "
              "AVX512-BF16, else float32. float32 gives reference-exact results.")
     seed: int = option(
-        0, checks=at_least(0),
+        0, checks=at_least(0, UINT64_MAX),     # torch.manual_seed takes a uint64
         help="Job seed; each row's sampling is seeded from (seed, row id), so outputs do not "
              "depend on batching.")
     max_model_len: int | None = option(
-        None, checks=at_least(1),
+        None, checks=at_least(1, INT64_MAX),
         help="Maximum prompt + output length in tokens. Default: the model's context length.")
     max_num_seqs: int = option(
-        256, checks=at_least(1), env="VBATCH_MAX_NUM_SEQS", fingerprint=False,
+        256, checks=at_least(1, INT64_MAX), env="VBATCH_MAX_NUM_SEQS", fingerprint=False,
         help="Maximum number of sequences in one engine batch.")
     max_num_batched_tokens: int | None = option(
-        None, checks=at_least(1), env="VBATCH_MAX_NUM_BATCHED_TOKENS", fingerprint=False,
+        None, checks=at_least(1, INT64_MAX), env="VBATCH_MAX_NUM_BATCHED_TOKENS", fingerprint=False,
         help="Maximum number of tokens processed in one engine step. "
              "Default: max(8192, max-model-len).")
     kv_cache_memory_gb: float | None = option(
@@ -55,7 +63,7 @@ class EngineConfig:
         help="Fixed memory budget of the paged KV cache, in GiB. Default: 4 on CPU (pages are "
              "only touched as used), 90% of free memory on a GPU.")
     block_size: int | None = option(
-        None, checks=at_least(1), in_job=False,
+        None, checks=at_least(1, INT64_MAX), in_job=False,
         help="Tokens per KV-cache block. Default: 16 on GPUs, 8 on CPUs (attention gathers "
              "whole blocks; smaller blocks waste less padding).")
     enable_prefix_caching: bool = option(
@@ -63,11 +71,11 @@ class EngineConfig:
         help="Share the KV cache of identical prompt prefixes (e.g. a chat template's system "
              "prompt) between rows.")
     tensor_parallel_size: int = option(
-        1, flags=("--tp", "-tp"), checks=at_least(1), fingerprint=False,
+        1, flags=("--tp", "-tp"), checks=at_least(1, INT64_MAX), fingerprint=False,
         help="Tensor-parallel ranks per engine (Megatron column/row-parallel layers); must "
              "divide the attention heads.")
     pipeline_parallel_size: int = option(
-        1, flags=("--pp", "-pp"), checks=at_least(1), fingerprint=False,
+        1, flags=("--pp", "-pp"), checks=at_least(1, INT64_MAX), fingerprint=False,
         help="Pipeline stages per engine (contiguous layer ranges; several micro-batches in "
              "flight); at most the number of layers.")
     distributed_executor_backend: str | None = option(

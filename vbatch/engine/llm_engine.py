@@ -4,7 +4,6 @@ from __future__ import annotations
 import gc
 import itertools
 import json
-import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from vbatch.engine.scheduler import Scheduler, SchedulerOutput
 from vbatch.engine.sequence import ScheduledSequence, Sequence
 from vbatch.engine.stop_checker import StopChecker
 from vbatch.engine.worker import WorkerSpec
+from vbatch.env import NUM_THREADS, check_environment
+from vbatch.parallel.pipeline import layer_partition
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LLMEngine:
         from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415 - start-up: transformers loads when an engine is built
 
         config.validate()
+        check_environment()     # the VBATCH_* variables, as `vbatch run` checks them
         self.config = config
         self.resolved_model = resolve_model(config.model, allow_pickle=config.allow_pickle,
                                             trust_remote_code=config.trust_remote_code)
@@ -139,22 +141,23 @@ class LLMEngine:
         self._check_parallel_sizes(tp_size, pp_size)
         self.executor_backend = choose_backend(self.config.distributed_executor_backend,
                                                world_size=tp_size * pp_size, device=self.device)
-        threads = os.environ.get("VBATCH_NUM_THREADS")
         spec = WorkerSpec(model_dir=str(model_dir), hf_config=self.hf_config, dtype=self.dtype,
                           device=str(self.device), block_size=self.block_size,
                           max_position=self.max_model_len, seed=self.config.seed,
-                          num_threads=int(threads) if threads else None)
+                          num_threads=NUM_THREADS.read())
         return make_executor(spec, tp_size=tp_size, pp_size=pp_size,
                              backend=self.executor_backend)
 
     def _check_parallel_sizes(self, tp_size: int, pp_size: int) -> None:
         """tp must split the attention heads (and the KV heads, or be a multiple of them); pp
-        at most the number of layers."""
+        at most the number of layers, and VBATCH_PP_LAYER_PARTITION (if set) must fit this
+        model, checked here before any worker starts."""
         heads = self.hf_config.num_attention_heads
         check_parallel_sizes(
             num_heads=heads, num_layers=self.hf_config.num_hidden_layers, tp_size=tp_size,
             num_kv_heads=getattr(self.hf_config, "num_key_value_heads", None) or heads,
             pp_size=pp_size)
+        layer_partition(self.hf_config.num_hidden_layers, pp_size)
 
     def _init_kv_cache(self) -> int:
         block_bytes = max(self.executor.collective_rpc("kv_cache_bytes_per_block"))

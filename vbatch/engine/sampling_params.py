@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vbatch.options import (
+    INT64_MAX,
+    UINT64_MAX,
     at_least,
     in_range,
     non_empty_strings,
@@ -49,20 +51,22 @@ class SamplingParams:
         help="Nucleus sampling: keep the smallest token set with this total probability, in "
              "(0, 1]; 1 disables it.")
     top_k: int = option(
-        0, per_row=True, checks=at_least(0), normalize=lambda value: 0 if value == -1 else value,
+        0, per_row=True, checks=at_least(0, INT64_MAX),
+        normalize=lambda value: 0 if value == -1 else value,
         help="Keep only the k most likely tokens; 0 or -1 disables it.")
     min_p: float = option(
         0.0, per_row=True, checks=in_range(0, 1),
         help="Drop tokens less likely than min_p times the top token's probability, in [0, 1]; "
              "0 disables it.")
-    seed: int | None = option(None, checks=at_least(0), in_job=False, per_row=True,
+    seed: int | None = option(None, checks=at_least(0, UINT64_MAX), in_job=False, per_row=True,
                               help="This request's seed (None: the engine's).")
     stop: str | list[str] | None = option(
         None, checks=non_empty_strings, job_default_factory=list, metavar="STR",
         help="Stop generating a row when this string appears (repeatable).")
     stop_token_ids: list[int] | None = option(None, in_job=False,
                                               help="Token ids that end generation.")
-    max_tokens: int | None = option(16, per_row=True, checks=at_least(1), job_default=256,
+    max_tokens: int | None = option(16, per_row=True, checks=at_least(1, INT64_MAX),
+                                    job_default=256,
                                     help="Maximum number of tokens to generate per row.")
     ignore_eos: bool = option(
         False, help="Keep generating after the end-of-sequence token (until --max-tokens).")

@@ -1,10 +1,12 @@
 """Atomic file writes: a reader sees either the old file or the whole new one, never a part.
 
-The file is written under the hidden temporary name `.NAME.tmp` in the same directory,
-fsync'd, renamed into place with `os.replace` (atomic within one filesystem), and then the
-directory is fsync'd so the rename survives a crash. On any failure the temporary file is
-removed and the final path is left as it was. Every file vbatch writes into a job directory
-goes through `write_atomically`.
+The file is written under the hidden temporary name `.NAME.tmp` in the same directory (created
+exclusively, so a link planted under that name is never followed), fsync'd, renamed into place
+with `os.replace` (atomic within one filesystem), and then the directory is fsync'd so the
+rename survives a crash. On any failure the temporary file is removed and the final name is
+left as it was. Every step is relative to an open directory descriptor (`write_atomically_at`):
+a job directory is written only through its `OutputDirectory` handle (io/directory.py), so a
+path swapped for a symlink after the checks cannot redirect a write.
 """
 
 from __future__ import annotations
@@ -13,54 +15,81 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+
+def temp_name_for(name: str) -> str:
+    """The temporary name a file `name` is written under: `.NAME.tmp`."""
+    return f".{name}.tmp"
 
 
 def temp_path_for(final_path: Path) -> Path:
-    """The temporary name `write_atomically` writes `final_path` under: `.NAME.tmp` beside it."""
-    return final_path.with_name(f".{final_path.name}.tmp")
+    """The temporary path `final_path` is written under: `.NAME.tmp` beside it."""
+    return final_path.with_name(temp_name_for(final_path.name))
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(dir_fd: int) -> None:
+    """fsync the open directory `dir_fd` (so renames in it survive a crash); filesystems that
+    cannot fsync a directory are ignored."""
     try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows: directories cannot be opened; the rename is still atomic
-    try:
-        os.fsync(handle)
+        os.fsync(dir_fd)
     except OSError:
         pass
-    finally:
-        os.close(handle)
 
 
-def write_atomically(final_path: Path, write: Callable[[Path], None]) -> Path:
-    """Create `final_path` atomically: `write(temp_path)` writes the content to the temporary
-    path, which is then fsync'd and renamed to `final_path` (replacing it), and the directory
-    fsync'd. On any exception (also one raised by `write`) the temporary file is removed and
-    the exception re-raised. Returns `final_path`."""
-    final_path = Path(final_path)
-    temp_path = temp_path_for(final_path)
+def write_atomically_at(dir_fd: int, name: str, write: Callable[[BinaryIO], None]) -> None:
+    """Create `name` in the open directory `dir_fd` atomically: `write(file)` writes the content
+    to a binary file object of the temporary name, which is then fsync'd and renamed to `name`
+    (replacing it), and the directory fsync'd. On any exception (also one raised by `write`)
+    the temporary file is removed and the exception re-raised."""
+    temp_name = temp_name_for(name)
+    created = False
     try:
-        write(temp_path)
-        with open(temp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp_path, final_path)
-        _fsync_directory(final_path.parent)
+        handle = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+        created = True
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        created = False
+        fsync_directory(dir_fd)
     except BaseException:
-        temp_path.unlink(missing_ok=True)
+        if created:
+            try:
+                os.unlink(temp_name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
         raise
+
+
+def write_atomically(final_path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """`write_atomically_at` for a path: the parent directory is opened for the one write.
+    Returns `final_path`. Job directories use their `OutputDirectory` handle instead."""
+    final_path = Path(final_path)
+    dir_fd = os.open(final_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        write_atomically_at(dir_fd, final_path.name, write)
+    finally:
+        os.close(dir_fd)
     return final_path
+
+
+def json_bytes(content: dict) -> bytes:
+    """`content` as JSON indented by 2 with a trailing newline; values JSON cannot encode are
+    written as strings."""
+    return (json.dumps(content, indent=2, default=str) + "\n").encode()
 
 
 def write_text_atomically(final_path: Path, text: str) -> Path:
     """Write `text` to `final_path` atomically (see `write_atomically`). Returns the path."""
-    return write_atomically(final_path, lambda temp_path: temp_path.write_text(text))
+    return write_atomically(final_path, lambda file: file.write(text.encode()))
 
 
 def write_json_atomically(final_path: Path, content: dict) -> Path:
-    """Write `content` as JSON indented by 2 with a trailing newline to `final_path`
-    atomically; values JSON cannot encode are written as strings. Returns the path."""
-    return write_text_atomically(final_path, json.dumps(content, indent=2, default=str) + "\n")
+    """Write `content` as JSON (see `json_bytes`) to `final_path` atomically. Returns the
+    path."""
+    return write_atomically(final_path, lambda file: file.write(json_bytes(content)))
 
 
 def write_json_file(output_dir: str | os.PathLike[str], name: str, content: dict) -> Path:

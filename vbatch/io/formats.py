@@ -5,9 +5,11 @@ Arrow IPC (`.arrow`, as written by `datasets.save_to_disk`). Memory stays bounde
 read row group by row group, CSV through pyarrow's streaming reader, JSON lines in chunks of
 whole lines (about `BLOCK_SIZE` bytes each), Arrow through a memory map.
 
-Text formats carry no schema, so pyarrow infers one from the first block. `file_schema(...,
-exact=True)` reads a text file larger than one block in full to learn the types of every block
-(e.g. a CSV column that is all ints for a million rows and then holds "unknown").
+CSV cells are text unless the job asks for inference (`--csv-infer-types`), so codes such as
+zip `02134` survive. JSON lines (and inferred CSV) carry no schema, so pyarrow infers one per
+block; `file_schema(..., exact=True)` reads a text file larger than one block in full to learn
+the types of every block and refuses blocks that disagree (a column of ints for a million rows
+that then holds "unknown") unless promotion is allowed (`--allow-type-promotion`).
 
 Every problem with the data raises `InputError` with a one-line message naming the file.
 """
@@ -21,12 +23,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from vbatch.errors import InputError, one_line
+from vbatch.io.column_types import unify_input_schemas
 from vbatch.io.csv_quoting import check_csv_quoting
-from vbatch.io.schema import unify_input_schemas
+from vbatch.io.jsonl import jsonl_tables
+from vbatch.io.mixed_text import is_mixed_text
+from vbatch.io.text_lines import invalid_utf8_line
 
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -38,10 +42,6 @@ SUPPORTED_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + CSV_SUFFIXES + ARROW_SU
 BLOCK_SIZE = 8 << 20
 
 _CSV_CONVERSION_ERROR = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+)")
-_JSON_ROW = re.compile(r" in row (\d+)")
-# A line must be one JSON object. This also keeps a top-level `null` away from pyarrow's JSON
-# reader, which crashes (segfault, pyarrow 26) when a block starts with one.
-_LINE_NOT_AN_OBJECT = re.compile(rb"^[ \t\r]*[^{ \t\r\n]|[^} \t\r\n][ \t\r]*$", re.MULTILINE)
 _MESSAGE_LIMIT = 300
 
 
@@ -57,9 +57,6 @@ def input_errors(file: Path | str) -> Iterator[None]:
         raise InputError(f"{file}: {one_line(error, _MESSAGE_LIMIT)}") from None
 
 
-# --- JSON lines ------------------------------------------------------------------------------
-
-
 def _is_blank(path: Path) -> bool:
     """True when the file holds nothing but whitespace (and maybe a byte order mark)."""
     with open(path, "rb") as handle:
@@ -67,67 +64,6 @@ def _is_blank(path: Path) -> bool:
             if data.replace(b"\xef\xbb\xbf", b"").strip():
                 return False
     return True
-
-
-def _jsonl_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (number of the chunk's first line, whole lines) of about BLOCK_SIZE bytes each.
-
-    The last chunk runs to the end of the file, a last line without a newline included, so a
-    file of at most BLOCK_SIZE bytes is exactly one chunk (a truncated last line is in it)."""
-    with open(path, "rb") as handle:
-        pending, line_number = b"", 1
-        data = handle.read(BLOCK_SIZE)
-        if data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]  # UTF-8 byte order mark
-        while data:
-            following = handle.read(BLOCK_SIZE)
-            data, pending = pending + data, b""
-            if not following:
-                yield line_number, data
-                return
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                pending = data  # one line longer than a block: keep reading
-            else:
-                chunk, pending = data[:cut], data[cut:]
-                yield line_number, chunk
-                line_number += chunk.count(b"\n")
-            data = following
-
-
-def _parse_jsonl_chunk(path: Path, first_line: int, chunk: bytes) -> pa.Table | None:
-    if not chunk.strip():
-        return None
-    if first_line == 1 and chunk.lstrip().startswith(b"["):
-        raise InputError(f"{path}: holds a JSON array; vbatch reads JSON lines (an object a line)")
-    not_an_object = _LINE_NOT_AN_OBJECT.search(chunk)
-    if not_an_object:
-        line = first_line + chunk.count(b"\n", 0, not_an_object.start())
-        raise InputError(f"{path}: line {line}: not a JSON object (one {{...}} per line expected)")
-    options = pa_json.ReadOptions(block_size=len(chunk) + 1, use_threads=False)
-    try:
-        table = pa_json.read_json(pa.BufferReader(chunk), read_options=options)
-        table.validate(full=True)  # the JSON reader does not check UTF-8
-        return table
-    except pa.ArrowException as error:
-        message = one_line(error, _MESSAGE_LIMIT)
-        row = _JSON_ROW.search(message)
-        line = first_line
-        if row:  # pyarrow counts rows within the chunk, skipping blank lines
-            non_blank = [i for i, text in enumerate(chunk.split(b"\n")) if text.strip()]
-            index = int(row.group(1))
-            line = first_line + (non_blank[index] if index < len(non_blank) else 0)
-            message = _JSON_ROW.sub("", message)
-        raise InputError(f"{path}: line {line}: {message}") from None
-
-
-def _jsonl_tables(path: Path, *, first_only: bool = False) -> Iterator[pa.Table]:
-    for first_line, chunk in _jsonl_chunks(path):
-        table = _parse_jsonl_chunk(path, first_line, chunk)
-        if table is not None:
-            yield table
-            if first_only:
-                return
 
 
 # --- CSV and Arrow ---------------------------------------------------------------------------
@@ -138,8 +74,57 @@ def _open_csv(path: Path, column_types: dict[str, pa.DataType]) -> pa_csv.CSVStr
         path,
         read_options=pa_csv.ReadOptions(block_size=BLOCK_SIZE),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),  # multi-line prompts
-        convert_options=pa_csv.ConvertOptions(column_types=column_types),
+        # An unquoted empty cell is null in every column (an empty per-row sampling cell keeps
+        # the job's value); a quoted "" stays an empty string, and "NA" or "null" stay text.
+        convert_options=pa_csv.ConvertOptions(column_types=column_types, null_values=[""],
+                                              strings_can_be_null=True,
+                                              quoted_strings_can_be_null=False),
     )
+
+
+@contextmanager
+def _csv_utf8_errors(path: Path) -> Iterator[None]:
+    """Name the line of the first invalid UTF-8 byte (pyarrow names none, or a row of a block)."""
+    try:
+        yield
+    except pa.ArrowInvalid as error:
+        line = invalid_utf8_line(path) if "UTF8" in str(error) else None
+        if line is None:
+            raise
+        raise InputError(f"{path}: line {line}: invalid UTF8 data (the file must be UTF-8 "
+                         "text)") from None
+
+
+def _csv_schema(path: Path, *, text_columns: Sequence[str], exact: bool, infer_types: bool,
+                allow_promotion: bool) -> pa.Schema:
+    """Every column as string, or (`infer_types`) the types pyarrow infers from the first block
+    with `text_columns` as strings. `exact`: a file larger than a block is read in full, so a
+    later value that does not fit is refused now (or, with `allow_promotion`, widens its
+    column), not found after the model loaded."""
+    check_csv_quoting(path)
+    with _open_csv(path, {name: pa.string() for name in text_columns}) as reader:
+        schema = reader.schema
+    if not infer_types:
+        with _open_csv(path, {name: pa.string() for name in schema.names}) as reader:
+            schema = reader.schema  # the first block, read as text: its UTF-8 is checked
+    if not exact or path.stat().st_size <= BLOCK_SIZE or len(set(schema.names)) < len(schema):
+        return schema
+    if infer_types and allow_promotion:
+        return _csv_schema_of_all_blocks(path, schema)
+    try:
+        for _ in _open_csv(path, {field.name: field.type for field in schema}):
+            pass
+    except pa.ArrowInvalid as error:
+        match = _CSV_CONVERSION_ERROR.search(str(error))
+        if not match:
+            raise
+        field = schema.field(int(match.group(1)))
+        raise InputError(
+            f"{path}: column {field.name!r} is {field.type} in the file's first block but a "
+            f"later value is not ({one_line(error, 120)}); pass --allow-type-promotion to "
+            "widen the column, or leave out --csv-infer-types to read CSV cells as text"
+        ) from None
+    return schema
 
 
 def _csv_schema_of_all_blocks(path: Path, first_block: pa.Schema) -> pa.Schema:
@@ -173,23 +158,30 @@ def _arrow_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
 # --- one file's schema and batches; row counts -----------------------------------------------
 
 
-def file_schema(path: Path, *, text_columns: Sequence[str], exact: bool) -> pa.Schema | None:
+def file_schema(path: Path, *, text_columns: Sequence[str], exact: bool,
+                prompt_column: str | None = None, csv_infer_types: bool = False,
+                allow_promotion: bool = False) -> pa.Schema | None:
     """The schema `file_batches` yields for `path`, or None for an empty text file.
 
-    `text_columns` are read as strings from CSV files (never inferred as numbers).
-    `exact=False` looks at the first block only; `exact=True` reads large text files fully.
-    Raises InputError (one line, naming the file) on unreadable or malformed data.
+    CSV cells are read as text unless `csv_infer_types`; then `text_columns` are still read as
+    strings (never inferred as numbers). A JSON lines `prompt_column` whose values are not all
+    text is `MIXED_TEXT` (io/mixed_text.py). `exact=False` looks at the first block only;
+    `exact=True` reads large text files fully, refusing blocks whose types differ (see
+    `unify_input_schemas`; `allow_promotion` promotes them). Raises InputError (one line,
+    naming the file) on unreadable or malformed data.
     """
-    with input_errors(path):
-        schema = _read_file_schema(path, text_columns=text_columns, exact=exact)
+    with input_errors(path), _csv_utf8_errors(path):
+        schema = _read_file_schema(path, text_columns=text_columns, exact=exact,
+                                   prompt_column=prompt_column, csv_infer_types=csv_infer_types,
+                                   allow_promotion=allow_promotion)
         if schema is not None:
             schema.names  # noqa: B018 - raises UnicodeDecodeError for non-UTF-8 column names
     return schema
 
 
-def _read_file_schema(
-    path: Path, *, text_columns: Sequence[str], exact: bool
-) -> pa.Schema | None:
+def _read_file_schema(path: Path, *, text_columns: Sequence[str], exact: bool,
+                      prompt_column: str | None, csv_infer_types: bool,
+                      allow_promotion: bool) -> pa.Schema | None:
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         with pq.ParquetFile(path) as parquet_file:
@@ -198,17 +190,20 @@ def _read_file_schema(
         return _arrow_batches(path)[0]
     if _is_blank(path):
         return None
-    is_one_block = path.stat().st_size <= BLOCK_SIZE
     if suffix in CSV_SUFFIXES:
-        check_csv_quoting(path)
-        with _open_csv(path, {name: pa.string() for name in text_columns}) as reader:
-            first_block = reader.schema
-        if not exact or is_one_block or len(set(first_block.names)) < len(first_block):
-            return first_block
-        return _csv_schema_of_all_blocks(path, first_block)
-    tables = _jsonl_tables(path, first_only=not exact or is_one_block)
-    chunk_schemas = {f"{path} (chunk {i})": table.schema for i, table in enumerate(tables)}
-    return unify_input_schemas(chunk_schemas) if chunk_schemas else None
+        return _csv_schema(path, text_columns=text_columns, exact=exact,
+                           infer_types=csv_infer_types, allow_promotion=allow_promotion)
+    first_only = not exact or path.stat().st_size <= BLOCK_SIZE
+    tables = jsonl_tables(path, block_size=BLOCK_SIZE, prompt_column=prompt_column,
+                          first_only=first_only)
+    chunk_schemas = {f"{path} (lines from {line})": table.schema for line, table in tables}
+    if not chunk_schemas:
+        return None
+    return unify_input_schemas(chunk_schemas, allow_promotion=allow_promotion)
+
+
+def _mixed_text_column(schema: pa.Schema) -> str | None:
+    return next((field.name for field in schema if is_mixed_text(field.type)), None)
 
 
 def file_batches(path: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -216,7 +211,7 @@ def file_batches(path: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.
     `file_schema(path, exact=True)` returned. Parquet batches hold at most `batch_size` rows;
     other formats yield their blocks as they come. Raises InputError on malformed data."""
     suffix = path.suffix.lower()
-    with input_errors(path):
+    with input_errors(path), _csv_utf8_errors(path):
         if suffix in PARQUET_SUFFIXES:
             with pq.ParquetFile(path) as parquet_file:
                 yield from parquet_file.iter_batches(batch_size=batch_size)
@@ -228,7 +223,10 @@ def file_batches(path: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.
                     batch.validate(full=True)
                     yield batch
         else:
-            for table in _jsonl_tables(path):
+            # The scan read every chunk: a prompt column that mixes types is MIXED_TEXT there.
+            prompt_column = _mixed_text_column(schema)
+            for _, table in jsonl_tables(path, block_size=BLOCK_SIZE,
+                                         prompt_column=prompt_column):
                 yield from table.to_batches()
 
 

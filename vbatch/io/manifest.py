@@ -10,7 +10,13 @@ identity, and the settings that change what is generated. `_SUCCESS` is written 
 On `--resume`, `load_resume_state` reads the manifest, refuses a different fingerprint (naming
 what differs) unless forced, deletes part files the manifest does not list (written by a run
 killed between the rename and the manifest update; their rows are computed again) and
-temporary files, and returns the committed positions to skip.
+temporary files, and returns the committed positions to skip and what those parts hold.
+
+Every part entry records its rows' counts (`part_counts`: error rows, prompt and output
+tokens), so a resumed job's counts and `--max-error-rate` cover the earlier runs' rows too. A
+manifest of an earlier version has no such counts: they are counted once from the committed
+part files' columns (small local Parquet reads) and recorded when the manifest is rewritten.
+A manifest is validated (io/manifest_schema.py) before anything it names is touched.
 """
 from __future__ import annotations
 
@@ -19,34 +25,76 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from vbatch.errors import VBatchUsageError
 from vbatch.io.atomic import write_json_atomically
+from vbatch.io.directory import OutputDirectory
+from vbatch.io.manifest_schema import check_manifest
 from vbatch.io.output_dir import MANIFEST_FILE, PART_FILE_PATTERN, SUCCESS_FILE
 from vbatch.io.positions import IntervalSet
+from vbatch.io.schema import ERROR, NUM_GENERATED_TOKENS, NUM_PROMPT_TOKENS
 
 FINGERPRINT_KEY = "fingerprint"
+#: Per-part counts in a part entry, and the output column each one sums.
+PART_COUNT_COLUMNS = {"num_error_rows": ERROR, "num_prompt_tokens": NUM_PROMPT_TOKENS,
+                      "num_output_tokens": NUM_GENERATED_TOKENS}
 
 
-def write_manifest(output_dir: str | os.PathLike[str], manifest: dict,
+def write_manifest(output_dir: OutputDirectory | str | os.PathLike[str], manifest: dict,
                    parts: list[dict]) -> Path:
     """Write `output_dir/_manifest.json` atomically: `manifest` plus an "output" entry,
     {"num_rows": total rows, "part_files": `parts`} (each part {"name", "num_rows"} and, when
-    known, "positions"); any "output" key of `manifest` is replaced. Returns the path."""
+    known, "positions" and the `part_counts`); any "output" key of `manifest` is replaced.
+    Returns the path."""
     content = {**manifest, "output": {"num_rows": sum(p["num_rows"] for p in parts),
                                       "part_files": parts}}
+    if isinstance(output_dir, OutputDirectory):     # a job's open directory handle
+        return output_dir.write_json(MANIFEST_FILE, content)
     return write_json_atomically(Path(output_dir) / MANIFEST_FILE, content)
 
 
 def read_manifest(output_dir: Path) -> dict | None:
     """The manifest of `output_dir`, or None if there is none. Raises VBatchUsageError if it
-    cannot be parsed."""
+    cannot be parsed or is not shaped like a vbatch manifest (io/manifest_schema.py)."""
     path = Path(output_dir) / MANIFEST_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise VBatchUsageError(f"cannot resume: {path} is unreadable ({error})") from None
+    return check_manifest(content, path)
+
+
+def part_counts(table: pa.Table) -> dict[str, int]:
+    """The per-part counts of the rows in `table`: error rows (non-null `error`) and the sums
+    of the token columns; a column the table lacks counts 0."""
+    counts = {}
+    for key, column in PART_COUNT_COLUMNS.items():
+        if column not in table.schema.names:
+            counts[key] = 0
+        elif column == ERROR:
+            counts[key] = table.num_rows - table.column(column).null_count
+        else:
+            counts[key] = int(pc.sum(table.column(column)).as_py() or 0) if table.num_rows else 0
+    return counts
+
+
+def _count_part_file(path: Path, num_rows: int) -> dict[str, int]:
+    """`part_counts` of a committed part file written without them (an earlier version)."""
+    try:
+        columns = set(pq.read_schema(path).names) & set(PART_COUNT_COLUMNS.values())
+        table = pq.read_table(path, columns=sorted(columns))
+    except (OSError, pa.ArrowException) as error:
+        raise VBatchUsageError(f"cannot resume: committed part {path} is unreadable "
+                               f"({error}); rerun with --overwrite") from None
+    if table.num_rows != num_rows:
+        raise VBatchUsageError(f"cannot resume: committed part {path} holds {table.num_rows} "
+                               f"rows but the manifest lists {num_rows}; rerun with --overwrite")
+    return part_counts(table)
 
 
 def file_identity(path: Path) -> dict:
@@ -94,7 +142,8 @@ def fingerprint_differences(old: dict, new: dict) -> list[str]:
 
 @dataclass
 class ResumeState:
-    """What an earlier run of this job committed."""
+    """What earlier runs of this job committed: the positions, the part entries (each with
+    its `part_counts` when loaded by `load_resume_state`) and whether `_SUCCESS` was there."""
 
     committed: IntervalSet = field(default_factory=IntervalSet)
     parts: list[dict] = field(default_factory=list)
@@ -105,12 +154,28 @@ class ResumeState:
         """Rows in the committed part files."""
         return sum(part["num_rows"] for part in self.parts)
 
+    @property
+    def num_error_rows(self) -> int:
+        """Error rows in the committed part files."""
+        return sum(part.get("num_error_rows", 0) for part in self.parts)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens of the committed rows."""
+        return sum(part.get("num_prompt_tokens", 0) for part in self.parts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens of the committed rows."""
+        return sum(part.get("num_output_tokens", 0) for part in self.parts)
+
 
 def load_resume_state(output_dir: Path, fingerprint: dict, *, force: bool) -> ResumeState:
     """Prepare `output_dir` for a resumed run of the job `fingerprint` (see module docstring).
 
     A missing or empty directory resumes from nothing. Raises VBatchUsageError when the
-    fingerprint differs (unless `force`) or a committed part is missing.
+    manifest is malformed, the fingerprint differs (unless `force`), or a committed part is
+    missing (or, without recorded counts, unreadable).
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -126,7 +191,7 @@ def load_resume_state(output_dir: Path, fingerprint: dict, *, force: bool) -> Re
             raise VBatchUsageError(f"cannot resume {output_dir}: the job differs from the run "
                                    f"that wrote it ({'; '.join(differences[:4])}); pass --force "
                                    "to resume anyway or --overwrite to start over")
-    parts = list(manifest.get("output", {}).get("part_files", []))
+    parts = [dict(part) for part in (manifest.get("output") or {}).get("part_files", [])]
     listed = {part["name"] for part in parts}
     for entry in output_dir.iterdir():
         is_orphan_part = PART_FILE_PATTERN.fullmatch(entry.name) and entry.name not in listed
@@ -141,6 +206,8 @@ def load_resume_state(output_dir: Path, fingerprint: dict, *, force: bool) -> Re
             raise VBatchUsageError(f"cannot resume: {output_dir}/{MANIFEST_FILE} does not "
                                    f"record which rows {part['name']} holds; rerun with "
                                    "--overwrite")
+        if any(key not in part for key in PART_COUNT_COLUMNS):
+            part.update(_count_part_file(output_dir / part["name"], part["num_rows"]))
         committed.update(IntervalSet(part.get("positions", [])))
     return ResumeState(committed=committed, parts=parts,
                        was_complete=(output_dir / SUCCESS_FILE).is_file())

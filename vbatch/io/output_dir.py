@@ -8,20 +8,27 @@ Layout of a finished job directory::
                                                     "_" so Parquet readers skip it)
     _SUCCESS                                       (empty; written last)
 
-Every file is written under a hidden temporary name first (io/atomic.py), so a reader never
-sees a half-written file, and a directory without `_SUCCESS` is an unfinished (crashed or
-aborted) job. vbatch only ever deletes files with these names.
+While a job runs, the directory also holds `.vbatch.lock` (io/output_lock.py: one job at a
+time; removed when the job ends). Every file is written under a hidden temporary name first
+(io/atomic.py), so a reader never sees a half-written file, and a directory without `_SUCCESS`
+is an unfinished (crashed or aborted) job. vbatch only ever deletes files with these names.
+A job writes its directory only through an `OutputDirectory` handle (io/directory.py), opened
+and locked by `locked_output_dir` before the model loads.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vbatch.errors import VBatchUsageError
+from vbatch.io.directory import OutputDirectory, check_inside_root
 from vbatch.io.hf_inputs import hf_output_name, is_hf_uri
 from vbatch.io.inputs import glob_base, is_glob
+from vbatch.io.output_lock import LOCK_FILE, OutputLock
 
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "_manifest.json"
@@ -30,6 +37,11 @@ PART_FILE_PATTERN = re.compile(r"part-\d{5,}\.parquet")
 #: The temporary names (io/atomic.py) of the files above.
 TEMP_FILE_PATTERN = re.compile(
     r"\.(part-\d{5,}\.parquet|_manifest\.json|_run_summary\.json|_SUCCESS)\.tmp")
+#: Created and removed again to check that a job's directory can be written.
+WRITE_PROBE_FILE = ".vbatch.write-probe"
+#: vbatch's files that say nothing about a job's output: never make a directory "not empty",
+#: and never removed by `--overwrite` (the lock belongs to the job doing the overwriting).
+_BOOKKEEPING_FILES = (LOCK_FILE, WRITE_PROBE_FILE)
 
 
 def part_file_name(index: int) -> str:
@@ -44,7 +56,7 @@ def part_file_index(name: str) -> int:
 
 def _is_vbatch_file(name: str) -> bool:
     return (
-        name in (SUCCESS_FILE, MANIFEST_FILE, SUMMARY_FILE)
+        name in (SUCCESS_FILE, MANIFEST_FILE, SUMMARY_FILE, *_BOOKKEEPING_FILES)
         or PART_FILE_PATTERN.fullmatch(name) is not None
         or TEMP_FILE_PATTERN.fullmatch(name) is not None
     )
@@ -58,53 +70,74 @@ def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool,
     holding files vbatch did not write. Returns the path. Raises VBatchUsageError (one line)."""
     output_dir = Path(path).expanduser()
     if root is not None:
-        resolved_root = Path(root).expanduser().resolve()
-        resolved = output_dir.resolve()
-        if not resolved.is_relative_to(resolved_root):
-            raise VBatchUsageError(f"output path {output_dir} resolves to {resolved}, outside "
-                                   f"the output root {resolved_root} (--output-root / "
-                                   "VBATCH_OUTPUT_ROOT)")
+        check_inside_root(output_dir, root)
     if output_dir.exists() and not output_dir.is_dir():
         raise VBatchUsageError(f"output path {output_dir} is a file, not a directory")
     if output_dir.is_dir():
-        names = sorted(entry.name for entry in output_dir.iterdir())
-        if names and not (overwrite or resume):
-            raise VBatchUsageError(
-                f"output directory {output_dir} is not empty; pass --resume to continue the "
-                "job that wrote it or --overwrite to replace it"
-            )
-        foreign = [
-            name for name in names if not _is_vbatch_file(name) or (output_dir / name).is_dir()
-        ]
-        if foreign:
-            raise VBatchUsageError(
-                f"output directory {output_dir} holds files vbatch did not write "
-                f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
-                "refusing to delete them: choose another --output"
-            )
+        _check_contents(output_dir, sorted(entry.name for entry in output_dir.iterdir()),
+                        lambda name: (output_dir / name).is_file(), may_hold_a_job=overwrite
+                        or resume)
     return output_dir
+
+
+def _check_contents(display: Path, names: list[str], is_file: Callable[[str], bool], *,
+                    may_hold_a_job: bool) -> list[str]:
+    """Refuse a directory holding a job unless `may_hold_a_job`, and one holding anything
+    vbatch did not write; returns the names of the job's files (bookkeeping files left out)."""
+    names = [name for name in names if name not in _BOOKKEEPING_FILES]
+    if names and not may_hold_a_job:
+        raise VBatchUsageError(
+            f"output directory {display} is not empty; pass --resume to continue the job "
+            "that wrote it or --overwrite to replace it")
+    foreign = [name for name in names if not _is_vbatch_file(name) or not is_file(name)]
+    if foreign:
+        raise VBatchUsageError(
+            f"output directory {display} holds files vbatch did not write "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+            "refusing to delete them: choose another --output")
+    return names
 
 
 def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Create the output directory `path` (and its parents) and return it.
-
-    An existing empty directory is used as is. A non-empty one is refused unless `overwrite`;
-    then the files vbatch writes (part files, `_SUCCESS`, `_manifest.json`, temporary files)
-    are removed, and the directory is refused if it holds anything else, so that no user data
-    is ever deleted. Raises VBatchUsageError (one line) on every refusal.
-    """
+    """Create the output directory `path` (and its parents) and return it; an existing one is
+    checked and cleared as `clear_output_dir` does. Raises VBatchUsageError (one line) on every
+    refusal. (A job does this through its locked handle: `clear_output_dir`.)"""
     output_dir = check_output_dir(path, overwrite=overwrite)
-    if output_dir.is_dir():
-        names = sorted(entry.name for entry in output_dir.iterdir())
-        # _SUCCESS first, so an interrupted cleanup never leaves a "finished" partial job.
-        for name in sorted(names, key=lambda name: name != SUCCESS_FILE):
-            (output_dir / name).unlink()
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise VBatchUsageError(f"cannot create output directory {output_dir}: {reason}") from None
+    with OutputDirectory.open(output_dir) as directory:
+        clear_output_dir(directory, overwrite=overwrite)
     return output_dir
+
+
+def clear_output_dir(directory: OutputDirectory, *, overwrite: bool) -> None:
+    """Make the open `directory` ready for a new job. An empty directory is used as is. A
+    non-empty one is refused unless `overwrite`; then the files vbatch writes (part files,
+    `_SUCCESS`, `_manifest.json`, temporary files) are removed, and the directory is refused if
+    it holds anything else, so that no user data is ever deleted. The lock file stays. Raises
+    VBatchUsageError (one line) on every refusal."""
+    names = _check_contents(directory.path, directory.names(), directory.is_regular_file,
+                            may_hold_a_job=overwrite)
+    # _SUCCESS first, so an interrupted cleanup never leaves a "finished" partial job.
+    for name in sorted(names, key=lambda name: name != SUCCESS_FILE):
+        directory.remove(name)
+
+
+@contextmanager
+def locked_output_dir(path: str | os.PathLike[str], *,
+                      root: str | os.PathLike[str] | None = None) -> Iterator[OutputDirectory]:
+    """The output directory of a job that will write it, for the job's whole life: created if
+    missing, held open (and, with `root`, the opened directory checked to be inside it), locked
+    against a second job (io/output_lock.py), and checked to be writable (a probe file created
+    and removed), all before any model loads. Yields the handle every write goes through; on
+    exit the lock is released, a directory created here and left empty removed again, and the
+    handle closed. Raises VBatchUsageError (one line)."""
+    with OutputDirectory.open(path, root=root) as directory:
+        lock = OutputLock.acquire(directory)
+        try:
+            directory.check_writable(WRITE_PROBE_FILE)
+            yield directory
+        finally:
+            lock.release()
+            directory.remove_if_unused()
 
 
 def default_output_dir(input: str) -> Path:

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vbatch.io.atomic import temp_path_for, write_atomically, write_text_atomically
-from vbatch.io.manifest import write_manifest
+from vbatch.io.atomic import temp_name_for
+from vbatch.io.directory import OutputDirectory
+from vbatch.io.manifest import part_counts, write_manifest
 from vbatch.io.output_dir import (
     MANIFEST_FILE,
     SUCCESS_FILE,
@@ -29,7 +30,14 @@ from vbatch.io.positions import POSITION_COLUMN, IntervalSet
 
 class ParquetPartWriter:
     """Buffer rows and write them as Parquet part files of at most `rows_per_file` rows into
-    `output_dir` (created if missing; see `prepare_output_dir` for an existing one).
+    `output_dir`: a job's open `OutputDirectory` handle (every file is written relative to it;
+    the caller closes it), or a path (created if missing, opened here and closed when the
+    writer commits or aborts; see `prepare_output_dir` for an existing one).
+
+    With `job_info` (a job's writer) the directory is marked unfinished before anything else
+    is written: `_SUCCESS` is removed and the manifest rewritten with status "running" (and
+    `existing_parts`), so a resumed job killed at any point never leaves `_SUCCESS` beside
+    parts it added.
 
     `write()` takes record batches (or tables) with one schema (`schema`, or the first batch's;
     batches whose column names match are cast to it). `close()` writes the remaining rows (and,
@@ -42,7 +50,7 @@ class ParquetPartWriter:
 
     def __init__(
         self,
-        output_dir: str | os.PathLike[str],
+        output_dir: OutputDirectory | str | os.PathLike[str],
         *,
         rows_per_file: int = 10_000,
         schema: pa.Schema | None = None,
@@ -52,8 +60,10 @@ class ParquetPartWriter:
     ) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
-        self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._owns_directory = not isinstance(output_dir, OutputDirectory)
+        self.directory = (OutputDirectory.open(output_dir) if self._owns_directory
+                          else output_dir)
+        self.output_dir = self.directory.path
         self.rows_per_file = rows_per_file
         self.schema = schema
         self.compression = compression
@@ -67,8 +77,12 @@ class ParquetPartWriter:
         self._part_files: list[Path] = []
         self._part_num_rows: list[int] = []
         self._part_positions: list[list[list[int]] | None] = []
+        self._part_counts: list[dict[str, int]] = []
         self._is_closed = False
         self._is_finished = False  # committed or aborted
+        if job_info is not None:
+            self.directory.remove(SUCCESS_FILE)
+            self._write_manifest({**job_info, "status": "running"})
 
     @property
     def num_rows_written(self) -> int:
@@ -117,12 +131,14 @@ class ParquetPartWriter:
         self._pending = rest.combine_chunks().to_batches() if rest.num_rows else []
         self._pending_positions = [positions[num_rows:]] if rest.num_rows else []
         self._num_pending = rest.num_rows
-        final_path = self.output_dir / part_file_name(self._first_index + len(self._part_files))
-        write_atomically(final_path, lambda temp_path: pq.write_table(
-            table.slice(0, num_rows), temp_path, compression=self.compression))
+        final_path = self.directory.write_atomically(
+            part_file_name(self._first_index + len(self._part_files)),
+            lambda file: pq.write_table(table.slice(0, num_rows), file,
+                                        compression=self.compression))
         part_positions = positions[:num_rows]
         self._part_files.append(final_path)
         self._part_num_rows.append(num_rows)
+        self._part_counts.append(part_counts(table.slice(0, num_rows)))
         self._part_positions.append(
             IntervalSet.from_positions(part_positions).to_list()
             if part_positions.size and part_positions.min() >= 0 else None)
@@ -131,16 +147,16 @@ class ParquetPartWriter:
 
     def _parts(self) -> list[dict]:
         parts = list(self._existing_parts)
-        for path, num_rows, positions in zip(self._part_files, self._part_num_rows,
-                                             self._part_positions):
+        for path, num_rows, positions, counts in zip(self._part_files, self._part_num_rows,
+                                                     self._part_positions, self._part_counts):
             entry = {"name": path.name, "num_rows": num_rows}
             if positions is not None:
                 entry["positions"] = positions
-            parts.append(entry)
+            parts.append({**entry, **counts})
         return parts
 
     def _write_manifest(self, manifest: dict) -> None:
-        write_manifest(self.output_dir, manifest, self._parts())
+        write_manifest(self.directory, manifest, self._parts())
 
     def close(self) -> None:
         """Write the buffered rows as a last part file. Idempotent."""
@@ -161,17 +177,25 @@ class ParquetPartWriter:
             raise ValueError("the manifest key 'output' is reserved for the part file list")
         self.close()
         self._write_manifest({**(self.job_info or {}), **manifest, "status": "complete"})
-        write_text_atomically(self.output_dir / SUCCESS_FILE, "")
+        self.directory.write_text(SUCCESS_FILE, "")
         self._is_finished = True
+        self._close_own_directory()
 
     def abort(self) -> None:
         """Stop: drop buffered rows, remove temporary files, never write `_SUCCESS`."""
         self._pending, self._num_pending = [], 0
         self._is_closed = self._is_finished = True
+        if not self.directory.is_open:
+            return            # already finished and its own directory closed
         names = (part_file_name(self._first_index + len(self._part_files)), MANIFEST_FILE,
                  SUCCESS_FILE)
         for name in names:  # only this writer's own temporary files
-            temp_path_for(self.output_dir / name).unlink(missing_ok=True)
+            self.directory.remove(temp_name_for(name))
+        self._close_own_directory()
+
+    def _close_own_directory(self) -> None:
+        if self._owns_directory:
+            self.directory.close()
 
     def __enter__(self) -> ParquetPartWriter:
         return self

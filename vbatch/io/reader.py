@@ -21,18 +21,22 @@ import pyarrow as pa
 
 from vbatch.errors import InputError
 from vbatch.io import formats
+from vbatch.io.column_types import conform_batch, unify_input_schemas
 from vbatch.io.positions import POSITION_COLUMN, IntervalSet, position_array
-from vbatch.io.schema import check_input_schema, conform_batch, unify_input_schemas
+from vbatch.io.schema import check_input_schema
 
 
 def _scan(
-    files: Sequence[Path], prompt_column: str, id_column: str, *, exact: bool
+    files: Sequence[Path], prompt_column: str, id_column: str, *, exact: bool,
+    csv_infer_types: bool, allow_type_promotion: bool,
 ) -> tuple[dict[Path, pa.Schema | None], pa.Schema]:
     """Check every file's schema; return each file's own schema and the unified batch schema."""
     if not files:
         raise InputError("no input files")
     file_schemas = {
-        path: formats.file_schema(path, text_columns=(prompt_column, id_column), exact=exact)
+        path: formats.file_schema(path, text_columns=(prompt_column, id_column), exact=exact,
+                                  prompt_column=prompt_column, csv_infer_types=csv_infer_types,
+                                  allow_promotion=allow_type_promotion)
         for path in files
     }
     prompt_sources: dict[str, str] = {}
@@ -55,16 +59,19 @@ def _scan(
                 f"{file}: prompts are in column {source!r} but {first_file} has them in "
                 f"{first_source!r}; use the same column in every file"
             )
-    return file_schemas, unify_input_schemas(keyed_schemas)
+    return file_schemas, unify_input_schemas(keyed_schemas, allow_promotion=allow_type_promotion)
 
 
 def validate_inputs(
-    files: Sequence[Path], prompt_column: str = "prompt", *, id_column: str = "id"
+    files: Sequence[Path], prompt_column: str = "prompt", *, id_column: str = "id",
+    csv_infer_types: bool = False, allow_type_promotion: bool = False,
 ) -> None:
     """Fail fast, before any model is loaded: check that every file is readable, holds the
-    prompt column (or `messages`) and that all files' schemas can be unified. Cheap: reads
-    Parquet/Arrow footers and the first block of each text file. Raises InputError."""
-    _scan(list(files), prompt_column, id_column, exact=False)
+    prompt column (or `messages`) and that all files' schemas can be unified (see
+    `scan_inputs` for the two options). Cheap: reads Parquet/Arrow footers and the first block
+    of each text file. Raises InputError."""
+    _scan(list(files), prompt_column, id_column, exact=False, csv_infer_types=csv_infer_types,
+          allow_type_promotion=allow_type_promotion)
 
 
 @dataclass(frozen=True)
@@ -77,12 +84,18 @@ class InputScan:
 
 
 def scan_inputs(
-    files: Sequence[Path], *, prompt_column: str = "prompt", id_column: str = "id"
+    files: Sequence[Path], *, prompt_column: str = "prompt", id_column: str = "id",
+    csv_infer_types: bool = False, allow_type_promotion: bool = False,
 ) -> InputScan:
     """Learn every file's schema (reading large text files fully for their types) and unify
     them. Pass the result to `read_batches(scan=...)` so the files are not scanned twice.
-    Raises InputError."""
-    return InputScan(*_scan(list(files), prompt_column, id_column, exact=True))
+
+    CSV cells are read as text unless `csv_infer_types`. A column whose type differs between
+    files (or blocks of one text file) is refused unless the difference loses nothing
+    (`unify_input_schemas`) or `allow_type_promotion`. Raises InputError."""
+    return InputScan(*_scan(list(files), prompt_column, id_column, exact=True,
+                            csv_infer_types=csv_infer_types,
+                            allow_type_promotion=allow_type_promotion))
 
 
 def input_schema(

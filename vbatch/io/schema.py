@@ -1,9 +1,8 @@
 """Column names and Arrow schemas of the tables vbatch reads and writes.
 
 Input rules: every input file holds the prompt column (plain text, name set by
-`--prompt-column`) or a `messages` column (a list of {role, content} chat turns). Files may
-differ slightly in inferred column types; `unify_input_schemas` merges them into one schema
-and `conform_batch` casts each batch to it, so every batch the reader yields has that schema.
+`--prompt-column`) or a `messages` column (a list of {role, content} chat turns). How the
+files' column types combine into one schema is io/column_types.py.
 
 Output rows are the input row (all its columns, the row key `id` included) followed by the
 generation columns in `OUTPUT_FIELDS`. A row that could not be generated (empty prompt, prompt
@@ -13,11 +12,14 @@ generation column null; a generated row has `error` null.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 
-from vbatch.errors import InputError, one_line
+from vbatch.errors import InputError
+from vbatch.io.column_types import decoded_type, is_plain_text
+from vbatch.io.column_types import show as _show
+from vbatch.io.mixed_text import as_text, is_mixed_text
 
 MESSAGES_COLUMN = "messages"
 GENERATED_TEXT = "generated_text"
@@ -38,22 +40,10 @@ OUTPUT_COLUMNS: tuple[str, ...] = tuple(field.name for field in OUTPUT_FIELDS)
 #: "stop": the model ended the text (EOS or a stop string); "length": max_tokens was reached.
 FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 
-_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
-
-
-def _show(value: object) -> str:
-    """`value` as text that fits on one line (messages must be one line; names can hold "\\n")."""
-    text = str(value)
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
 
 def _is_text(data_type: pa.DataType) -> bool:
-    return (
-        pa.types.is_string(data_type)
-        or pa.types.is_large_string(data_type)
-        or pa.types.is_string_view(data_type)
-        or pa.types.is_null(data_type)
-    )
+    data_type = decoded_type(data_type)
+    return is_plain_text(data_type) or is_mixed_text(data_type)
 
 
 def _is_chat(data_type: pa.DataType) -> bool:
@@ -62,6 +52,8 @@ def _is_chat(data_type: pa.DataType) -> bool:
     if not (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)):
         return False
     turn = data_type.value_type
+    if pa.types.is_null(turn):
+        return True  # every list is empty: `empty_prompt` rows
     if not pa.types.is_struct(turn):
         return False
     names = {turn.field(i).name for i in range(turn.num_fields)}
@@ -106,78 +98,9 @@ def check_input_schema(schema: pa.Schema, *, prompt_column: str, file: str) -> s
     )
 
 
-def _is_scalar(data_type: pa.DataType) -> bool:
-    return not pa.types.is_nested(data_type) and not pa.types.is_dictionary(data_type)
-
-
-def _unify_types(name: str, found: Sequence[tuple[str, pa.DataType]]) -> pa.DataType:
-    distinct: list[pa.DataType] = []
-    for _, data_type in found:
-        if not any(data_type.equals(seen) for seen in distinct):
-            distinct.append(data_type)
-    if len(distinct) == 1:
-        return distinct[0]
-    try:
-        merged = pa.unify_schemas(
-            [pa.schema([pa.field(name, data_type)]) for data_type in distinct],
-            promote_options="permissive",
-        )
-        return merged.field(0).type
-    except _ARROW_ERRORS:
-        pass
-    if all(_is_scalar(data_type) for data_type in distinct):
-        return pa.string()  # e.g. ints in one CSV, words in another: keep them all as text
-    shown = ", ".join(f"{file}: {_show(data_type)}" for file, data_type in found)
-    raise InputError(
-        f"column {name!r} has types that cannot be combined across input files ({shown})"
-    )
-
-
-def unify_input_schemas(schemas: Mapping[str, pa.Schema]) -> pa.Schema:
-    """Merge per-file schemas (file name -> schema) into one schema for all batches.
-
-    Columns keep the order of first appearance; a column missing from some files is filled with
-    nulls there. Types are promoted (int32 + int64 -> int64, int64 + double -> double, null + T ->
-    T, struct fields merged); scalar types that do not promote (int64 + string) become string.
-    Every field is nullable and schema metadata (stale pandas/HF info) is dropped. Raises
-    InputError when nested types cannot be combined.
-    """
-    found_by_name: dict[str, list[tuple[str, pa.DataType]]] = {}
-    for file, schema in schemas.items():
-        for field in schema:
-            found_by_name.setdefault(field.name, []).append((file, field.type))
-    return pa.schema(
-        [pa.field(name, _unify_types(name, found)) for name, found in found_by_name.items()]
-    )
-
-
-def conform_batch(batch: pa.RecordBatch, schema: pa.Schema, *, file: str) -> pa.RecordBatch:
-    """Return `batch` with exactly the columns and types of `schema` (from `unify_input_schemas`).
-
-    Missing columns become nulls, other columns are cast (safely: no silent overflow). Raises
-    InputError naming `file` and the column when a value cannot be converted.
-    """
-    columns = []
-    for field in schema:
-        index = batch.schema.get_field_index(field.name)
-        if index < 0:
-            columns.append(pa.nulls(batch.num_rows, field.type))
-            continue
-        column = batch.column(index)
-        if not column.type.equals(field.type):
-            try:
-                column = column.cast(field.type)
-            except _ARROW_ERRORS as error:
-                raise InputError(
-                    f"{file}: column {field.name!r}: cannot convert {_show(column.type)} to "
-                    f"{_show(field.type)}: {one_line(str(error), 200)}"
-                ) from None
-        columns.append(column)
-    return pa.RecordBatch.from_arrays(columns, schema=schema)
-
-
 def output_schema(input_schema: pa.Schema) -> pa.Schema:
-    """Schema of output rows: the input columns, then `OUTPUT_FIELDS`.
+    """Schema of output rows: the input columns, then `OUTPUT_FIELDS`. A `MIXED_TEXT` column
+    (io/mixed_text.py) is written as strings.
 
     Raises InputError when an input column already uses an output column name.
     """
@@ -187,7 +110,9 @@ def output_schema(input_schema: pa.Schema) -> pa.Schema:
             f"input column {clashing[0]!r} has the name of a column vbatch writes "
             f"({', '.join(OUTPUT_COLUMNS)}); rename it in the input"
         )
-    return pa.schema(list(input_schema) + list(OUTPUT_FIELDS))
+    fields = [field.with_type(pa.string()) if is_mixed_text(field.type) else field
+              for field in input_schema]
+    return pa.schema(fields + list(OUTPUT_FIELDS))
 
 
 def build_output_batch(input_batch: pa.RecordBatch, results: Sequence[dict]) -> pa.RecordBatch:
@@ -221,4 +146,6 @@ def build_output_batch(input_batch: pa.RecordBatch, results: Sequence[dict]) -> 
         pa.array([result.get(field.name) for result in results], type=field.type)
         for field in OUTPUT_FIELDS
     ]
-    return pa.RecordBatch.from_arrays(list(input_batch.columns) + generated, schema=schema)
+    inputs = [as_text(column) if is_mixed_text(column.type) else column
+              for column in input_batch.columns]
+    return pa.RecordBatch.from_arrays(inputs + generated, schema=schema)

@@ -8,7 +8,6 @@ the traceback. Importing this module stays light (no torch): the runner is impor
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -18,6 +17,7 @@ from typing import Any
 import click
 
 import vbatch
+from vbatch.env import DEBUG, check_environment
 from vbatch.errors import TooManyRowErrors, one_line
 from vbatch.jobs.config import JOB_OPTIONS, load_job_config
 from vbatch.jobs.progress import ProgressReporter
@@ -55,8 +55,12 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 
 
 def is_debug_enabled() -> bool:
-    """True when `VBATCH_DEBUG` is set to a truthy value (1, true, yes, on)."""
-    return os.environ.get("VBATCH_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    """True when `VBATCH_DEBUG` is set to a truthy value (1, true, yes, on); False for a bad
+    value (this runs while an error is reported; `check_environment` reports the bad value)."""
+    try:
+        return DEBUG.read()
+    except ValueError:
+        return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -170,6 +174,7 @@ def _run(cli_values: dict[str, Any], config_path: str | None, is_dry_run: bool,
          reporter) -> int:
     """The job itself, every failure but a stop signal turned into an exit code."""
     try:
+        check_environment()     # before anything starts: replicas and workers inherit it
         config = load_job_config(cli_values, config_path)
         if is_dry_run:
             from vbatch.jobs.dry_run import describe_job  # noqa: PLC0415 - start-up: pulls in pyarrow, huggingface_hub

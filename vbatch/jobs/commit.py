@@ -18,8 +18,9 @@ import torch
 import transformers
 
 import vbatch
+from vbatch.io.directory import OutputDirectory
 from vbatch.io.manifest import FINGERPRINT_KEY, ResumeState, job_fingerprint, load_resume_state
-from vbatch.io.output_dir import prepare_output_dir
+from vbatch.io.output_dir import clear_output_dir
 from vbatch.io.parts import ParquetPartWriter
 from vbatch.io.positions import IntervalSet
 from vbatch.jobs.config import FINGERPRINT_FIELDS, JobConfig
@@ -46,16 +47,20 @@ def generation_settings(config: JobConfig) -> dict:
     return {name: values[name] for name in FINGERPRINT_FIELDS}
 
 
-def prepare_commit(config: JobConfig, files: list[Path], output_dir: Path,
+def prepare_commit(config: JobConfig, files: list[Path], output: OutputDirectory,
                    model_identity: dict) -> JobCommit:
-    """Fingerprint the job; with `config.resume`, load what `output_dir` already holds.
+    """Fingerprint the job; with `config.resume`, load what the job's locked directory `output`
+    already holds (refused when its path no longer names that directory).
     `model_identity`: the resolved model's source and fingerprint. Raises VBatchUsageError."""
     fingerprint = job_fingerprint(files=files, model=model_identity,
                                   generation=generation_settings(config),
                                   vbatch_version=vbatch.__version__)
     if not config.resume:
         return JobCommit(fingerprint)
-    return JobCommit(fingerprint, load_resume_state(output_dir, fingerprint, force=config.force))
+    # load_resume_state works on the path: make sure it still names the directory we hold
+    output.check_path_unchanged()
+    return JobCommit(fingerprint,
+                     load_resume_state(output.path, fingerprint, force=config.force))
 
 
 def model_identity(resolved_model) -> dict:
@@ -63,24 +68,33 @@ def model_identity(resolved_model) -> dict:
     return {"source": resolved_model.source, "fingerprint": resolved_model.fingerprint}
 
 
-def open_writer(config: JobConfig, output_dir: Path, schema: pa.Schema,
+def open_writer(config: JobConfig, output: OutputDirectory, schema: pa.Schema,
                 commit: JobCommit) -> ParquetPartWriter:
-    """The `ParquetPartWriter` of this job: a fresh (or overwritten) directory, or the resumed
-    one with its committed parts kept."""
-    if config.resume:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        output_dir = prepare_output_dir(output_dir, overwrite=config.overwrite)
-    return ParquetPartWriter(output_dir, rows_per_file=config.rows_per_file, schema=schema,
+    """The `ParquetPartWriter` of this job, writing through the job's locked directory handle
+    `output`: a fresh (or overwritten) directory, or the resumed one with its committed parts
+    kept. Either way `_SUCCESS` is gone and the manifest says "running" before any part is
+    written (see `ParquetPartWriter`)."""
+    if not config.resume:
+        clear_output_dir(output, overwrite=config.overwrite)
+    return ParquetPartWriter(output, rows_per_file=config.rows_per_file, schema=schema,
                              existing_parts=commit.resumed.parts,
                              job_info={FINGERPRINT_KEY: commit.fingerprint})
 
 
 def build_manifest(config: JobConfig, model: dict, counters: ReplicaCounters, files, *,
-                   num_resumed_rows: int = 0) -> dict:
+                   resumed: ResumeState | None = None) -> dict:
     """The `_manifest.json` content (the writer adds the fingerprint and the part list).
     `model`: the pool's `model_info`; `counters`: this run's merged `ReplicaCounters`;
-    `num_resumed_rows`: rows committed by earlier runs of a resumed job."""
+    `resumed`: what earlier runs of a resumed job committed.
+
+    `counts` are the job's totals (earlier runs' committed rows included), with
+    `resumed_rows` (committed by earlier runs) and `this_run` (what this run computed);
+    `truncated_rows` is known for this run only (the part files do not record it)."""
+    resumed = resumed or ResumeState()
+    this_run = {"rows": counters.num_rows, "error_rows": counters.num_error_rows,
+                "truncated_rows": counters.num_truncated_rows,
+                "prompt_tokens": counters.num_prompt_tokens,
+                "output_tokens": counters.num_output_tokens}
     return {
         "vbatch_version": vbatch.__version__,
         "torch_version": torch.__version__,
@@ -89,9 +103,11 @@ def build_manifest(config: JobConfig, model: dict, counters: ReplicaCounters, fi
         "config": config.to_dict(),
         "model": dict(model),
         "input_files": [str(f) for f in files],
-        "counts": {"rows": counters.num_rows, "resumed_rows": num_resumed_rows,
-                   "error_rows": counters.num_error_rows,
+        "counts": {"rows": resumed.num_committed_rows + counters.num_rows,
+                   "resumed_rows": resumed.num_committed_rows,
+                   "error_rows": resumed.num_error_rows + counters.num_error_rows,
                    "truncated_rows": counters.num_truncated_rows,
-                   "prompt_tokens": counters.num_prompt_tokens,
-                   "output_tokens": counters.num_output_tokens},
+                   "prompt_tokens": resumed.num_prompt_tokens + counters.num_prompt_tokens,
+                   "output_tokens": resumed.num_output_tokens + counters.num_output_tokens,
+                   "this_run": this_run},
     }

@@ -107,18 +107,27 @@ def read_yaml_config(config_path: str) -> dict[str, Any]:
     """Read a job YAML file into `{field_name: value}` with values type-checked.
 
     Keys may use underscores or dashes (`max_tokens` or `max-tokens`). Raises `VBatchUsageError`
-    naming the file for an unreadable file, invalid YAML, a top level that is not a mapping, an
-    unknown key (listing the valid ones) or a value of the wrong type.
+    naming the file for an unreadable file, a file that is not UTF-8 text (binary, UTF-16),
+    invalid YAML, a top level that is not a mapping, an unknown key (listing the valid ones) or
+    a value of the wrong type.
     """
     import yaml  # noqa: PLC0415 - start-up: keeps `vbatch --help` fast
 
     try:
-        with open(config_path, encoding="utf-8") as config_file:
-            document = yaml.safe_load(config_file)
+        with open(config_path, "rb") as config_file:
+            data = config_file.read()
     except OSError as exc:
         raise VBatchUsageError(
             f"cannot read config file {config_path}: {exc.strerror or exc}"
         ) from exc
+    text = _config_text(config_path, data)
+    try:
+        document = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:     # a control character: a binary file
+        line, column = _line_column(text, exc.position)
+        raise VBatchUsageError(
+            f"config file {config_path} is not YAML text: character #x{exc.character:04x} at "
+            f"line {line}, column {column} is not allowed (is it a binary file?)") from exc
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -149,6 +158,27 @@ def read_yaml_config(config_path: str) -> dict[str, Any]:
                 f"config file {config_path}: {raw_key!r} must be {exc}, got {raw_value!r}"
             ) from exc
     return values
+
+
+def _config_text(config_path: str, data: bytes) -> str:
+    """`data` decoded as UTF-8 (a UTF-8 byte-order mark allowed), or `VBatchUsageError` naming
+    the file and where the first undecodable byte is."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise VBatchUsageError(f"config file {config_path} is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise VBatchUsageError(
+            f"config file {config_path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line "
+            f"{line}, column {column}): save it as UTF-8, or is it a binary file?") from None
+
+
+def _line_column(text: str, position: int) -> tuple[int, int]:
+    """1-based line and column of character `position` of `text`."""
+    line_start = text.rfind("\n", 0, position) + 1
+    return text.count("\n", 0, position) + 1, position - line_start + 1
 
 
 def load_job_config(cli_values: dict[str, Any], config_path: str | None) -> JobConfig:

@@ -31,7 +31,9 @@ def describe_job(config: JobConfig) -> str:
     output_dir = output_dir_of(config)
     check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
                      root=config.output_root)
-    reader.validate_inputs(files, config.prompt_column, id_column=config.id_column)
+    reader.validate_inputs(files, config.prompt_column, id_column=config.id_column,
+                           csv_infer_types=config.csv_infer_types,
+                           allow_type_promotion=config.allow_type_promotion)
     num_rows = count_rows(files)
     plan = make_plan(config, local_resources())
     model_note = check_model_shape(config)

@@ -59,7 +59,8 @@ def check_job_inputs(config: JobConfig) -> JobInputs:
     check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
                      root=config.output_root)
     scan = reader.scan_inputs(files, prompt_column=config.prompt_column,
-                              id_column=config.id_column)
+                              id_column=config.id_column, csv_infer_types=config.csv_infer_types,
+                              allow_type_promotion=config.allow_type_promotion)
     prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)
     return JobInputs(files=files, root=inputs.input_root(config.input), scan=scan,
                      prompt_column=prompt_column, out_schema=output_schema(scan.schema),

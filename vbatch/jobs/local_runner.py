@@ -39,6 +39,7 @@ from multiprocessing.connection import wait
 
 import pyarrow as pa
 
+from vbatch.env import NUM_THREADS
 from vbatch.jobs.batch_order import InputOrder, tag_batch, untag_batch
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import JobInputs
@@ -127,7 +128,7 @@ class LocalReplicaPool:
         group = self.plan.device_groups[index]
         if group:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
-        elif "VBATCH_NUM_THREADS" not in os.environ:
+        elif NUM_THREADS.read() is None:
             ranks = self.plan.num_replicas * self.plan.world_size
             env["VBATCH_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
         return env

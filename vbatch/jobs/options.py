@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vbatch.options import at_least, in_range, not_blank, option
+from vbatch.options import INT64_MAX, at_least, in_range, not_blank, option
 
 RUNNER_CHOICES = ("auto", "ray", "local")
+#: Each replica is a process or a Ray actor with its own engine; far more than any cluster runs.
+MAX_REPLICAS = 4096
 ON_LONG_PROMPT_CHOICES = ("error", "truncate")
 
 
@@ -52,7 +54,7 @@ class JobOptions:
         help="With --resume: resume even if the inputs, model or generation settings differ "
              "from the run that wrote the directory.")
     max_replica_restarts: int = option(
-        3, checks=at_least(0), fingerprint=False,
+        3, checks=at_least(0, INT64_MAX), fingerprint=False,
         help="Restart a replica that dies at most this many times (its unfinished rows are "
              "retried) before the job fails.")
     prompt_column: str = option(
@@ -63,6 +65,16 @@ class JobOptions:
         "id", checks=not_blank("a non-empty column name"),
         help="Input column holding the row key. If absent, a stable key '<file>:<row number>' "
              "is derived and written as `id`.")
+    csv_infer_types: bool = option(
+        False,
+        help="Infer the types of CSV columns (numbers, booleans) instead of keeping every cell "
+             "as text; text keeps codes such as zip 02134 intact.")
+    allow_type_promotion: bool = option(
+        False,
+        help="Convert a column whose type differs between input files (or blocks of one text "
+             "file) to one type (int64 + double -> double, int + text -> text) instead of "
+             "refusing the job. Lossless differences (int32 + int64, missing values) are "
+             "always combined.")
     chat: bool = option(False, negatable=True,
                         help="Apply the model's chat template to each prompt.")
     on_long_prompt: str = option(
@@ -73,9 +85,9 @@ class JobOptions:
         None, checks=in_range(0, 1), metavar="R", env="VBATCH_MAX_ERROR_RATE", fingerprint=False,
         help="Fail the job (exit code 3, no _SUCCESS) when more than this fraction of rows "
              "(0..1) errored. Default: no limit; error rows are written and the job succeeds.")
-    rows_per_file: int = option(10_000, checks=at_least(1), fingerprint=False,
+    rows_per_file: int = option(10_000, checks=at_least(1, INT64_MAX), fingerprint=False,
                                 help="Rows per output Parquet part file.")
-    batch_size: int = option(1024, checks=at_least(1), fingerprint=False,
+    batch_size: int = option(1024, checks=at_least(1, INT64_MAX), fingerprint=False,
                              help="Rows read from the input per batch handed to the engine.")
     runner: str = option(
         "auto", choices=RUNNER_CHOICES, fingerprint=False,
@@ -88,7 +100,8 @@ class JobOptions:
         checks=_not_empty_if_given(" (leave it out to start a private local Ray)"),
         help="Address of a running Ray cluster (e.g. HEAD:6379 or ray://HEAD:10001).")
     replicas: int | None = option(
-        None, flags=("--data-parallel-size", "-dp"), checks=at_least(1), fingerprint=False,
+        None, flags=("--data-parallel-size", "-dp"), checks=at_least(1, MAX_REPLICAS),
+        fingerprint=False,
         help="Engine replicas (each over its own tp x pp devices) working through the dataset. "
              "Default: as many as fit on this node's GPUs, 1 on CPU.")
     preserve_order: bool = option(

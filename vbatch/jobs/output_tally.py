@@ -2,13 +2,20 @@
 
 Counting what is written (not what replicas say they did) keeps the counts exact when a replica
 dies and is restarted, or a Ray task is retried: their own counters die with them, and a batch
-computed twice is written once.
+computed twice is written once. `count_ids` reads the finished output's id column back: ids that
+repeat or are null (the job runs them all, but they do not name one row each).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from vbatch.io.output_dir import PART_FILE_PATTERN
 from vbatch.io.positions import POSITION_COLUMN, IntervalSet
 from vbatch.io.schema import ERROR, NUM_GENERATED_TOKENS, NUM_PROMPT_TOKENS
 
@@ -54,3 +61,38 @@ class OutputTally:
             self.first_error = f"row {key}: {errors[row].as_py()}"
         self.num_error_rows += num_errors
         return batch
+
+
+@dataclass(frozen=True)
+class IdCounts:
+    """Row keys of a finished output that do not name one row each: `duplicate_ids` rows whose
+    id an earlier row already has (ids a, a, a: 2), `null_ids` rows without an id."""
+
+    duplicate_ids: int = 0
+    null_ids: int = 0
+
+    def warning(self, id_column: str) -> str | None:
+        """One line for stderr when there are any, else None."""
+        if not (self.duplicate_ids or self.null_ids):
+            return None
+        return (f"warning: column {id_column!r} has {self.duplicate_ids:,} duplicate and "
+                f"{self.null_ids:,} null ids in the output; every row was generated once (its "
+                "random draws keyed by its input position), but those ids do not name one row")
+
+
+def output_part_files(output_dir: str | Path) -> list[Path]:
+    """The Parquet part files in `output_dir`, in name order."""
+    return sorted(path for path in Path(output_dir).iterdir()
+                  if PART_FILE_PATTERN.fullmatch(path.name))
+
+
+def count_ids(part_files: Sequence[Path], id_column: str) -> IdCounts:
+    """Duplicate and null ids over all rows of `part_files` (reads only the id column)."""
+    if not part_files:
+        return IdCounts()
+    ids = pq.read_table(list(part_files), columns=[id_column]).column(id_column)
+    try:
+        distinct = pc.count_distinct(ids, mode="only_valid").as_py()
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError):  # e.g. struct ids
+        distinct = len({repr(value) for value in ids.to_pylist() if value is not None})
+    return IdCounts(duplicate_ids=len(ids) - ids.null_count - distinct, null_ids=ids.null_count)

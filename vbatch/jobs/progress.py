@@ -19,9 +19,13 @@ class JobStats:
     """Counts and timings of one finished job.
 
     `wall_time_s` is the whole job's wall time, model loading included; `load_time_s` is the part
-    of it spent loading the model. `num_rows` counts every row this run wrote (a resumed job's
-    earlier rows are `num_resumed_rows`); `num_error_rows` those
-    written with `error` set instead of a completion. Throughputs are measured over the
+    of it spent loading the model. The counts are the job's totals: `num_rows` counts every row
+    of the output, a resumed job's rows committed by earlier runs included (those are
+    `num_resumed_rows`, their errors and tokens `num_resumed_*`); `num_error_rows` the rows
+    written with `error` set instead of a completion; `num_part_files` the output's part files.
+    `this_run` is what this run computed. `num_duplicate_ids` / `num_null_ids`: output rows
+    whose id an earlier row has / rows without an id. `warnings`: one line each, printed after
+    the summary. Throughputs are this run's tokens over the
     generation time (`wall_time_s - load_time_s`), so a large model's load time does not hide
     engine speed.
     """
@@ -39,6 +43,21 @@ class JobStats:
     runner: str = "local"
     num_replicas: int = 1
     num_resumed_rows: int = 0
+    num_resumed_error_rows: int = 0
+    num_resumed_prompt_tokens: int = 0
+    num_resumed_output_tokens: int = 0
+    num_duplicate_ids: int = 0
+    num_null_ids: int = 0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def this_run(self) -> dict[str, int]:
+        """What this run computed: rows, error rows, prompt and output tokens (the totals less
+        what earlier runs committed)."""
+        return {"rows": self.num_rows - self.num_resumed_rows,
+                "error_rows": self.num_error_rows - self.num_resumed_error_rows,
+                "prompt_tokens": self.num_prompt_tokens - self.num_resumed_prompt_tokens,
+                "output_tokens": self.num_output_tokens - self.num_resumed_output_tokens}
 
     @property
     def generation_time_s(self) -> float:
@@ -47,13 +66,18 @@ class JobStats:
 
     @property
     def output_tokens_per_s(self) -> float:
-        """Generated tokens per second of generation time; 0.0 when no time elapsed."""
-        return _rate(self.num_output_tokens, self.generation_time_s)
+        """Generated tokens per second of generation time (this run's); 0.0 when no time
+        elapsed."""
+        return _rate(self.num_output_tokens - self.num_resumed_output_tokens,
+                     self.generation_time_s)
 
     @property
     def total_tokens_per_s(self) -> float:
-        """(Prompt + generated) tokens per second of generation time; 0.0 when no time elapsed."""
-        return _rate(self.num_prompt_tokens + self.num_output_tokens, self.generation_time_s)
+        """(Prompt + generated) tokens per second of generation time (this run's); 0.0 when no
+        time elapsed."""
+        this_run = self.this_run
+        return _rate(this_run["prompt_tokens"] + this_run["output_tokens"],
+                     self.generation_time_s)
 
 
 def _rate(count: float, seconds: float) -> float:
@@ -74,7 +98,8 @@ def format_summary(stats: JobStats) -> str:
     part_note = f" ({stats.num_part_files} part files)" if stats.num_part_files else ""
     error_note = f" ({stats.num_error_rows:,} with errors)" if stats.num_error_rows else ""
     if stats.num_resumed_rows:
-        error_note += f"; {stats.num_resumed_rows:,} more committed by an earlier run (resumed)"
+        error_note += (f"; {stats.num_resumed_rows:,} committed by an earlier run (resumed), "
+                       f"{stats.this_run['rows']:,} computed now")
     rows = [
         ("rows", f"{stats.num_rows:,}{error_note}"),
         ("prompt tokens", f"{stats.num_prompt_tokens:,}"),
@@ -207,6 +232,8 @@ class ProgressReporter:
         """Print the end-of-job summary (always, even when quiet); closes progress first."""
         self.close()
         print(format_summary(stats), file=self.stream, flush=True)
+        for warning in stats.warnings:
+            print(warning, file=self.stream, flush=True)
 
     def progress_line(self, now: float | None = None) -> str:
         """The plain-text progress line for the current counts."""

@@ -19,11 +19,14 @@ and its engine places one Ray actor per rank in its own placement group of tp x 
 (`engine/executor/ray_executor.py`), so a replica may span nodes. A `ReplicaLedger` actor collects
 each replica's node, model and counters for the summary and the exactly-once check. With no
 `--ray-address` and no Ray already running in this process, a private Ray is started (dashboard off,
-bound to 127.0.0.1, enough logical CPUs for every replica plus the readers) and shut down at the
-end. Ray's own progress bars are off: the job's `ProgressReporter` shows rows as output batches
-arrive. Work starts once every replica has loaded; each actor then gets a block whenever it has room
-for one (at most 2 queued per actor). An actor drains its engine at the end of each block
-(`batch_size` rows), so keep blocks well above `max_num_seqs`.
+every component listening on 127.0.0.1 only, enough logical CPUs for every replica plus the
+readers) and shut down at the end; a cluster address where nothing answers fails the job at once
+(`ray_cluster.connect_to_cluster`). Either way the CLI's SIGTERM handler survives `ray.init`, so
+SIGTERM stops the job with exit code 143. Ray's own progress bars are off: the job's
+`ProgressReporter` shows rows as output batches arrive. Work starts once every replica has
+loaded; each actor then gets a block whenever it has room for one (at most 2 queued per actor).
+An actor drains its engine at the end of each block (`batch_size` rows), so keep blocks well
+above `max_num_seqs`.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ import ray
 from ray.data import DataContext, Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from vbatch.engine.executor import ray_cluster
+from vbatch.env import NUM_THREADS
 from vbatch.io.positions import POSITION_COLUMN
 from vbatch.io.reader import InputScan, read_batches
 from vbatch.io.schema import NUM_GENERATED_TOKENS
@@ -133,8 +138,8 @@ class ReplicaActor:
 
     def __init__(self, config: JobConfig, prompt_column: str, input_schema: pa.Schema,
                  ledger, num_threads: int | None):
-        if num_threads and "VBATCH_NUM_THREADS" not in os.environ:
-            os.environ["VBATCH_NUM_THREADS"] = str(num_threads)
+        if num_threads and NUM_THREADS.read() is None:
+            os.environ[NUM_THREADS.name] = str(num_threads)
         self.input_schema = input_schema
         self.replica = start_replica(config, prompt_column)
         self.engine = self.replica.engine
@@ -177,13 +182,10 @@ class RayReplicaPool:
         if not ray.is_initialized():
             self._owns_ray = True
             if self.plan.ray_address:
-                ray.init(address=self.plan.ray_address, log_to_driver=False,
-                         logging_level="warning")
+                ray_cluster.connect_to_cluster(ray, self.plan.ray_address)
             else:
                 cpus = max(os.cpu_count() or 1, self.plan.num_replicas * self.plan.world_size + 1)
-                ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", log_to_driver=False,
-                         logging_level="warning")
+                ray_cluster.start_private_ray(ray, num_cpus=cpus)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from vbatch.engine.llm_engine import LLMEngine
 from vbatch.engine.sampling_params import SamplingParams
+from vbatch.io.positions import POSITION_COLUMN
 from vbatch.io.schema import (
     ERROR,
     FINISH_REASON,
@@ -46,6 +47,7 @@ class _Row:
     batch_index: int
     row: int
     key: str
+    sample_key: str
     token_ids: list[int] | None
     params: SamplingParams | None
     error: RowError | None
@@ -53,6 +55,16 @@ class _Row:
     @property
     def request_id(self) -> str:
         return f"{self.batch_index}:{self.row}"
+
+
+def _sample_keys(batch: pa.RecordBatch, ids: list[str]) -> list[str]:
+    """The key of each row's random draws: its input position (io/positions.py) when the batch
+    carries positions, as every job's batches do, so two rows with the same id (or a null id)
+    still draw independently, and a row draws the same wherever and with whomever it runs;
+    else (batches from other callers) its id."""
+    if POSITION_COLUMN not in batch.schema.names:
+        return ids
+    return [f"position:{position}" for position in batch.column(POSITION_COLUMN).to_pylist()]
 
 
 @dataclass
@@ -119,7 +131,7 @@ class Replica:
                 if item.error is None:
                     try:
                         engine.add_request(item.request_id, item.token_ids, item.params,
-                                           row_key=item.key)
+                                           row_key=item.sample_key)
                         continue
                     except ValueError as refused:
                         item.error = RowError(REJECTED, str(refused))
@@ -183,9 +195,11 @@ class Replica:
             batch_index += 1
             pending[batch_index] = _PendingBatch(batch, [None] * batch.num_rows)
             keys = [str(k) for k in batch.column(self.prompts.id_column).to_pylist()]
+            sample_keys = _sample_keys(batch, keys)
             encoded = self.encoder.encode(batch)
             params = self.sampling.for_batch(batch)
             for row, (key, token_ids, row_params) in enumerate(zip(keys, encoded, params)):
+                sample_key = sample_keys[row]
                 error = next((x for x in (token_ids, row_params) if isinstance(x, RowError)),
                              None)
                 if error is None:
@@ -196,6 +210,6 @@ class Replica:
                         self.counters.num_truncated_rows += 1
                     token_ids = fitted
                 if error is not None:
-                    yield _Row(batch_index, row, key, None, None, error)
+                    yield _Row(batch_index, row, key, sample_key, None, None, error)
                 else:
-                    yield _Row(batch_index, row, key, token_ids, row_params, None)
+                    yield _Row(batch_index, row, key, sample_key, token_ids, row_params, None)

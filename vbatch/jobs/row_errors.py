@@ -3,7 +3,8 @@
 A row that cannot be generated (empty or non-text prompt, malformed `messages`, a chat template
 that raises, a prompt longer than the model allows, a bad per-row sampling value) is written
 with `error` = "<code>: <message>" and null generation columns; the job goes on. `ErrorBudget`
-turns `--max-error-rate` into `TooManyRowErrors` (exit code 3) when too many rows failed.
+turns `--max-error-rate` into `TooManyRowErrors` (exit code 3) when too many rows failed; for a
+resumed job it counts the rows earlier runs committed too, so `--resume` never bypasses it.
 """
 from __future__ import annotations
 
@@ -55,30 +56,53 @@ class RowCounts(Protocol):
 @dataclass(frozen=True)
 class ErrorBudget:
     """`--max-error-rate`: the job fails (exit code 3) when more than `max_error_rate` of its
-    rows errored. `max_error_rate=None` never fails. `total_rows` (None when unknown) lets
-    `check_progress` stop a job early once failure is certain, whatever the remaining rows do.
+    rows errored. `max_error_rate=None` never fails. `total_rows` (None when unknown) is every
+    input row of the job, earlier runs' included; it lets `check_progress` stop a job early
+    once failure is certain, whatever the remaining rows do. `earlier_rows` and
+    `earlier_error_rows` are what earlier runs of a resumed job committed: every check counts
+    them with the `counts` of this run.
     """
 
     max_error_rate: float | None
     total_rows: int | None = None
+    earlier_rows: int = 0
+    earlier_error_rows: int = 0
+
+    def check_start(self) -> None:
+        """Raise TooManyRowErrors when the earlier runs' error rows alone already exceed the
+        rate of the total (a resumed job that cannot succeed fails before any model loads)."""
+        self.check_progress(_NoRows())
 
     def check_progress(self, counts: RowCounts) -> None:
         """Raise TooManyRowErrors when the errors so far already exceed the rate of the total."""
         if self.max_error_rate is None or self.total_rows is None or self.total_rows == 0:
             return
-        if counts.num_error_rows / self.total_rows > self.max_error_rate:
+        if (self.earlier_error_rows + counts.num_error_rows) / self.total_rows > \
+                self.max_error_rate:
             self._fail(counts, self.total_rows)
 
     def check_final(self, counts: RowCounts) -> None:
         """Raise TooManyRowErrors when more than the rate of all finished rows errored."""
-        if self.max_error_rate is None or counts.num_rows == 0:
+        num_rows = self.earlier_rows + counts.num_rows
+        if self.max_error_rate is None or num_rows == 0:
             return
-        if counts.num_error_rows / counts.num_rows > self.max_error_rate:
-            self._fail(counts, counts.num_rows)
+        if (self.earlier_error_rows + counts.num_error_rows) / num_rows > self.max_error_rate:
+            self._fail(counts, num_rows)
 
     def _fail(self, counts: RowCounts, num_rows: int) -> None:
-        share = counts.num_error_rows / num_rows
-        first = f"; first: {counts.first_error}" if counts.first_error else ""
+        num_errors = self.earlier_error_rows + counts.num_error_rows
+        share = num_errors / num_rows
+        earlier = (f" ({self.earlier_error_rows} committed by earlier runs)"
+                   if self.earlier_error_rows else "")
+        which = " in this run" if self.earlier_error_rows else ""
+        first = f"; first{which}: {counts.first_error}" if counts.first_error else ""
         raise TooManyRowErrors(
-            f"{counts.num_error_rows} of {num_rows} rows failed ({share:.1%}), more than "
+            f"{num_errors} of {num_rows} rows failed ({share:.1%}){earlier}, more than "
             f"--max-error-rate {self.max_error_rate:g}{first}")
+
+
+@dataclass(frozen=True)
+class _NoRows:
+    num_rows: int = 0
+    num_error_rows: int = 0
+    first_error: str | None = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from vbatch.errors import VBatchUsageError
+from vbatch.io.mixed_text import python_values
 from vbatch.io.schema import MESSAGES_COLUMN
 from vbatch.jobs.options import ON_LONG_PROMPT_CHOICES
 from vbatch.jobs.row_errors import (
@@ -72,7 +73,9 @@ class PromptEncoder:
 
     def encode(self, batch: pa.RecordBatch) -> list[list[int] | RowError]:
         """One entry per row of `batch`: its prompt token ids, or the RowError that stops it."""
-        values = batch.column(self.prompts.prompt_column).to_pylist()
+        # A JSON prompt column that mixes text and other values: those values as Python
+        # objects, so their rows become `not_text` errors.
+        values = python_values(batch.column(self.prompts.prompt_column))
         if self.prompts.prompt_column == MESSAGES_COLUMN:
             texts = [self._render(_chat_turns(value)) for value in values]
         elif self.prompts.chat:

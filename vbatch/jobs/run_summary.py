@@ -2,7 +2,9 @@
 
 The leading underscore makes Parquet readers (pyarrow, Spark, Ray) skip it when they read the output
 directory, as they skip `_SUCCESS` and `_manifest.json`. Written into the output directory before
-`_SUCCESS` (and after the part files) by every runner: counts, tokens, timings, the plan (runner,
+`_SUCCESS` (and after the part files) by every runner: counts and tokens (the job's totals, a
+resumed job's earlier rows included, with `resumed_rows` and `this_run`; `duplicate_ids` and
+`null_ids` over the whole output), timings, the plan (runner,
 replicas, tp, pp, executor, device groups), per-replica statistics (rows, tokens, node, state), the
 job config and the versions of vbatch, Python, torch, transformers, pyarrow and Ray (when Ray ran
 the job). `merge_counters` adds up the counters that replicas report.
@@ -60,10 +62,12 @@ def build_run_summary(config: JobConfig, plan: JobPlan, stats: JobStats, *,
     return {
         "started_at": started_at.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "counts": {"rows": stats.num_rows, "error_rows": stats.num_error_rows,
+        "counts": {"rows": stats.num_rows, "resumed_rows": stats.num_resumed_rows,
+                   "error_rows": stats.num_error_rows,
                    "prompt_tokens": stats.num_prompt_tokens,
                    "output_tokens": stats.num_output_tokens,
-                   "part_files": stats.num_part_files},
+                   "part_files": stats.num_part_files, "this_run": stats.this_run,
+                   "duplicate_ids": stats.num_duplicate_ids, "null_ids": stats.num_null_ids},
         "timings": {"wall_time_s": round(stats.wall_time_s, 3),
                     "load_time_s": round(stats.load_time_s, 3),
                     "generation_time_s": round(stats.generation_time_s, 3),

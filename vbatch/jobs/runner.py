@@ -2,8 +2,11 @@
 
 Order of work, the same for every runner:
 
-1. check the inputs and the output path, and resolve the model once (before any replica
-   starts, so a bad flag fails in seconds and a GGUF is converted once);
+1. check the inputs and the output path; lock the output directory for the whole job (a
+   second job on it is refused), hold it open (every write goes through that handle, so a
+   path swapped after the checks cannot redirect them) and check it is writable; resolve the
+   model once (all before any replica starts, so a bad flag fails in seconds and a GGUF is
+   converted once);
 2. fingerprint the job and, with `--resume`, read what earlier runs committed;
 3. start the replica pool the plan asks for (`jobs/pool.py`: in this process, local
    processes, or Ray actors) and write every output batch it yields with our part writer (this
@@ -23,13 +26,13 @@ from datetime import datetime, timezone
 
 from vbatch.engine.loader import resolve_model
 from vbatch.errors import TooManyRowErrors
-from vbatch.io.atomic import write_json_file
-from vbatch.io.output_dir import SUMMARY_FILE
+from vbatch.io.directory import OutputDirectory
+from vbatch.io.output_dir import SUMMARY_FILE, locked_output_dir
 from vbatch.jobs.commit import build_manifest, model_identity, open_writer, prepare_commit
 from vbatch.jobs.config import JobConfig
-from vbatch.jobs.job_inputs import check_job_inputs
-from vbatch.jobs.output_tally import OutputTally
-from vbatch.jobs.plan import local_resources, make_plan
+from vbatch.jobs.job_inputs import JobInputs, check_job_inputs
+from vbatch.jobs.output_tally import OutputTally, count_ids, output_part_files
+from vbatch.jobs.plan import JobPlan, local_resources, make_plan
 from vbatch.jobs.pool import make_pool
 from vbatch.jobs.progress import JobStats, ProgressReporter
 from vbatch.jobs.row_errors import ErrorBudget
@@ -47,25 +50,39 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     started_at = datetime.now(timezone.utc)
     plan = make_plan(config, local_resources())
     job = check_job_inputs(config)
+    # Locked, held open and probed before the model resolves, so a second job on the same
+    # directory or an unwritable one fails in seconds; every write goes through `output`.
+    with locked_output_dir(job.output_dir, root=config.output_root) as output:
+        return _run_locked(config, reporter, plan, job, output, started=started,
+                           started_at=started_at)
+
+
+def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, job: JobInputs,
+                output: OutputDirectory, *, started: float, started_at: datetime) -> JobStats:
+    """`run_job` from the model on, writing only through the locked directory `output`."""
     resolved = resolve_model(config.model, allow_pickle=config.allow_pickle,
                              trust_remote_code=config.trust_remote_code)
-    commit = prepare_commit(config, job.files, job.output_dir, model_identity(resolved))
-    num_resumed = commit.resumed.num_committed_rows
+    commit = prepare_commit(config, job.files, output, model_identity(resolved))
+    earlier = commit.resumed
+    num_resumed = earlier.num_committed_rows
+    # The budget covers the whole job: all input rows, earlier runs' committed rows included.
+    budget = ErrorBudget(config.max_error_rate, job.total_rows, earlier_rows=num_resumed,
+                         earlier_error_rows=earlier.num_error_rows)
+    budget.check_start()
     job = dataclasses.replace(job, skip=commit.skip, total_rows=None if job.total_rows is None
                               else job.total_rows - num_resumed)
-    budget = ErrorBudget(config.max_error_rate, job.total_rows)
     tally = OutputTally()
     with make_pool(config, plan, started=started) as pool:
         part_writer = None
         try:
             for batch in pool.outputs(job, reporter):
                 if part_writer is None:   # the first result: every replica loaded fine
-                    part_writer = open_writer(config, job.output_dir, job.out_schema, commit)
+                    part_writer = open_writer(config, output, job.out_schema, commit)
                 batch = tally.accept(batch, config.id_column)
                 part_writer.write(batch)
                 budget.check_progress(tally)
             if part_writer is None:
-                part_writer = open_writer(config, job.output_dir, job.out_schema, commit)
+                part_writer = open_writer(config, output, job.out_schema, commit)
             # Counts from what was written: exact even when a replica died and was restarted
             # (its own counters died with it).
             counters = dataclasses.replace(
@@ -85,17 +102,27 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
         if job.total_rows is not None and tally.num_rows != job.total_rows:
             raise RuntimeError(f"{job.total_rows} input rows to compute but {tally.num_rows} "
                                "were written; not committing")
-        stats = JobStats(num_rows=counters.num_rows, num_prompt_tokens=counters.num_prompt_tokens,
-                         num_output_tokens=counters.num_output_tokens,
+        ids = count_ids(output_part_files(part_writer.output_dir), config.id_column)
+        id_warning = ids.warning(config.id_column)
+        # The job's totals: this run's rows plus the rows earlier runs committed.
+        stats = JobStats(num_rows=num_resumed + counters.num_rows,
+                         num_prompt_tokens=earlier.num_prompt_tokens + counters.num_prompt_tokens,
+                         num_output_tokens=earlier.num_output_tokens + counters.num_output_tokens,
                          wall_time_s=time.perf_counter() - started,
                          output_dir=str(part_writer.output_dir),
                          model=pool.model_info["source"], dtype=pool.model_info["dtype"],
                          load_time_s=pool.load_time_s,
-                         num_part_files=len(part_writer.part_files),
-                         num_error_rows=counters.num_error_rows, runner=plan.runner,
-                         num_replicas=plan.num_replicas, num_resumed_rows=num_resumed)
-        write_json_file(part_writer.output_dir, SUMMARY_FILE, build_run_summary(
+                         num_part_files=len(earlier.parts) + len(part_writer.part_files),
+                         num_error_rows=earlier.num_error_rows + counters.num_error_rows,
+                         runner=plan.runner, num_replicas=plan.num_replicas,
+                         num_resumed_rows=num_resumed,
+                         num_resumed_error_rows=earlier.num_error_rows,
+                         num_resumed_prompt_tokens=earlier.num_prompt_tokens,
+                         num_resumed_output_tokens=earlier.num_output_tokens,
+                         num_duplicate_ids=ids.duplicate_ids, num_null_ids=ids.null_ids,
+                         warnings=() if id_warning is None else (id_warning,))
+        output.write_json(SUMMARY_FILE, build_run_summary(
             config, plan, stats, started_at=started_at, replicas=pool.replica_stats()))
         part_writer.commit(build_manifest(config, pool.model_info, counters, job.files,
-                                          num_resumed_rows=num_resumed))
+                                          resumed=earlier))
     return stats

@@ -20,7 +20,8 @@ import torch
 
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether `weight` ([out, in]) can and should be packed: a CPU bf16 matrix, oneDNN
-    present, and packing not disabled with VBATCH_PACK_WEIGHTS=0."""
+    present, and packing not disabled with VBATCH_PACK_WEIGHTS=0 (declared and checked in
+    vbatch/env.py, which parallel/ may not import; the words here are its FALSE_WORDS)."""
     if os.environ.get("VBATCH_PACK_WEIGHTS", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2

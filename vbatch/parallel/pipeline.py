@@ -21,11 +21,13 @@ LAYER_PARTITION_ENV = "VBATCH_PP_LAYER_PARTITION"
 
 def layer_partition(num_layers: int, pp_size: int) -> list[int]:
     """Number of layers per stage: even, the remainder on the first stages (the last stage
-    also runs the LM head). `VBATCH_PP_LAYER_PARTITION="16,14"` sets it explicitly (pp > 1)."""
+    also runs the LM head). `VBATCH_PP_LAYER_PARTITION="16,14"` sets it explicitly (pp > 1);
+    its syntax is declared and checked up front in vbatch/env.py (parallel/ may not import it),
+    the counts against this model here."""
     if pp_size > num_layers:
         raise ValueError(f"pipeline_parallel_size={pp_size} exceeds the model's {num_layers} "
                          f"layers; use at most {num_layers}")
-    explicit = os.environ.get(LAYER_PARTITION_ENV)
+    explicit = os.environ.get(LAYER_PARTITION_ENV, "").strip()
     if explicit and pp_size > 1:
         try:
             sizes = [int(part) for part in explicit.split(",")]

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vbatch.parallel.comm import GroupCoordinator
+from vbatch.parallel.rendezvous import use_loopback_interfaces
 
 
 @dataclass
@@ -59,17 +60,21 @@ def rank_grid(tp_size: int, pp_size: int) -> list[list[int]]:
 
 
 def init_parallel_state(*, world_rank: int, tp_size: int, pp_size: int, init_method: str,
-                        device: torch.device, timeout_s: float = 120.0) -> ParallelState:
+                        device: torch.device, timeout_s: float = 120.0,
+                        single_node: bool = False) -> ParallelState:
     """Join the engine's process group and build the TP and PP subgroups.
 
     Uses NCCL on CUDA devices and gloo on CPU. Every rank must call this with the same
-    `init_method` (e.g. ``tcp://127.0.0.1:PORT``, a free port chosen per engine so that several
-    engines on one node never collide). Subgroups are created in the same order on every rank,
-    as torch.distributed requires.
+    `init_method`: a `rendezvous.LocalRendezvous` ``file://`` URL when every rank runs on this
+    node, else ``tcp://HOST:PORT`` on rank 0's node. `single_node`: every rank is on this node,
+    so gloo / NCCL sockets bind to the loopback interface only. Subgroups are created in the
+    same order on every rank, as torch.distributed requires.
     """
     world_size = tp_size * pp_size
     if world_size == 1:
         return ParallelState.single(device)
+    if single_node:
+        use_loopback_interfaces()
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend=backend, init_method=init_method, rank=world_rank,

@@ -4,13 +4,14 @@ The engine process holds no model. Every step it sends the same (method, args) m
 rank's pipe; the ranks run it in lockstep (their collectives meet in torch.distributed, gloo on
 CPU or NCCL on CUDA), and each sends back its result, or the error it raised. A rank that dies
 is noticed through its process sentinel, so the engine fails within seconds naming the rank,
-instead of hanging in a collective. Ray is not imported.
+instead of hanging in a collective. The ranks meet through a file store in a private temporary
+directory (removed on shutdown) and their sockets bind to loopback: the engine opens no port
+to the network (`parallel/rendezvous.py`). Ray is not imported.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import traceback
 from multiprocessing.connection import wait
 
@@ -18,16 +19,11 @@ import torch.distributed as dist
 
 from vbatch.engine.executor.base import Executor, PendingResult, WorkerError
 from vbatch.engine.worker import WorkerSpec, start_worker
+from vbatch.parallel.rendezvous import LocalRendezvous
 
 __all__ = ["MultiprocExecutor", "WorkerError"]
 
 _SHUTDOWN = "__shutdown__"
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker_main(rank: int, spec: WorkerSpec, tp_size: int, pp_size: int, init_method: str,
@@ -37,7 +33,7 @@ def _worker_main(rank: int, spec: WorkerSpec, tp_size: int, pp_size: int, init_m
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     try:
         worker = start_worker(spec, world_rank=rank, tp_size=tp_size, pp_size=pp_size,
-                              init_method=init_method)
+                              init_method=init_method, single_node=True)
         conn.send(("ok", None))
     except BaseException as error:  # report, then exit: the engine raises WorkerError
         conn.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
@@ -63,21 +59,22 @@ class MultiprocExecutor(Executor):
     def __init__(self, spec: WorkerSpec, *, tp_size: int, pp_size: int = 1):
         self.world_size = tp_size * pp_size
         context = multiprocessing.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{_free_loopback_port()}"
+        self._rendezvous = LocalRendezvous()
+        init_method = self._rendezvous.init_method
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.processes, self.conns = [], []
         self._num_submitted = self._num_collected = 0
         self._collected: dict[int, list] = {}
-        for rank in range(self.world_size):
-            parent_conn, child_conn = context.Pipe()
-            process = context.Process(
-                target=_worker_main, name=f"vbatch-worker-{rank}", daemon=True,
-                args=(rank, spec, tp_size, pp_size, init_method, child_conn, visible))
-            process.start()
-            child_conn.close()
-            self.processes.append(process)
-            self.conns.append(parent_conn)
         try:
+            for rank in range(self.world_size):
+                parent_conn, child_conn = context.Pipe()
+                process = context.Process(
+                    target=_worker_main, name=f"vbatch-worker-{rank}", daemon=True,
+                    args=(rank, spec, tp_size, pp_size, init_method, child_conn, visible))
+                process.start()
+                child_conn.close()
+                self.processes.append(process)
+                self.conns.append(parent_conn)
             self._collect()              # every rank reports that it loaded its shard
         except BaseException:
             self.shutdown()
@@ -162,6 +159,7 @@ class MultiprocExecutor(Executor):
                 process.kill()
                 process.join(timeout=5)
         self.processes, self.conns = [], []
+        self._rendezvous.close()
 
     def __del__(self):
         if getattr(self, "processes", None):

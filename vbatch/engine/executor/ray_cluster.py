@@ -1,12 +1,35 @@
-"""Ray plumbing for the `ray` executor: importing Ray, connecting to a cluster, and reserving
-one placement-group bundle per rank. Imported only when the `ray` backend is used.
+"""Ray plumbing for the `ray` executor and the Ray runner: importing Ray, connecting to a
+cluster or starting a private one, and reserving one placement-group bundle per rank. Imported
+only when Ray is used.
+
+A private instance listens on loopback only. Ray binds every component (GCS, raylet, workers,
+agents, metrics) to 127.0.0.1 when the node address is a loopback one, but on Linux `ray.init`
+replaces a loopback `_node_ip_address` with the machine's external address unless
+`ray_constants.ENABLE_RAY_CLUSTER` is off, as on Windows and macOS; `start_private_ray`
+turns it off (and sets its environment variable for the processes it starts) while it starts
+the instance. A cluster address is checked before `ray.init`, which would otherwise retry an
+address where nothing answers for minutes. Both keep the SIGTERM handler the caller installed:
+`ray.init` replaces it with one that exits with status 15, and Ray's C++ core worker adds one
+that prints a stack dump.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import vbatch
+
+#: How long a cluster address may take to accept a TCP connection before the job fails.
+CONNECT_TIMEOUT_S = 10.0
+
+#: Ray's switch for its single-machine (Windows/macOS) mode, where the node address stays
+#: loopback (`ray._private.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR`).
+_RAY_CLUSTER_MODE_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def import_ray():
@@ -31,12 +54,98 @@ def connect(ray, *, device_type: str, world_size: int) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="warning")
+        connect_to_cluster(ray, address)
         return False
     num_cpus = max(os.cpu_count() or 1, world_size) if device_type == "cpu" else None
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="warning")
+    start_private_ray(ray, num_cpus=num_cpus)
     return True
+
+
+def start_private_ray(ray, *, num_cpus: int | None) -> None:
+    """Start a single-node Ray instance for this process: no dashboard, every component
+    listening on 127.0.0.1 only (see module docstring); the caller's SIGTERM handler kept."""
+    with _loopback_node_address(), _keeping_sigterm_handler():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="warning")
+
+
+def connect_to_cluster(ray, address: str) -> None:
+    """Connect this process to the Ray cluster at `address` (``HOST:PORT``, ``ray://HOST:PORT``
+    or ``auto``), keeping the caller's SIGTERM handler. Raises a one-line ValueError naming the
+    address, within about CONNECT_TIMEOUT_S, when it is malformed, its host does not resolve,
+    nothing accepts a connection there, or Ray finds no cluster."""
+    check_cluster_address(address)
+    try:
+        with _keeping_sigterm_handler():
+            ray.init(address=address, log_to_driver=False, logging_level="warning")
+    except ConnectionError as error:
+        raise ValueError(f"cannot connect to the Ray cluster at {address!r}: "
+                         f"{_first_line(str(error))}") from None
+
+
+def check_cluster_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """ValueError naming `address` unless it is ``auto`` / ``local`` or a ``[ray://]HOST:PORT``
+    whose host resolves and accepts a TCP connection within `timeout_s`."""
+    if address in ("auto", "local"):          # Ray itself fails fast when it finds none
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")                   # [::1]:6379
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"Ray cluster address {address!r} is not HOST:PORT (e.g. HEAD:6379, "
+                         "ray://HEAD:10001 or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except socket.gaierror as error:
+        raise ValueError(f"Ray cluster address {address!r}: host {host!r} does not resolve "
+                         f"({error.strerror})") from None
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"Ray cluster address {address!r}: nothing answers at {host}:{port} "
+                         f"({reason}); is the cluster running (ray start --head)?") from None
+
+
+@contextlib.contextmanager
+def _loopback_node_address() -> Iterator[None]:
+    """Ray's single-machine mode while a private instance starts (see module docstring)."""
+    from ray._private import ray_constants  # noqa: PLC0415 - optional dependency (vbatch[ray])
+    previous_mode = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    previous_variable = os.environ.get(_RAY_CLUSTER_MODE_VARIABLE)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[_RAY_CLUSTER_MODE_VARIABLE] = "0"     # inherited by the GCS, raylet, workers
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous_mode
+        if previous_variable is None:
+            os.environ.pop(_RAY_CLUSTER_MODE_VARIABLE, None)
+        else:
+            os.environ[_RAY_CLUSTER_MODE_VARIABLE] = previous_variable
+
+
+@contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """Put back a SIGTERM handler installed from Python (the CLI's: exit 143, workers stopped)
+    after `ray.init`; with the default handler, Ray's stays (it shuts Ray down on SIGTERM).
+    A SIGTERM that lands during `ray.init` (whose handler raises SystemExit(15)) is handed to
+    the caller's handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code == signal.SIGTERM and callable(previous):
+            previous(signal.SIGTERM, None)
+        raise
+    finally:
+        if previous is not None and previous is not signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)   # also replaces the C++ dump handler
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "unknown error")
 
 
 def worker_env() -> dict[str, str]:

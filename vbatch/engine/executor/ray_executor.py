@@ -1,10 +1,13 @@
 """The `ray` executor: one Ray actor per rank, possibly spread over several nodes.
 
 Rank r runs in bundle r of a placement group (the caller's, when the engine itself runs inside
-one, else a PACK group created here and removed on shutdown). Rank 0's actor picks a free port
-on its own node, and every rank joins torch.distributed at ``tcp://<rank 0 node IP>:<port>``,
-so the ranks can sit on different machines. A Ray actor runs the calls of one caller in
-submission order, which keeps several pipeline steps in flight safe, as with `mp`.
+one, else a PACK group created here and removed on shutdown). When every rank landed on one
+node, they meet through a file store in a private directory rank 0's actor creates there
+(removed on shutdown) and talk over loopback, opening no port to the network
+(`parallel/rendezvous.py`); across nodes, rank 0's actor picks a free port on its own node and
+every rank joins torch.distributed at ``tcp://<rank 0 node IP>:<port>``. A Ray actor runs the
+calls of one caller in submission order, which keeps several pipeline steps in flight safe, as
+with `mp`.
 
 A rank whose actor dies (RayActorError) or raises (RayTaskError) becomes a WorkerError naming
 the rank; then every actor is killed, so nothing outlives the engine. Ray is imported only
@@ -20,6 +23,7 @@ import torch
 from vbatch.engine.executor import ray_cluster
 from vbatch.engine.executor.base import Executor, PendingResult, WorkerError
 from vbatch.engine.worker import WorkerSpec, start_worker
+from vbatch.parallel.rendezvous import LocalRendezvous
 
 __all__ = ["RayExecutor", "RankActor", "WorkerError"]
 
@@ -32,6 +36,7 @@ class RankActor:
 
     def __init__(self):
         self.worker = None
+        self.rendezvous: LocalRendezvous | None = None
 
     def node_id(self) -> str:
         """The Ray node this actor runs on."""
@@ -47,14 +52,27 @@ class RankActor:
             sock.bind(("", 0))
             return sock.getsockname()[1]
 
+    def open_rendezvous(self) -> str:
+        """Create a private file-store rendezvous on this node (for ranks all on this node);
+        return its init method."""
+        self.rendezvous = LocalRendezvous()
+        return self.rendezvous.init_method
+
+    def close_rendezvous(self) -> None:
+        """Remove the rendezvous `open_rendezvous` created, if any."""
+        if self.rendezvous is not None:
+            self.rendezvous.close()
+
     def start(self, spec: WorkerSpec, world_rank: int, tp_size: int, pp_size: int,
-              init_method: str) -> None:
-        """Join the engine's process groups and load this rank's shard."""
+              init_method: str, single_node: bool = False) -> None:
+        """Join the engine's process groups and load this rank's shard (`single_node`: every
+        rank is on this node; sockets on loopback)."""
         if torch.device(spec.device).type == "cuda" and torch.cuda.device_count() < 1:
             raise RuntimeError(f"rank {world_rank} sees no GPU (CUDA_VISIBLE_DEVICES="
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         self.worker = start_worker(spec, world_rank=world_rank, tp_size=tp_size,
-                                   pp_size=pp_size, init_method=init_method)
+                                   pp_size=pp_size, init_method=init_method,
+                                   single_node=single_node)
 
     def execute_method(self, method: str, *args):
         """`Worker.<method>(*args)` on this rank."""
@@ -78,6 +96,7 @@ class RayExecutor(Executor):
         self.node_ids: list[str] = []
         self.pids: list[int] = []
         self._placement = None
+        self._rendezvous_owner = None
         self._failed = False
         device_type = "cuda" if spec.device.startswith("cuda") else "cpu"
         self._started_ray = ray_cluster.connect(ray, device_type=device_type,
@@ -106,9 +125,14 @@ class RayExecutor(Executor):
                 max_task_retries=0).remote())
         self.node_ids = self._gather([a.node_id.remote() for a in self.actors])
         self.pids = self._gather([a.pid.remote() for a in self.actors])
-        port = self._gather([self.actors[0].free_port.remote()])[0]
-        init_method = f"tcp://{ray_cluster.node_ip(ray, self.node_ids[0])}:{port}"
-        self._gather([actor.start.remote(spec, rank, tp_size, pp_size, init_method)
+        single_node = len(set(self.node_ids)) == 1
+        if single_node:
+            self._rendezvous_owner = self.actors[0]
+            init_method = self._gather([self.actors[0].open_rendezvous.remote()])[0]
+        else:
+            port = self._gather([self.actors[0].free_port.remote()])[0]
+            init_method = f"tcp://{ray_cluster.node_ip(ray, self.node_ids[0])}:{port}"
+        self._gather([actor.start.remote(spec, rank, tp_size, pp_size, init_method, single_node)
                       for rank, actor in enumerate(self.actors)])
 
     def submit(self, method: str, *args) -> PendingResult:
@@ -161,6 +185,12 @@ class RayExecutor(Executor):
         if ray is None or not ray.is_initialized():
             self.actors = []
             return
+        owner, self._rendezvous_owner = self._rendezvous_owner, None
+        if owner is not None:
+            try:
+                ray.get(owner.close_rendezvous.remote(), timeout=_FAILURE_GRACE_S)
+            except Exception:            # rank 0 is dead: its private directory stays
+                pass
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)

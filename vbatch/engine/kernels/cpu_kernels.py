@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from vbatch.engine.loader.resolve import cache_root_dir
+from vbatch.env import CPU_KERNELS
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def _check_rows(x: torch.Tensor, row_size: int, dtype: torch.dtype) -> None:
 def cpu_kernels() -> CpuKernels | None:
     """The compiled kernels of this process, or None (PyTorch fallback) when disabled with
     VBATCH_CPU_KERNELS=0 or when they cannot be built here (logged once, with the reason)."""
-    if os.environ.get("VBATCH_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not CPU_KERNELS.read():
         return None
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from vbatch.engine.loader.gguf_convert import convert_gguf, read_source_info
 from vbatch.engine.loader.weights import pickle_files, safetensors_files
+from vbatch.env import CACHE_DIR, DEFAULT_CACHE_DIR
 from vbatch.errors import VBatchUsageError, one_line
 
 logger = logging.getLogger(__name__)
@@ -97,9 +98,10 @@ def resolve_model(
 
 def cache_root_dir(cache_dir: str | None = None) -> Path:
     """Return the vbatch cache root: `cache_dir`, else `$VBATCH_CACHE_DIR`, else
-    `~/.cache/vbatch`."""
-    chosen = cache_dir or os.environ.get("VBATCH_CACHE_DIR") or "~/.cache/vbatch"
-    return Path(chosen).expanduser()
+    `~/.cache/vbatch`. Raises `VBatchUsageError` when `$VBATCH_CACHE_DIR` names a file."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return CACHE_DIR.read() or Path(DEFAULT_CACHE_DIR).expanduser()
 
 
 def default_model_file() -> Path:
