@@ -218,7 +218,7 @@ _INT64_MAX, _UINT64_MAX = 2**63 - 1, 2**64 - 1
     ("max_model_len", _INT64_MAX), ("max_num_seqs", _INT64_MAX),
     ("max_num_batched_tokens", _INT64_MAX), ("tensor_parallel_size", _INT64_MAX),
     ("pipeline_parallel_size", _INT64_MAX), ("batch_size", _INT64_MAX),
-    ("rows_per_file", _INT64_MAX), ("replicas", _INT64_MAX), ("max_replica_restarts", _INT64_MAX),
+    ("rows_per_file", _INT64_MAX), ("replicas", 4096), ("max_replica_restarts", _INT64_MAX),
 ])
 def test_integer_options_are_bounded_to_64_bits(name, largest):
     """The largest value that fits is accepted; one more is refused naming the flag (it used
