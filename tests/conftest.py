@@ -116,6 +116,17 @@ def vbatch_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "vbatch"]
 
 
+PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):", "Once upon a time"]
+
+
+def write_prompt_jsonl(path, num_rows: int):
+    """`num_rows` JSON lines `{"prompt": ...}` cycling through `PROMPTS` (each made unique)."""
+    import json
+    path.write_text("".join(json.dumps({"prompt": f"{PROMPTS[i % 4]} {i}"}) + "\n"
+                            for i in range(num_rows)))
+    return path
+
+
 def last_stage_logits(llm, token_ids: list[int]):
     """Logits of a one-sequence prefill of `token_ids` through every rank of `llm`'s engine,
     as the last pipeline stage (TP rank 0) computed them."""

@@ -10,24 +10,16 @@ address); nor does a `--runner ray` job on its private Ray (GCS, raylet, workers
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import socket
 import subprocess
 import time
 
 import pytest
-from conftest import vbatch_command
+from conftest import vbatch_command, write_prompt_jsonl
 
 psutil = pytest.importorskip("psutil")
 
-PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):", "Once upon a time"]
-
-
-def _write_jsonl(path, n):
-    path.write_text("".join(json.dumps({"prompt": f"{PROMPTS[i % 4]} {i}"}) + "\n"
-                            for i in range(n)))
-    return path
 
 
 def _is_loopback(ip: str) -> bool:
@@ -87,7 +79,7 @@ def _run_and_watch(args, tmp_path, env_extra=None):
 
 
 def _job_args(tiny_models, tmp_path, *extra):
-    source = _write_jsonl(tmp_path / "in.jsonl", 48)
+    source = write_prompt_jsonl(tmp_path / "in.jsonl", 48)
     return [str(source), "--model", str(tiny_models["gpt2"]), "--max-tokens", "48",
             "--ignore-eos", "--batch-size", "16", "--output", str(tmp_path / "out"), "-q",
             *extra]

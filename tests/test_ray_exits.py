@@ -10,7 +10,6 @@ address) instead of ray.init retrying for minutes.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,19 +17,12 @@ import sys
 import time
 
 import pytest
-from conftest import vbatch_command
+from conftest import vbatch_command, write_prompt_jsonl
 
 from vbatch.engine.executor import ray_cluster
 
 psutil = pytest.importorskip("psutil")
 
-PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):", "Once upon a time"]
-
-
-def _write_jsonl(path, n):
-    path.write_text("".join(json.dumps({"prompt": f"{PROMPTS[i % 4]} {i}"}) + "\n"
-                            for i in range(n)))
-    return path
 
 
 def _env(**extra):
@@ -50,7 +42,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_sigterm_stops_a_ray_job_with_143(tiny_models, tmp_path):
     pytest.importorskip("ray")
-    source = _write_jsonl(tmp_path / "in.jsonl", 2000)
+    source = write_prompt_jsonl(tmp_path / "in.jsonl", 2000)
     out = tmp_path / "out"
     stderr_path = tmp_path / "stderr.txt"
     with open(stderr_path, "w") as stderr:
@@ -119,7 +111,7 @@ def test_sigterm_during_ray_init_reaches_the_callers_handler():
 @pytest.mark.parametrize("address, how", [("garbage:1", "env"), ("127.0.0.1:1", "flag")])
 def test_unreachable_ray_address_fails_fast_naming_it(tiny_models, tmp_path, address, how):
     pytest.importorskip("ray")
-    source = _write_jsonl(tmp_path / "in.jsonl", 4)
+    source = write_prompt_jsonl(tmp_path / "in.jsonl", 4)
     args = ["run", str(source), "--model", str(tiny_models["gpt2"]), "--max-tokens", "4",
             "--output", str(tmp_path / "out")]
     if how == "flag":
