@@ -116,6 +116,23 @@ def vbatch_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "vbatch"]
 
 
+def small_job_command(source, model, output, *extra: str, max_tokens: int) -> list[str]:
+    """`vbatch run` of a small, deterministic job: 4-row parts and batches, 2 sequences at a
+    time, greedy float32, exactly `max_tokens` tokens a row (EOS ignored)."""
+    return [*vbatch_command(), "run", str(source), "--model", str(model), "--output", str(output),
+            "--rows-per-file", "4", "--batch-size", "4", "--max-num-seqs", "2",
+            "--max-tokens", str(max_tokens), "--ignore-eos", "--temperature", "0",
+            "--dtype", "float32", *extra]
+
+
+def run_offline(args: list[str]):
+    """Run `args` with the hub offline; the completed process (output captured as text)."""
+    import os
+    import subprocess
+    return subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 PROMPTS = ["The quick brown fox", "Paris is", "def add(a, b):", "Once upon a time"]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import vbatch_command
+from conftest import run_offline, small_job_command
 
 from vbatch.io.manifest import ResumeState, job_fingerprint, load_resume_state
 from vbatch.io.parts import ParquetPartWriter
@@ -27,15 +27,11 @@ NUM_ROWS = 40
 
 
 def _job_args(source: Path, model: Path, output: Path, *extra: str) -> list[str]:
-    return [*vbatch_command(), "run", str(source), "--model", str(model), "--output", str(output),
-            "--rows-per-file", "4", "--batch-size", "4", "--max-num-seqs", "2",
-            "--max-tokens", "48", "--ignore-eos", "--temperature", "0", "--dtype", "float32",
-            *extra]
+    return small_job_command(source, model, output, *extra, max_tokens=48)
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return run_offline(args)
 
 
 def _num_committed_parts(output: Path) -> int:
