@@ -23,11 +23,6 @@ def temp_name_for(name: str) -> str:
     return f".{name}.tmp"
 
 
-def temp_path_for(final_path: Path) -> Path:
-    """The temporary path `final_path` is written under: `.NAME.tmp` beside it."""
-    return final_path.with_name(temp_name_for(final_path.name))
-
-
 def fsync_directory(dir_fd: int) -> None:
     """fsync the open directory `dir_fd` (so renames in it survive a crash); filesystems that
     cannot fsync a directory are ignored."""
@@ -81,18 +76,7 @@ def json_bytes(content: dict) -> bytes:
     return (json.dumps(content, indent=2, default=str) + "\n").encode()
 
 
-def write_text_atomically(final_path: Path, text: str) -> Path:
-    """Write `text` to `final_path` atomically (see `write_atomically`). Returns the path."""
-    return write_atomically(final_path, lambda file: file.write(text.encode()))
-
-
 def write_json_atomically(final_path: Path, content: dict) -> Path:
     """Write `content` as JSON (see `json_bytes`) to `final_path` atomically. Returns the
     path."""
     return write_atomically(final_path, lambda file: file.write(json_bytes(content)))
-
-
-def write_json_file(output_dir: str | os.PathLike[str], name: str, content: dict) -> Path:
-    """Write `content` as indented JSON to `output_dir/name` atomically (temporary name, fsync,
-    rename); values JSON cannot encode are written as strings. Returns the path."""
-    return write_json_atomically(Path(output_dir) / name, content)
