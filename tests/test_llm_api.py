@@ -83,7 +83,7 @@ def test_stop_string_and_eos(llm):
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"max_tokens": 0},
-                                    {"min_p": 2}, {"n": 2}])
+                                    {"min_p": 2}, {"n": 0}])
 def test_bad_sampling_params(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

@@ -31,6 +31,8 @@ class Row:
     seed: int = 0
     row_key: str = "row"
     output_index: int = 0
+    sample_index: int = 0
+    num_samples: int = 1
 
 
 def sample_rows(logits: torch.Tensor, rows: list[Row]) -> list[int]:
@@ -308,7 +310,14 @@ def test_min_p_support():
     (dict(min_p=2.0), "min_p"),
     (dict(min_p=-0.1), "min_p"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(n=2), "n=2"),
+    (dict(n=0), "n must be >= 1"),
+    (dict(n=1025), "n must be <= 1024"),
+    (dict(logprobs=21), "logprobs must be <= 20"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs must be >= 0"),
+    (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(structured_outputs={"choice": ["a"]}), "StructuredOutputsParams"),
     (dict(stop=["ok", ""]), "stop"),
 ])
 def test_sampling_params_rejects_bad_values(kwargs, match):

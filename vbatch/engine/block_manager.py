@@ -13,6 +13,11 @@ them, e.g. a chat template's system prompt shared by every row. A freed block ke
 and can still be hit until the block is handed out again. The last prompt token is always
 computed (its logits are needed), so at most (n - 1) // block_size blocks are shared.
 
+Samples of one request share blocks too: `fork` gives a new sample the parent's block table
+(reference counted), and a shared block is copied before it is written (copy-on-write:
+`append_slot` returns the (source, destination) copy the workers must do first), so a prompt is
+computed and stored once for all its samples.
+
 Free blocks are reused last-in first-out, so a cache allocated lazily (untouched pages) only
 ever touches as much memory as the peak working set.
 """
@@ -66,10 +71,10 @@ class BlockManager:
             return block_id
         return None
 
-    def _num_new_blocks(self, seq: Sequence) -> int:
+    def _num_new_blocks(self, seq: Sequence, use_cached: bool = True) -> int:
         """Blocks `seq` would take off the free list (cache hits on live blocks cost none)."""
         needed = num_blocks_for(seq.num_tokens, self.block_size)
-        for block_hash, tokens in self._prefix_hashes(seq):
+        for block_hash, tokens in self._prefix_hashes(seq) if use_cached else ():
             block_id = self._cached_block(block_hash, tokens)
             if block_id is None:
                 break
@@ -77,21 +82,24 @@ class BlockManager:
                 needed -= 1
         return needed
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence, use_cached: bool = True) -> bool:
         """True if every token of `seq` (prompt + generated) fits in the free blocks."""
-        return self._num_new_blocks(seq) <= self.num_free_blocks
+        return self._num_new_blocks(seq, use_cached) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: Sequence, use_cached: bool = True) -> None:
         """Give `seq` blocks for all of its tokens, sharing cached prefix blocks; sets
-        `seq.num_computed_tokens` to the number of tokens whose KV is already cached."""
+        `seq.num_computed_tokens` to the number of tokens whose KV is already cached.
+
+        `use_cached=False` computes every token (a request that needs the logits of each prompt
+        position); its full blocks are still registered, for later requests to hit."""
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already owns blocks")
-        if not self.can_allocate(seq):
+        if not self.can_allocate(seq, use_cached):
             raise RuntimeError("allocate() called without can_allocate()")
         table: list[int] = []
         hashes = self._prefix_hashes(seq)
         num_hit_blocks = 0
-        for block_hash, tokens in hashes:
+        for block_hash, tokens in hashes if use_cached else ():
             block_id = self._cached_block(block_hash, tokens)
             if block_id is None:
                 break
@@ -131,14 +139,34 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` (a copy of `parent`'s block table) now shares every block of it."""
+        for block_id in child.block_table:
+            self.ref_counts[block_id] += 1
+
     def can_append(self, seq: Sequence) -> bool:
-        """True if `seq`'s next token has a slot: it is in an owned block or a block is free."""
+        """True if `seq`'s last token has a slot of its own: in an owned, unshared block, or a
+        free block to take (a new block, or the copy of a shared one)."""
         return self._needs_new_block(seq) <= self.num_free_blocks
 
-    def append_slot(self, seq: Sequence) -> None:
-        """Make sure the block holding `seq`'s last token is allocated."""
-        if self._needs_new_block(seq):
+    def append_slot(self, seq: Sequence) -> tuple[int, int] | None:
+        """Make sure the block holding `seq`'s last token is allocated and `seq`'s alone.
+        Returns the (source, destination) block copy to do before the step writes it, when that
+        block was shared (copy-on-write), else None."""
+        index = (seq.num_tokens - 1) // self.block_size
+        if index == len(seq.block_table):
             seq.block_table.append(self._take_free_block())
+            return None
+        block_id = seq.block_table[index]
+        if self.ref_counts[block_id] == 1:
+            return None
+        copy = self._take_free_block()
+        self.ref_counts[block_id] -= 1
+        seq.block_table[index] = copy
+        return block_id, copy
 
     def _needs_new_block(self, seq: Sequence) -> int:
-        return int(num_blocks_for(seq.num_tokens, self.block_size) > len(seq.block_table))
+        index = (seq.num_tokens - 1) // self.block_size
+        if index >= len(seq.block_table):
+            return 1
+        return int(self.ref_counts[seq.block_table[index]] > 1)

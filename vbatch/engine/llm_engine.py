@@ -19,11 +19,12 @@ from vbatch.engine.executor.base import PendingResult
 from vbatch.engine.executor.factory import choose_backend, make_executor
 from vbatch.engine.loader import resolve_model
 from vbatch.engine.model_loader import model_class_for
-from vbatch.engine.outputs import CompletionOutput, RequestOutput
+from vbatch.engine.output_processor import OutputProcessor
+from vbatch.engine.outputs import RequestOutput
 from vbatch.engine.platform import resolve_block_size, resolve_device, resolve_dtype
 from vbatch.engine.sampling_params import SamplingParams
 from vbatch.engine.scheduler import Scheduler, SchedulerOutput
-from vbatch.engine.sequence import ScheduledSequence, Sequence
+from vbatch.engine.sequence import ScheduledSequence, Sequence, StepInput
 from vbatch.engine.stop_checker import StopChecker
 from vbatch.engine.worker import WorkerSpec
 from vbatch.env import NUM_THREADS, check_environment
@@ -83,7 +84,13 @@ class LLMEngine:
         self.virtual_engines = self._make_virtual_engines()
         self._in_flight: deque[VirtualEngine] = deque()
         self._seq_ids = itertools.count()
-        self._stop_checkers: dict[int, StopChecker] = {}
+        self._grammars = None      # GrammarCompilerCache, built by the first constrained request
+        self.output_processor = OutputProcessor(
+            self.tokenizer, self._stop_checker,
+            new_matcher=lambda params: self._grammar_cache().new_matcher(
+                params.structured_outputs),
+            next_seq_id=lambda: next(self._seq_ids))
+        self.num_prefill_tokens = 0
         # Everything allocated so far (transformers' and torch's module graphs, the tokenizer)
         # lives for the whole run: move it out of the cyclic GC's generations, so the full
         # collections that many small per-step objects trigger stop re-traversing it (vLLM
@@ -203,30 +210,55 @@ class LLMEngine:
                     sampling_params: SamplingParams, *, prompt: str | None = None,
                     row_key: str | None = None, seed: int | None = None) -> None:
         """Queue one prompt. `row_key` (default: request_id) and `seed` (default: the params'
-        seed, else the engine's) fix its random draws."""
+        seed, else the engine's) fix its random draws. Raises ValueError for a prompt that
+        cannot run, and `StructuredOutputError` (a ValueError) for a structured-output spec
+        that does not compile."""
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt is empty")
         if num_prompt >= self.max_model_len:
             raise ValueError(f"the prompt has {num_prompt} tokens, which leaves no room to "
                              f"generate within max_model_len={self.max_model_len}")
+        if request_id in self.output_processor.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        grammar = None
+        if sampling_params.structured_outputs is not None:
+            grammar = self._grammar_cache().new_matcher(sampling_params.structured_outputs)
         if seed is None:
             seed = sampling_params.seed if sampling_params.seed is not None else self.config.seed
         seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, sampling_params,
                        seed=seed, row_key=row_key if row_key is not None else request_id,
                        prompt=prompt)
-        checker = StopChecker(self.tokenizer, sampling_params, self.eos_token_ids,
-                              self.max_model_len)
+        seq.grammar = grammar
         target = min(self.virtual_engines, key=lambda ve: ve.scheduler.num_unfinished)
         target.scheduler.add(seq)
-        self._stop_checkers[seq.seq_id] = checker
+        self.output_processor.add(seq)
+
+    def _stop_checker(self, params: SamplingParams) -> StopChecker:
+        return StopChecker(self.tokenizer, params, self.eos_token_ids, self.max_model_len)
+
+    def _grammar_cache(self):
+        """The structured-output compiler for this tokenizer (xgrammar loads on first use)."""
+        if self._grammars is None:
+            from vbatch.engine.structured_output import GrammarCompilerCache  # noqa: PLC0415 - xgrammar loads only for constrained requests
+            self._grammars = GrammarCompilerCache(
+                self.tokenizer, vocab_size=self.hf_config.vocab_size,
+                stop_token_ids=sorted(self.eos_token_ids))
+        return self._grammars
 
     def has_unfinished_requests(self) -> bool:
         return any(ve.scheduler.has_unfinished() for ve in self.virtual_engines)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return sum(ve.scheduler.num_unfinished for ve in self.virtual_engines)
+        """Requests not finished yet (a request of n samples counts once)."""
+        return len(self.output_processor.requests)
+
+    @property
+    def num_prompt_prefills(self) -> int:
+        """Prompts prefilled from scratch so far: once per request, whatever its n (samples
+        share their prompt's computation); recomputation after preemption not counted."""
+        return self.output_processor.num_prompt_prefills
 
     def step(self) -> list[RequestOutput]:
         """Start a step on every idle virtual engine with work, then finish the oldest step in
@@ -235,41 +267,51 @@ class LLMEngine:
             if ve.in_flight is None and ve.scheduler.has_unfinished():
                 scheduled = ve.scheduler.schedule()
                 if scheduled.seqs:
-                    batch = [self._slim(seq) for seq in scheduled.seqs]
-                    ve.in_flight = (scheduled, self.executor.execute_model_async(batch))
+                    ve.in_flight = (scheduled,
+                                    self.executor.execute_model_async(self._step_input(scheduled)))
                     self._in_flight.append(ve)
         if not self._in_flight:
             return []
         ve = self._in_flight.popleft()
         (scheduled, pending), ve.in_flight = ve.in_flight, None
-        token_ids = pending.driver_result()
-        finished = []
-        for seq, token_id in zip(scheduled.seqs, token_ids):
-            seq.num_computed_tokens = seq.num_tokens
-            seq.append_token(token_id)
-            if self._stop_checkers[seq.seq_id].check(seq):
-                ve.scheduler.finish(seq)
-                finished.append(self._to_output(seq))
-        return finished
+        if scheduled.is_prefill:
+            self.num_prefill_tokens += sum(s.num_tokens - s.num_computed_tokens
+                                           for s in scheduled.seqs)
+        return self.output_processor.process(ve.scheduler, scheduled, pending.driver_result())
+
+    def _step_input(self, scheduled: SchedulerOutput) -> StepInput:
+        batch = [self._slim(seq) for seq in scheduled.seqs]
+        bitmask = None
+        constrained = [(slim, seq) for slim, seq in zip(batch, scheduled.seqs)
+                       if seq.grammar is not None]
+        if constrained:
+            from vbatch.engine.structured_output import allocate_bitmask  # noqa: PLC0415 - only constrained steps load xgrammar
+            bitmask = allocate_bitmask(len(constrained), self.hf_config.vocab_size)
+            for row, (slim, seq) in enumerate(constrained):
+                seq.grammar.fill_bitmask(bitmask, row)
+                slim.grammar_row = row
+        return StepInput(batch, scheduled.blocks_to_copy, bitmask)
 
     def _slim(self, seq: Sequence) -> ScheduledSequence:
         params = seq.sampling_params
-        return ScheduledSequence(
+        slim = ScheduledSequence(
             seq_id=seq.seq_id, token_ids=seq.token_ids[seq.num_computed_tokens:],
             start_position=seq.num_computed_tokens, block_table=seq.block_table,
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             min_p=params.min_p, seed=seq.seed, row_key=seq.row_key,
-            output_index=seq.num_generated_tokens)
-
-    def _to_output(self, seq: Sequence) -> RequestOutput:
-        checker = self._stop_checkers.pop(seq.seq_id)
-        completion = CompletionOutput(index=0, text=checker.final_text(seq),
-                                      token_ids=seq.generated_token_ids,
-                                      finish_reason=seq.finish_reason,
-                                      stop_reason=seq.stop_reason)
-        return RequestOutput(request_id=seq.request_id, prompt=seq.prompt,
-                             prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-                             outputs=[completion])
+            output_index=seq.num_generated_tokens, sample_index=seq.sample_index,
+            num_samples=seq.num_samples_to_fork)
+        if params.logprobs is not None:
+            slim.num_logprobs = params.logprobs
+        if seq.needs_prompt_logprobs:
+            slim.num_prompt_logprobs = params.prompt_logprobs
+        if params.has_penalties:
+            slim.repetition_penalty = params.repetition_penalty
+            slim.presence_penalty = params.presence_penalty
+            slim.frequency_penalty = params.frequency_penalty
+            slim.history = seq.token_ids
+            slim.num_prompt_tokens = seq.num_prompt_tokens
+        return slim
 
     def shutdown(self) -> None:
         """Stop the workers (idempotent)."""

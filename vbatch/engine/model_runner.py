@@ -7,8 +7,10 @@ from collections import deque
 import torch
 
 from vbatch.engine.attention import AttentionMetadata, allocate_kv_cache
+from vbatch.engine.logprobs import prompt_logprobs, sampled_logprobs
+from vbatch.engine.penalties import apply_penalties
 from vbatch.engine.sampler import SamplingMetadata, sample
-from vbatch.engine.sequence import ScheduledSequence
+from vbatch.engine.sequence import PromptLogprobs, ScheduledSequence, StepInput, StepOutput
 from vbatch.parallel.comm import GroupCoordinator
 from vbatch.parallel.pipeline import StageLink
 
@@ -21,11 +23,12 @@ ROWS_PER_CHUNK = 128
 class ModelRunner:
     """Owns this rank's model and KV cache, and runs one step at a time.
 
-    `execute_model` returns the sampled token ids (one per sequence, in order) on the sampling
-    rank and None elsewhere. Under pipeline parallelism every stage builds the same step
-    metadata from the same sequences (each stage's KV cache holds its own layers, under the
-    same block ids); a stage after the first receives its input hidden states from the
-    previous stage, and a stage before the last sends its output on and returns None.
+    `execute_model` returns a `StepOutput` (each sequence's sampled token ids, in order, and
+    the logprobs asked for) on the sampling rank and None elsewhere. Under pipeline
+    parallelism every stage builds the same step metadata from the same sequences (each
+    stage's KV cache holds its own layers, under the same block ids); a stage after the
+    first receives its input hidden states from the previous stage, and a stage before the
+    last sends its output on and returns None.
     """
 
     def __init__(self, model: torch.nn.Module, *, block_size: int, device: torch.device,
@@ -57,27 +60,94 @@ class ModelRunner:
                                                layer.head_dim, self.dtype, self.device))
 
     @torch.inference_mode()
-    def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
-        """Run the step's new tokens through the model; sample one token per sequence.
+    def execute_model(self, step: StepInput) -> StepOutput | None:
+        """Run the step's new tokens through the model; sample each sequence's token(s).
 
+        Every rank first does the step's copy-on-write block copies in its own KV cache.
         Sequences run sorted by context length, so each attention chunk pads its keys only to
-        its own longest context; the tokens come back in the caller's order.
+        its own longest context; results come back in the caller's order.
         """
+        if step.blocks_to_copy:
+            self._copy_blocks(step.blocks_to_copy)
+        seqs = step.seqs
         order = sorted(range(len(seqs)),
                        key=lambda i: seqs[i].start_position + len(seqs[i].token_ids))
         seqs = [seqs[i] for i in order]
         input_ids, positions, meta, logits_index = self._prepare(seqs)
         hidden = self._run_stage(input_ids, positions, meta)
-        tokens = None
+        output = None
         if hidden is not None:
+            prompt_results = self._prompt_logprobs(seqs, hidden, input_ids, logits_index)
             logits = self.model.compute_logits(hidden[logits_index])
             if self.is_driver:
-                sampled = sample(logits, SamplingMetadata.build(seqs, self.device)).tolist()
-                tokens = [0] * len(seqs)
-                for position, index in enumerate(order):
-                    tokens[index] = sampled[position]
+                output = self._sample(seqs, logits, step.grammar_bitmask)
+                output = _unsort(output, order, prompt_results)
         self.step_times.append((self._compute_start, time.monotonic()))
-        return tokens
+        return output
+
+    def _sample(self, seqs: list[ScheduledSequence], logits: torch.Tensor,
+                grammar_bitmask) -> StepOutput:
+        """Token ids (and their logprobs) for each sequence, in `seqs` order."""
+        meta = SamplingMetadata.build(seqs, self.device)
+        if meta.logits_rows is not None:
+            logits = logits.index_select(0, meta.logits_rows)
+            rows = [s for s in seqs for _ in range(s.num_samples)]
+        else:
+            rows = seqs
+        want_logprobs = [r for r, s in enumerate(rows) if s.num_logprobs >= 0]
+        raw = logits[want_logprobs] if want_logprobs else None   # a copy: before the changes
+        penalised = [r for r, s in enumerate(rows) if s.history is not None]
+        constrained = [r for r, s in enumerate(rows) if s.grammar_row >= 0]
+        if penalised:
+            logits = logits.float()
+            apply_penalties(logits, penalised, [rows[r] for r in penalised])
+        if constrained:
+            from vbatch.engine.structured_output import apply_bitmask  # noqa: PLC0415 - only constrained steps load xgrammar
+            bitmask = grammar_bitmask.index_select(0, torch.tensor(
+                [rows[r].grammar_row for r in constrained]))
+            apply_bitmask(logits, bitmask, constrained)
+        tokens = sample(logits, meta)
+        sample_logprobs = None
+        if raw is not None:
+            entries = sampled_logprobs(raw, tokens[want_logprobs],
+                                       [rows[r].num_logprobs for r in want_logprobs])
+            sample_logprobs = [None] * len(rows)
+            for r, entry in zip(want_logprobs, entries):
+                sample_logprobs[r] = entry
+        flat = tokens.tolist()
+        token_ids, logprobs, row = [], [] if sample_logprobs is not None else None, 0
+        for seq in seqs:
+            token_ids.append(flat[row:row + seq.num_samples])
+            if logprobs is not None:
+                picked = sample_logprobs[row:row + seq.num_samples]
+                logprobs.append(None if picked[0] is None else picked)
+            row += seq.num_samples
+        return StepOutput(token_ids=token_ids, logprobs=logprobs)
+
+    def _prompt_logprobs(self, seqs: list[ScheduledSequence], hidden: torch.Tensor,
+                         input_ids: torch.Tensor, logits_index: torch.Tensor
+                         ) -> dict[int, PromptLogprobs]:
+        """Prompt logprobs of the sequences that ask for them this step (index in `seqs` ->
+        result; filled on the driver only). Such a sequence computes its whole prompt."""
+        results = {}
+        for index, seq in enumerate(seqs):
+            if seq.num_prompt_logprobs < 0:
+                continue
+            end = int(logits_index[index]) + 1
+            start = end - len(seq.token_ids)
+            result = prompt_logprobs(self.model.compute_logits, hidden[start:end],
+                                     input_ids[start:end], seq.num_prompt_logprobs,
+                                     self.is_driver)
+            if result is not None:
+                results[index] = result
+        return results
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """cache[:, :, destination] = cache[:, :, source] in every layer, in order."""
+        for layer in self.model.attention_layers():
+            cache = layer.kv_cache
+            for source, destination in copies:
+                cache[:, :, destination].copy_(cache[:, :, source])
 
     @torch.inference_mode()
     def compute_logits(self, seqs: list[ScheduledSequence]) -> torch.Tensor | None:
@@ -149,3 +219,16 @@ class ModelRunner:
         meta.chunks = self._chunks(context_lens)
         logits_index = (cu_q + q_lens - 1).to(device)
         return input_ids.to(device), positions.to(device), meta, logits_index
+
+
+def _unsort(output: StepOutput, order: list[int], prompt_results: dict[int, PromptLogprobs]
+            ) -> StepOutput:
+    """`output` of the sorted sequences, back in the caller's order (sorted i = order[i])."""
+    token_ids: list = [None] * len(order)
+    logprobs = None if output.logprobs is None else [None] * len(order)
+    for position, index in enumerate(order):
+        token_ids[index] = output.token_ids[position]
+        if logprobs is not None:
+            logprobs[index] = output.logprobs[position]
+    prompt = {order[position]: result for position, result in prompt_results.items()}
+    return StepOutput(token_ids=token_ids, logprobs=logprobs, prompt_logprobs=prompt or None)

@@ -3,9 +3,13 @@
 Greedy rows take the argmax. Other rows: p = softmax(logits / T), then top-k, top-p and min-p
 zero out the excluded tokens, and the token is drawn by inverse transform sampling: the first
 token whose cumulative probability (in vocabulary order) exceeds u * sum(p), with
-u = row_uniform(seed, row_key, output_index) in [0, 1). Because u does not come from a shared
-random stream, a row's sample is the same whatever rows share its batch, whichever replica runs
-it, and after preemption and recomputation.
+u = row_uniform(seed, row_key, output_index, sample_index) in [0, 1). Because u does not come
+from a shared random stream, a row's sample is the same whatever rows share its batch, whichever
+replica runs it, and after preemption and recomputation; sample 0 of n draws exactly what the
+row draws with n = 1.
+
+A scheduled sequence with `num_samples` > 1 (a request's first token) gets that many sample
+rows, all reading its logits row: `SamplingMetadata.logits_rows` maps sample rows to logits rows.
 """
 from __future__ import annotations
 
@@ -15,10 +19,13 @@ from dataclasses import dataclass
 import torch
 
 
-def row_uniform(seed: int, row_key: str, output_index: int) -> float:
-    """A uniform number in [0, 1) determined by (seed, row key, output position) alone."""
-    digest = hashlib.blake2b(f"{seed}\x1f{row_key}\x1f{output_index}".encode(),
-                             digest_size=8).digest()
+def row_uniform(seed: int, row_key: str, output_index: int, sample_index: int = 0) -> float:
+    """A uniform number in [0, 1) determined by (seed, row key, output position, sample) alone
+    (sample 0 keeps the key of a single-sample row)."""
+    key = f"{seed}\x1f{row_key}\x1f{output_index}"
+    if sample_index:
+        key += f"\x1f{sample_index}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 11) * (1.0 / (1 << 53))
 
 
@@ -34,13 +41,24 @@ class SamplingMetadata:
     all_greedy: bool
     needs_sort: bool
     needs_min_p: bool
+    logits_rows: torch.Tensor | None = None   # [B] int64: sample row -> logits row; None: same
 
     @staticmethod
-    def build(rows: list, device: torch.device) -> SamplingMetadata:
-        """From objects with temperature, top_k, top_p, min_p, seed, row_key, output_index."""
+    def build(seqs: list, device: torch.device) -> SamplingMetadata:
+        """From objects with temperature, top_k, top_p, min_p, seed, row_key, output_index,
+        sample_index and num_samples (one sample row per sample)."""
+        rows, sample_indices, logits_rows = seqs, None, None
+        if any(s.num_samples > 1 for s in seqs):
+            rows = [s for s in seqs for _ in range(s.num_samples)]
+            sample_indices = [s.sample_index + j for s in seqs for j in range(s.num_samples)]
+            logits_rows = torch.tensor([i for i, s in enumerate(seqs)
+                                        for _ in range(s.num_samples)], device=device)
         all_greedy = all(r.temperature == 0 for r in rows)
-        uniforms = [0.0 if r.temperature == 0 else row_uniform(r.seed, r.row_key, r.output_index)
-                    for r in rows]
+        if sample_indices is None:
+            sample_indices = [r.sample_index for r in rows]
+        uniforms = [0.0 if r.temperature == 0 else
+                    row_uniform(r.seed, r.row_key, r.output_index, sample)
+                    for r, sample in zip(rows, sample_indices)]
         return SamplingMetadata(
             temperatures=torch.tensor([r.temperature for r in rows], dtype=torch.float32,
                                       device=device),
@@ -51,11 +69,13 @@ class SamplingMetadata:
             all_greedy=all_greedy,
             needs_sort=any(r.temperature > 0 and (r.top_k > 0 or r.top_p < 1) for r in rows),
             needs_min_p=any(r.temperature > 0 and r.min_p > 0 for r in rows),
+            logits_rows=logits_rows,
         )
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """[B, V] logits -> [B] int64 token ids (see module docstring for the math).
+    """[B, V] logits (one row per sample row: expanded by the caller) -> [B] int64 token ids
+    (see module docstring for the math).
 
     Greedy picks use `max(dim=-1).indices` in the logits' own dtype: the first maximal index,
     exactly argmax's (and Hugging Face's) choice, but several times faster than `argmax` on CPU;

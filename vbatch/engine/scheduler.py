@@ -6,11 +6,15 @@ finished sequence is refilled at the very next step. Limits: at most `max_num_se
 sequences and `max_num_batched_tokens` tokens per step. When a decode step needs a KV block and
 none is free, the most recently admitted sequence is preempted: its blocks are freed and it goes
 back to the front of the queue, to be recomputed from its prompt and tokens so far.
+
+A request of n samples counts as n running sequences from its admission (its samples are
+forked right after its prefill). A sequence that asks for prompt logprobs computes its whole
+prompt on its first prefill (a cached prefix has no logits), without using cached blocks.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vbatch.engine.block_manager import BlockManager
 from vbatch.engine.sequence import Sequence, SequenceStatus
@@ -23,6 +27,7 @@ class SchedulerOutput:
     seqs: list[Sequence]
     is_prefill: bool
     num_preempted: int = 0
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -61,13 +66,17 @@ class Scheduler:
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
         num_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while self.waiting:
             seq = self.waiting[0]
+            # A lone request wider than max_num_seqs still runs (alone), or it never would.
+            if self.running and len(self.running) + seq.num_samples_to_fork > self.max_num_seqs:
+                break
             # The token budget shapes batches; a lone sequence (e.g. a preempted one that has
             # grown past the budget) is always admitted, or it would wait forever.
             if scheduled and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
                 break
-            if not self.block_manager.can_allocate(seq):
+            use_cached = not seq.needs_prompt_logprobs
+            if not self.block_manager.can_allocate(seq, use_cached):
                 if not self.running and not scheduled:
                     raise RuntimeError(
                         f"a sequence of {seq.num_tokens} tokens does not fit in the whole KV cache "
@@ -76,7 +85,7 @@ class Scheduler:
                         "lower max_model_len")
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, use_cached)
             seq.status = SequenceStatus.RUNNING
             num_tokens += seq.num_tokens - seq.num_computed_tokens
             self.running.append(seq)
@@ -85,6 +94,7 @@ class Scheduler:
 
     def _schedule_decode(self) -> SchedulerOutput:
         scheduled: list[Sequence] = []
+        copies: list[tuple[int, int]] = []
         num_preempted = 0
         while self.running:
             seq = self.running.popleft()
@@ -99,10 +109,17 @@ class Scheduler:
                     break
             if seq is None:
                 break
-            self.block_manager.append_slot(seq)
+            copy = self.block_manager.append_slot(seq)
+            if copy is not None:
+                copies.append(copy)
             scheduled.append(seq)
         self.running.extend(scheduled)
-        return SchedulerOutput(scheduled, is_prefill=False, num_preempted=num_preempted)
+        return SchedulerOutput(scheduled, is_prefill=False, num_preempted=num_preempted,
+                               blocks_to_copy=copies)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Run a sequence forked from a running one (it already shares its blocks)."""
+        self.running.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

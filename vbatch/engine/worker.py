@@ -8,7 +8,7 @@ import torch
 
 from vbatch.engine.model_loader import load_model
 from vbatch.engine.model_runner import ModelRunner
-from vbatch.engine.sequence import ScheduledSequence
+from vbatch.engine.sequence import ScheduledSequence, StepInput, StepOutput
 from vbatch.parallel.state import ParallelState, init_parallel_state
 
 
@@ -62,8 +62,8 @@ class Worker:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.model_runner.init_kv_cache(num_blocks)
 
-    def execute_model(self, seqs: list[ScheduledSequence]) -> list[int] | None:
-        return self.model_runner.execute_model(seqs)
+    def execute_model(self, step: StepInput) -> StepOutput | None:
+        return self.model_runner.execute_model(step)
 
     def parameter_bytes(self) -> int:
         """Bytes of model weights this rank holds (a tied tensor counted once, weights packed

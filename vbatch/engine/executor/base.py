@@ -52,9 +52,10 @@ class Executor(ABC):
         """Call `Worker.<method>(*args)` on every rank and wait; results in rank order."""
         return self.submit(method, *args).results()
 
-    def execute_model_async(self, seqs) -> PendingResult:
-        """Start one model step on every rank; `.driver_result()` gives the sampled tokens."""
-        return self.submit("execute_model", seqs)
+    def execute_model_async(self, step) -> PendingResult:
+        """Start one model step (a `StepInput`) on every rank; `.driver_result()` gives the
+        sampling rank's `StepOutput`."""
+        return self.submit("execute_model", step)
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -1,0 +1,212 @@
+"""Logprobs, prompt logprobs and penalties, checked against Hugging Face's own model.
+
+Tiny random checkpoints in float32: every logprob the engine returns must equal HF's
+log_softmax of its own logits (within 1e-4), ranks must equal the count of tokens at least as
+likely, and greedy decoding with a repetition penalty must give HF generate()'s tokens; with
+tp=3 and pp=2 the results must equal tp=1's.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import build_tokenizer
+
+from vbatch import LLM, SamplingParams
+
+PROMPTS = ["The quick brown fox", "Paris is the capital of", "def add(a, b):"]
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm_and_hf(tiny_models, request):
+    kind = request.param
+    llm = LLM(str(tiny_models[kind]), dtype="float32", kv_cache_memory_gb=0.01)
+    yield llm, _hf(tiny_models[kind])
+    llm.llm_engine.shutdown()
+
+
+def _hf_logprobs(hf, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = hf(torch.tensor([token_ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _check_entry(entry, expected_row: torch.Tensor, token_id: int, num_top: int):
+    assert entry.token_id == token_id
+    assert math.isclose(entry.logprob, expected_row[token_id].item(), abs_tol=1e-4)
+    assert entry.rank == int((expected_row >= expected_row[token_id]).sum())
+    assert len(entry.top_logprobs) == num_top
+    values = [top.logprob for top in entry.top_logprobs]
+    assert values == sorted(values, reverse=True)
+    expected_top = expected_row.topk(num_top).values.tolist()
+    assert values == pytest.approx(expected_top, abs=1e-4)
+    for top in entry.top_logprobs:
+        assert math.isclose(top.logprob, expected_row[top.token_id].item(), abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("llm_and_hf", ["llama-gqa-untied", "gpt2"], indirect=True)
+def test_logprobs_and_prompt_logprobs_equal_hf(llm_and_hf):
+    llm, hf = llm_and_hf
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True,
+                            logprobs=3, prompt_logprobs=2)
+    for output in llm.generate(PROMPTS, params):
+        completion = output.outputs[0]
+        ids = output.prompt_token_ids + completion.token_ids
+        expected = _hf_logprobs(hf, ids)
+        num_prompt = len(output.prompt_token_ids)
+        assert output.prompt_token_logprobs[0] is None
+        assert len(output.prompt_token_logprobs) == num_prompt
+        for position in range(1, num_prompt):
+            _check_entry(output.prompt_token_logprobs[position], expected[position - 1],
+                         ids[position], 2)
+        assert len(completion.token_logprobs) == len(completion.token_ids)
+        for i, entry in enumerate(completion.token_logprobs):
+            _check_entry(entry, expected[num_prompt + i - 1], completion.token_ids[i], 3)
+        total = sum(entry.logprob for entry in completion.token_logprobs)
+        assert math.isclose(completion.cumulative_logprob, total, abs_tol=1e-6)
+        # vLLM's shapes: the token itself first, then the alternatives by rank.
+        first = completion.logprobs[0]
+        assert next(iter(first)) == completion.token_ids[0]
+        assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == num_prompt
+
+
+@pytest.mark.parametrize("llm_and_hf", ["llama-gqa-tied"], indirect=True)
+def test_continuation_loglikelihood_from_prompt_logprobs(llm_and_hf):
+    """Sum of a continuation's prompt logprobs = HF's log p(continuation | context), also when
+    the context is already in the prefix cache (the request recomputes its prompt)."""
+    llm, hf = llm_and_hf
+    tokenizer = llm.get_tokenizer()
+    context = "Once upon a time there was a small language model that liked numbers"
+    continuations = [" 0123", " dogs.", " Paris"]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    llm.generate([context + " warm-up"], SamplingParams(max_tokens=1))  # fill the prefix cache
+    context_ids = tokenizer.encode(context)
+    for continuation in continuations:
+        ids = context_ids + tokenizer.encode(continuation, add_special_tokens=False)
+        output = llm.generate([{"prompt_token_ids": ids}], params)[0]
+        ours = sum(e.logprob for e in output.prompt_token_logprobs[len(context_ids):])
+        expected = _hf_logprobs(hf, ids)
+        theirs = sum(expected[p - 1, ids[p]].item() for p in range(len(context_ids), len(ids)))
+        assert math.isclose(ours, theirs, abs_tol=1e-4)
+        assert all(e.top_logprobs == [] for e in output.prompt_token_logprobs[1:])
+
+
+def test_long_prompt_logprobs_are_chunked(tiny_models, monkeypatch):
+    """A prompt longer than the chunk of positions scored at once gives the same values."""
+    import vbatch.engine.logprobs as logprobs_module
+    llm = LLM(str(tiny_models["llama-gqa-untied"]), dtype="float32", kv_cache_memory_gb=0.01)
+    try:
+        ids = llm.get_tokenizer().encode(" ".join(["The quick brown fox jumps"] * 12))
+        params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+        whole = llm.generate([{"prompt_token_ids": ids}], params)[0].prompt_token_logprobs
+        monkeypatch.setattr(logprobs_module, "PROMPT_CHUNK", 7)
+        chunked = llm.generate([{"prompt_token_ids": ids}], params)[0].prompt_token_logprobs
+    finally:
+        llm.llm_engine.shutdown()
+    assert len(ids) > 3 * 7
+    assert [e and (e.token_id, round(e.logprob, 5), e.rank) for e in whole] == \
+        [e and (e.token_id, round(e.logprob, 5), e.rank) for e in chunked]
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa-untied", "gpt2"])
+def test_repetition_penalty_matches_hf_generate(tiny_models, kind):
+    llm = LLM(str(tiny_models[kind]), dtype="float32", kv_cache_memory_gb=0.01)
+    hf = _hf(tiny_models[kind])
+    try:
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12,
+                                                       ignore_eos=True, repetition_penalty=1.3))
+    finally:
+        llm.llm_engine.shutdown()
+    for output in outputs:
+        ids = torch.tensor([output.prompt_token_ids])
+        with torch.no_grad():
+            expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=12, min_new_tokens=12,
+                                   repetition_penalty=1.3, pad_token_id=0)
+        assert output.outputs[0].token_ids == expected[0, ids.shape[1]:].tolist()
+
+
+def _reference_penalised_greedy(hf, prompt_ids, steps, presence, frequency):
+    """Greedy decoding with presence/frequency penalties over the generated tokens only,
+    computed independently with HF's forward."""
+    ids = list(prompt_ids)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(ids[len(prompt_ids):], dtype=torch.long),
+                                minlength=logits.shape[0]).float()
+        logits = logits - frequency * counts - presence * (counts > 0).float()
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids):]
+
+
+def test_presence_and_frequency_penalties(tiny_models):
+    path = tiny_models["llama-gqa-tied"]
+    llm = LLM(str(path), dtype="float32", kv_cache_memory_gb=0.01)
+    hf = _hf(path)
+    try:
+        plain = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10,
+                                                     ignore_eos=True))
+        params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                 presence_penalty=p, frequency_penalty=f)
+                  for p, f in ((1.5, 0.0), (0.0, 1.2), (0.5, 2.0))]
+        outputs = llm.generate(PROMPTS, params)
+    finally:
+        llm.llm_engine.shutdown()
+    changed = 0
+    for output, before, p in zip(outputs, plain, params):
+        expected = _reference_penalised_greedy(hf, output.prompt_token_ids, 10,
+                                               p.presence_penalty, p.frequency_penalty)
+        assert output.outputs[0].token_ids == expected
+        changed += output.outputs[0].token_ids != before.outputs[0].token_ids
+    assert changed, "the penalties never changed a greedy output: the test proves nothing"
+
+
+def _save_tp3_llama(path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = build_tokenizer()
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192,
+                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 3},
+                                      {"pipeline_parallel_size": 2}])
+def test_logprobs_penalties_and_samples_equal_across_tp_pp(tmp_path_factory, parallel):
+    path = _save_tp3_llama(tmp_path_factory.mktemp("tp3-llama"))
+    params = SamplingParams(temperature=0.9, seed=5, max_tokens=6, ignore_eos=True, n=2,
+                            logprobs=2, prompt_logprobs=1, repetition_penalty=1.2,
+                            frequency_penalty=0.3)
+
+    def run(**sizes):
+        llm = LLM(str(path), dtype="float32", kv_cache_memory_gb=0.01, **sizes)
+        try:
+            return llm.generate(PROMPTS, params)
+        finally:
+            llm.llm_engine.shutdown()
+
+    def digest(outputs):
+        return [([(e.token_id, e.rank, round(e.logprob, 4)) for e in o.prompt_token_logprobs[1:]],
+                 [(c.token_ids, [(e.rank, round(e.logprob, 4), [t.token_id for t in
+                                                                 e.top_logprobs])
+                                 for e in c.token_logprobs]) for c in o.outputs])
+                for o in outputs]
+
+    assert digest(run(**parallel)) == digest(run())
