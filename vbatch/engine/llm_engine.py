@@ -223,7 +223,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         grammar = None
         if sampling_params.structured_outputs is not None:
-            grammar = self._grammar_cache().new_matcher(sampling_params.structured_outputs)
+            from vbatch.engine.structured_output import StructuredOutputError  # noqa: PLC0415 - xgrammar loads only for constrained requests
+            try:
+                grammar = self._grammar_cache().new_matcher(sampling_params.structured_outputs)
+            except ValueError as error:
+                raise StructuredOutputError(str(error)) from None
         if seed is None:
             seed = sampling_params.seed if sampling_params.seed is not None else self.config.seed
         seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, sampling_params,

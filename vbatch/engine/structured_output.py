@@ -1,10 +1,8 @@
 """Structured outputs: a per-request spec, compiled with xgrammar into a token bitmask per step.
 
-`StructuredOutputsParams` is the spec (exactly one of json / regex / choice / grammar /
-json_object); it is pure Python, so the CLI can check job-level flags without torch.
-`GrammarCompilerCache` compiles specs against one tokenizer (one CompiledGrammar per spec key);
+`StructuredOutputsParams` is the spec, pure Python (xgrammar and torch are imported lazily, so
+the CLI can check job flags cheaply); `GrammarCompilerCache` compiles specs for one tokenizer;
 `GrammarState` is one sequence's matcher; `allocate_bitmask` / `apply_bitmask` mask the logits.
-xgrammar and torch are imported lazily, inside the functions that need them.
 """
 from __future__ import annotations
 
@@ -16,14 +14,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vbatch.engine.json_schema_rewrite import rewrite_schema
+
 if TYPE_CHECKING:
     import torch
     import xgrammar
 
 KINDS = ("choice", "regex", "json", "grammar", "json_object")
-_ANY_OBJECT_SCHEMA = '{"type":"object"}'
 # xgrammar's C++ errors start with "[12:37:06] /project/cpp/regex_converter.cc:94: ".
 _CPP_PREFIX = re.compile(r"^\[[0-9:.]+\]\s+\S+:\d+:\s*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _xgrammar():
@@ -37,9 +37,13 @@ def _torch():
 
 
 def _one_line(exc: BaseException) -> str:
-    """xgrammar's error text on one line, without its C++ source-location prefix."""
-    text = " ".join(_CPP_PREFIX.sub("", line.strip()) for line in str(exc).splitlines())
-    return " ".join(text.split()) or type(exc).__name__
+    """xgrammar's error text on one line, without its C++ source-location prefixes."""
+    lines = (_CPP_PREFIX.sub("", line.strip()) for line in str(exc).splitlines())
+    return " ".join(" ".join(lines).split()) or type(exc).__name__
+
+
+class StructuredOutputError(ValueError):
+    """A request's structured-output spec that cannot be compiled (or is not supported)."""
 
 
 @dataclass(frozen=True)
@@ -48,36 +52,37 @@ class StructuredOutputsParams:
     True). `json` is a JSON schema (a dict, or its JSON text: an object or a boolean schema);
     `regex` must match the whole output; `choice` (stored as a tuple) means the output is exactly
     one of these strings; `grammar` is EBNF as xgrammar accepts it, root rule `root`.
+    `disable_any_whitespace` (vLLM's name): JSON (json, json_object) without free whitespace
+    between tokens, compact output; by default any whitespace is allowed, as in vLLM.
     Raises ValueError on construction when the spec is malformed."""
 
     json: str | dict | None = None
     regex: str | None = None
-    choice: Sequence[str] | None = None
+    choice: list[str] | tuple[str, ...] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    disable_any_whitespace: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("structured_outputs disable_any_whitespace must be true or false, "
+                             f"got {self.disable_any_whitespace!r}")
         if self.json_object is not None and not isinstance(self.json_object, bool):
             raise ValueError("structured_outputs json_object must be true or false, got "
                              f"{self.json_object!r}")
-        given = [kind for kind in KINDS if self._is_set(kind)]
+        given = [k for k in KINDS if getattr(self, k) is not None and getattr(self, k) is not False]
         if len(given) != 1:
             raise ValueError("structured_outputs needs exactly one of " + ", ".join(KINDS)
                              + f"; got {', '.join(given) or 'none'}")
-        kind = given[0]
+        kind, value = given[0], getattr(self, given[0])
+        object.__setattr__(self, "_kind", kind)
         if kind == "choice":
-            object.__setattr__(self, "choice", _checked_choices(self.choice))
-        elif kind in ("regex", "grammar"):
-            value = getattr(self, kind)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"structured_outputs {kind} must be a non-empty string, got "
-                                 f"{value!r}")
+            object.__setattr__(self, "choice", _checked_choices(value))
         elif kind == "json":
-            _schema_of(self.json)
-
-    def _is_set(self, kind: str) -> bool:
-        value = getattr(self, kind)
-        return value is True if kind == "json_object" else value is not None
+            _schema_of(value)
+        elif kind != "json_object" and (not isinstance(value, str) or not value):
+            raise ValueError(f"structured_outputs {kind} must be a non-empty string, got "
+                             f"{value!r}")
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -85,21 +90,22 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         """The kind that is set: "json", "regex", "choice", "grammar" or "json_object"."""
-        return next(kind for kind in KINDS if self._is_set(kind))
+        return self._kind
 
     def key(self) -> tuple[str, str]:
         """(kind, text), for caching compiled grammars: equal for specs that compile to the same
         grammar. A JSON schema is serialized compactly with its key order kept: xgrammar emits
-        an object's properties in their declared order, so that order is part of the spec."""
+        an object's properties in their declared order, so that order is part of the spec.
+        JSON without free whitespace has kind "json:compact" / "json_object:compact"."""
         kind = self.kind
         if kind == "json":
-            text = jsonlib.dumps(_schema_of(self.json), separators=(",", ":"), ensure_ascii=False)
+            text = jsonlib.dumps(_schema_of(self.json), separators=(",", ":"))
         elif kind == "choice":
-            text = jsonlib.dumps(list(self.choice), ensure_ascii=False)
-        elif kind == "json_object":
-            text = ""
+            text = jsonlib.dumps(list(self.choice))
         else:
-            text = getattr(self, kind)
+            text = "" if kind == "json_object" else getattr(self, kind)
+        if self.disable_any_whitespace and kind in ("json", "json_object"):
+            kind += ":compact"
         return kind, text
 
     @classmethod
@@ -116,33 +122,35 @@ class StructuredOutputsParams:
                 raise ValueError(f"structured_outputs text is not valid JSON ({exc}); write an "
                                  'object such as {"regex": "[0-9]+"}') from exc
         if not isinstance(value, Mapping):
-            raise ValueError("structured_outputs must be an object with one of "
-                             f"{', '.join(KINDS)}; got {type(value).__name__}")
-        unknown = sorted(str(key) for key in value if key not in KINDS)
+            raise ValueError(f"structured_outputs must be an object with one of {', '.join(KINDS)}"
+                             f"; got {type(value).__name__}")
+        unknown = sorted(str(key) for key in value
+                         if key not in KINDS and key != "disable_any_whitespace")
         if unknown:
             raise ValueError(f"structured_outputs has unknown key(s) {', '.join(unknown)}; "
-                             f"allowed: {', '.join(KINDS)}")
+                             f"allowed: {', '.join(KINDS)}, disable_any_whitespace")
         return cls(**{key: item for key, item in value.items() if item is not None})
 
     def to_grammar(self) -> xgrammar.Grammar:
         """The xgrammar.Grammar for this spec (no tokenizer needed). Raises ValueError, one line,
         when xgrammar rejects it (bad regex, schema or EBNF, an unsupported feature)."""
-        xgr = _xgrammar()
-        kind = self.kind
+        grammar, kind = _xgrammar().Grammar, self.kind
+        any_whitespace = not self.disable_any_whitespace
         try:
             if kind == "json":
-                return xgr.Grammar.from_json_schema(self.key()[1])
+                schema = jsonlib.dumps(rewrite_schema(_schema_of(self.json)),
+                                       separators=(",", ":"))
+                return grammar.from_json_schema(schema, any_whitespace=any_whitespace)
             if kind == "json_object":
-                return xgr.Grammar.from_json_schema(_ANY_OBJECT_SCHEMA)
+                return grammar.from_json_schema('{"type": "object"}',
+                                                any_whitespace=any_whitespace)
             if kind == "regex":
-                return xgr.Grammar.from_regex(self.regex)
-            if kind == "choice":
-                return xgr.Grammar.from_ebnf(_choice_ebnf(self.choice))
-            return xgr.Grammar.from_ebnf(self.grammar)
+                return grammar.from_regex(self.regex)
+            text = _choice_ebnf(self.choice) if kind == "choice" else self.grammar
+            return grammar.from_ebnf(text)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ValueError(f"structured_outputs {kind} is not usable: {_one_line(exc)}") \
                 from exc
-
 
 
 def _checked_choices(choice: Any) -> tuple[str, ...]:
@@ -150,58 +158,44 @@ def _checked_choices(choice: Any) -> tuple[str, ...]:
     if not isinstance(choice, (list, tuple)) or not choice:
         raise ValueError("structured_outputs choice must be a non-empty list of strings, got "
                          f"{choice!r}")
-    for item in choice:
-        if not isinstance(item, str) or not item:
-            raise ValueError("structured_outputs choice entries must be non-empty strings, got "
-                             f"{item!r}")
-        try:
-            item.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"structured_outputs choice {item!r} is not valid Unicode "
-                             f"({exc.reason})") from exc
+    for item in choice:  # a lone surrogate is no UTF-8: no token sequence can spell it
+        if not isinstance(item, str) or not item or _SURROGATE.search(item):
+            raise ValueError("structured_outputs choice entries must be non-empty strings of "
+                             f"valid Unicode, got {item!r}")
     return tuple(choice)
 
 
 def _schema_of(value: Any) -> dict | bool:
     """The JSON schema `value` holds (a dict, or JSON text of an object or boolean)."""
-    if isinstance(value, str):
-        try:
-            schema = jsonlib.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"structured_outputs json is not valid JSON ({exc}); pass a JSON "
-                             "schema object") from exc
-        if not isinstance(schema, (dict, bool)):
-            raise ValueError("structured_outputs json must be a JSON schema object (or true/"
-                             f"false), got {type(schema).__name__}")
-        return schema
-    if isinstance(value, dict):
-        try:
-            jsonlib.dumps(value)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"structured_outputs json schema is not JSON data: {exc}") from exc
-        return value
-    raise ValueError("structured_outputs json must be a JSON schema (a dict or its JSON text), "
-                     f"got {type(value).__name__}")
+    if not isinstance(value, (str, dict)):
+        raise ValueError("structured_outputs json must be a JSON schema (a dict or its JSON "
+                         f"text), got {type(value).__name__}")
+    try:
+        schema = jsonlib.loads(value) if isinstance(value, str) else value
+        jsonlib.dumps(schema)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"structured_outputs json is not valid JSON ({exc}); pass a JSON schema "
+                         "object") from exc
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError("structured_outputs json must be a JSON schema object (or true/false), "
+                         f"got {type(schema).__name__}")
+    return schema
 
 
-def _ebnf_literal(text: str) -> str:
-    """`text` as an xgrammar EBNF string literal: printable ASCII kept, `"` and `\\` escaped,
-    everything else as \\uXXXX / \\UXXXXXXXX."""
-    out = []
-    for char in text:
-        code = ord(char)
-        if char in '"\\':
-            out.append("\\" + char)
-        elif 0x20 <= code < 0x7F:
-            out.append(char)
-        else:
-            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return '"' + "".join(out) + '"'
+def _escaped(char: str) -> str:
+    """One character inside an xgrammar EBNF string literal."""
+    code = ord(char)
+    if char in '"\\':
+        return "\\" + char
+    if 0x20 <= code < 0x7F:
+        return char
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _choice_ebnf(choices: Iterable[str]) -> str:
-    """EBNF whose root matches exactly one of `choices`."""
-    return "root ::= " + " | ".join(_ebnf_literal(choice) for choice in dict.fromkeys(choices))
+    """EBNF whose root matches exactly one of `choices` (non-ASCII as \\u / \\U escapes)."""
+    literals = ('"' + "".join(map(_escaped, choice)) + '"' for choice in dict.fromkeys(choices))
+    return "root ::= " + " | ".join(literals)
 
 
 class GrammarState:
@@ -242,19 +236,18 @@ class GrammarState:
     def rollback(self, num_tokens: int) -> None:
         """Undo the last `num_tokens` accepted tokens (0 <= num_tokens <= tokens accepted)."""
         if not 0 <= num_tokens <= self._num_accepted:
-            raise ValueError(f"cannot roll back {num_tokens} tokens: {self._num_accepted} "
-                             "accepted")
+            raise ValueError(f"cannot roll back {num_tokens} tokens: {self._num_accepted} accepted")
         if num_tokens:
             self._matcher.rollback(num_tokens)
             self._num_accepted -= num_tokens
 
 
 class GrammarCompilerCache:
-    """Compiles specs against one tokenizer; one CompiledGrammar per distinct spec key (cached,
-    the `max_entries` most recently used; a lock makes it safe for one engine's threads).
+    """Compiles specs against one tokenizer; one CompiledGrammar per distinct spec key (cached:
+    the `max_entries` most recently used, failures too; a lock makes it safe for one engine).
     `vocab_size` is the model's LM-head vocabulary (ids past the tokenizer's are never allowed);
-    `stop_token_ids` end a grammar: once complete, only they are allowed. The tokenizer's special
-    tokens (dropped by skip_special_tokens) are never allowed inside a grammar."""
+    a grammar ends by emitting one of `stop_token_ids`. The tokenizer's special tokens (dropped
+    by skip_special_tokens) are never allowed inside a grammar."""
 
     def __init__(self, tokenizer, *, vocab_size: int, stop_token_ids: Iterable[int],
                  max_entries: int = 512):
@@ -264,8 +257,6 @@ class GrammarCompilerCache:
         if not stops or not all(0 <= i < vocab_size for i in stops):
             raise ValueError(f"stop_token_ids must be non-empty ids below vocab_size "
                              f"{vocab_size}, got {list(stops)}")
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         xgr = _xgrammar()
         try:
             base = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
@@ -276,8 +267,8 @@ class GrammarCompilerCache:
         special = set(getattr(tokenizer, "all_special_ids", ()))
         special |= {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()
                     if getattr(tok, "special", False)}
-        # The decoded bytes of each token, special ones blanked: xgrammar never allows a token
-        # whose text is empty (the stop tokens are allowed by id, at the grammar's end).
+        # Each token's decoded bytes, special ones blanked: xgrammar never allows a token whose
+        # text is empty (the stop tokens are allowed by id, at the grammar's end).
         vocab = [b"" if i in special else text for i, text in enumerate(base.decoded_vocab)]
         self.tokenizer_info = xgr.TokenizerInfo(
             vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(stops),
@@ -285,24 +276,23 @@ class GrammarCompilerCache:
         self.vocab_size = vocab_size
         self.stop_token_ids = stops
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, cache_enabled=False)
-        self._max_entries = max_entries
+        self._max_entries = max(1, max_entries)
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def compile(self, params: StructuredOutputsParams) -> xgrammar.CompiledGrammar:
         """The CompiledGrammar for `params` (the same object for equal keys while cached).
-        Raises ValueError when the spec cannot be compiled (the failure is cached too)."""
+        Raises ValueError when the spec cannot be compiled."""
         key = params.key()
         with self._lock:
             entry = self._cache.get(key)
             if entry is None:
                 try:
                     entry = self._compiler.compile_grammar(params.to_grammar())
-                except ValueError as exc:
+                except ValueError as exc:  # cached too: a bad spec in many rows fails fast
                     entry = exc
                 except RuntimeError as exc:
-                    entry = ValueError(f"structured_outputs {params.kind} does not compile: "
-                                       f"{_one_line(exc)}")
+                    entry = ValueError(f"structured_outputs {params.kind}: {_one_line(exc)}")
                 self._cache[key] = entry
                 if len(self._cache) > self._max_entries:
                     self._cache.popitem(last=False)
@@ -313,15 +303,13 @@ class GrammarCompilerCache:
         return entry
 
     def new_matcher(self, params: StructuredOutputsParams) -> GrammarState:
-        """A fresh GrammarState for one sequence constrained by `params` (ValueError as
-        compile)."""
-        matcher = _xgrammar().GrammarMatcher(self.compile(params))
-        return GrammarState(matcher, self.stop_token_ids)
+        """A fresh GrammarState for one sequence under `params` (ValueError as compile)."""
+        return GrammarState(_xgrammar().GrammarMatcher(self.compile(params)), self.stop_token_ids)
 
 
 def allocate_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
-    """An int32 CPU tensor [num_rows, ceil(vocab_size / 32)], every token allowed; bit j of row
-    i set means token j is allowed."""
+    """An int32 CPU tensor [num_rows, ceil(vocab_size / 32)], every token allowed; bit j % 32 of
+    word j // 32 set means token j is allowed."""
     if num_rows < 1 or vocab_size < 1:
         raise ValueError(f"a bitmask needs num_rows >= 1 and vocab_size >= 1, got {num_rows} and "
                          f"{vocab_size}")
@@ -348,14 +336,12 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[in
     if logits.device.type != "cpu" or bitmask.device.type != "cpu" or logits.stride(1) != 1 \
             or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         _apply_with_torch(logits, bitmask, rows, width)
+    elif rows == list(range(len(rows))):
+        _xgrammar().apply_token_bitmask_inplace(logits[:len(rows)], bitmask[:len(rows)],
+                                                vocab_size=width)
     else:
-        xgr = _xgrammar()
-        if rows == list(range(len(rows))):
-            xgr.apply_token_bitmask_inplace(logits[:len(rows)], bitmask[:len(rows)],
-                                            vocab_size=width)
-        else:
-            for i, row in enumerate(rows):
-                xgr.apply_token_bitmask_inplace(logits[row], bitmask[i], vocab_size=width)
+        for i, row in enumerate(rows):
+            _xgrammar().apply_token_bitmask_inplace(logits[row], bitmask[i], vocab_size=width)
     if width < vocab:
         logits[torch.tensor(rows, device=logits.device), width:] = float("-inf")
 
