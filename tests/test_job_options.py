@@ -51,5 +51,6 @@ def test_declared_option_is_a_yaml_key_and_in_the_fingerprint(tmp_path):
 
 def test_options_not_offered_to_jobs_stay_out():
     names = set(JobConfig.__dataclass_fields__)
-    assert {"n", "block_size", "device", "stop_token_ids"}.isdisjoint(names)
-    assert {"tensor_parallel_size", "max_tokens", "runner", "input"} <= names
+    # structured_outputs is offered as the job's own --choice/--regex/... flags instead
+    assert {"structured_outputs", "block_size", "device", "stop_token_ids"}.isdisjoint(names)
+    assert {"tensor_parallel_size", "max_tokens", "runner", "input", "n", "choice"} <= names

@@ -13,7 +13,9 @@ killed between the rename and the manifest update; their rows are computed again
 temporary files, and returns the committed positions to skip and what those parts hold.
 
 Every part entry records its rows' counts (`part_counts`: error rows, prompt and output
-tokens), so a resumed job's counts and `--max-error-rate` cover the earlier runs' rows too. A
+tokens), so a resumed job's counts and `--max-error-rate` cover the earlier runs' rows too.
+A part's `num_rows` counts input rows (the positions it holds); with n > 1 samples a row it
+holds more output rows, `num_output_rows` (written when it differs). A
 manifest of an earlier version has no such counts: they are counted once from the committed
 part files' columns (small local Parquet reads) and recorded when the manifest is rewritten.
 A manifest is validated (io/manifest_schema.py) before anything it names is touched.
@@ -35,7 +37,7 @@ from vbatch.io.directory import OutputDirectory
 from vbatch.io.manifest_schema import check_manifest
 from vbatch.io.output_dir import MANIFEST_FILE, PART_FILE_PATTERN, SUCCESS_FILE
 from vbatch.io.positions import IntervalSet
-from vbatch.io.schema import ERROR, NUM_GENERATED_TOKENS, NUM_PROMPT_TOKENS
+from vbatch.io.schema import ERROR, NUM_GENERATED_TOKENS, NUM_PROMPT_TOKENS, first_sample_mask
 
 FINGERPRINT_KEY = "fingerprint"
 #: Per-part counts in a part entry, and the output column each one sums.
@@ -46,11 +48,14 @@ PART_COUNT_COLUMNS = {"num_error_rows": ERROR, "num_prompt_tokens": NUM_PROMPT_T
 def write_manifest(output_dir: OutputDirectory | str | os.PathLike[str], manifest: dict,
                    parts: list[dict]) -> Path:
     """Write `output_dir/_manifest.json` atomically: `manifest` plus an "output" entry,
-    {"num_rows": total rows, "part_files": `parts`} (each part {"name", "num_rows"} and, when
-    known, "positions" and the `part_counts`); any "output" key of `manifest` is replaced.
+    {"num_rows": total input rows, "part_files": `parts`} (each part {"name", "num_rows"} and,
+    when known, "positions", the `part_counts` and "num_output_rows"; "num_output_rows" is
+    totalled too when a part has it); any "output" key of `manifest` is replaced.
     Returns the path."""
-    content = {**manifest, "output": {"num_rows": sum(p["num_rows"] for p in parts),
-                                      "part_files": parts}}
+    output: dict = {"num_rows": sum(p["num_rows"] for p in parts)}
+    if any("num_output_rows" in p for p in parts):
+        output["num_output_rows"] = sum(p.get("num_output_rows", p["num_rows"]) for p in parts)
+    content = {**manifest, "output": {**output, "part_files": parts}}
     if isinstance(output_dir, OutputDirectory):     # a job's open directory handle
         return output_dir.write_json(MANIFEST_FILE, content)
     return write_json_atomically(Path(output_dir) / MANIFEST_FILE, content)
@@ -70,21 +75,30 @@ def read_manifest(output_dir: Path) -> dict | None:
 
 
 def part_counts(table: pa.Table) -> dict[str, int]:
-    """The per-part counts of the rows in `table`: error rows (non-null `error`) and the sums
-    of the token columns; a column the table lacks counts 0."""
+    """The per-part counts of the rows in `table`: error rows (non-null `error`; one output row
+    each) and the sums of the token columns; a column the table lacks counts 0. Prompt tokens
+    count once per input row (its first sample, `first_sample_mask`): n samples of a row share
+    one prompt."""
     counts = {}
+    first = first_sample_mask(table)
     for key, column in PART_COUNT_COLUMNS.items():
         if column not in table.schema.names:
             counts[key] = 0
         elif column == ERROR:
             counts[key] = table.num_rows - table.column(column).null_count
+        elif not table.num_rows:
+            counts[key] = 0
         else:
-            counts[key] = int(pc.sum(table.column(column)).as_py() or 0) if table.num_rows else 0
+            values = table.column(column)
+            if column == NUM_PROMPT_TOKENS and first is not None:
+                values = values.filter(pa.array(first))
+            counts[key] = int(pc.sum(values).as_py() or 0)
     return counts
 
 
 def _count_part_file(path: Path, num_rows: int) -> dict[str, int]:
-    """`part_counts` of a committed part file written without them (an earlier version)."""
+    """`part_counts` of a committed part file written without them (an earlier version, which
+    wrote one output row per input row: `num_rows` is the file's row count)."""
     try:
         columns = set(pq.read_schema(path).names) & set(PART_COUNT_COLUMNS.values())
         table = pq.read_table(path, columns=sorted(columns))
@@ -151,8 +165,14 @@ class ResumeState:
 
     @property
     def num_committed_rows(self) -> int:
-        """Rows in the committed part files."""
+        """Input rows in the committed part files."""
         return sum(part["num_rows"] for part in self.parts)
+
+    @property
+    def num_output_rows(self) -> int:
+        """Output rows in the committed part files (more than the input rows when a row was
+        sampled n > 1 times)."""
+        return sum(part.get("num_output_rows", part["num_rows"]) for part in self.parts)
 
     @property
     def num_error_rows(self) -> int:

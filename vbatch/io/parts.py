@@ -4,6 +4,10 @@
 rename) whenever `rows_per_file` rows are buffered; with `job_info` it rewrites the manifest
 after every part (a part is committed once the manifest lists it, io/manifest.py). `commit`
 writes the final manifest and then `_SUCCESS`. File names: io/output_dir.py.
+
+The output rows of one input position (the n samples of a row, adjacent) always go to the same
+part, so a part commits whole input rows and `--resume`, which skips committed positions, never
+finds half a row's samples committed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from vbatch.io.output_dir import (
     part_file_name,
 )
 from vbatch.io.positions import POSITION_COLUMN, IntervalSet
+from vbatch.io.schema import count_input_rows
 
 
 class ParquetPartWriter:
@@ -40,7 +45,11 @@ class ParquetPartWriter:
     parts it added.
 
     `write()` takes record batches (or tables) with one schema (`schema`, or the first batch's;
-    batches whose column names match are cast to it). `close()` writes the remaining rows (and,
+    batches whose column names match are cast to it). Rows with the same position (the
+    samples of one input row) must be adjacent and written in one batch; they are never split
+    between two parts: a part ends at the last position boundary within `rows_per_file` rows,
+    or, when one position alone has more rows, right after that position's rows (rows whose
+    position is not known are each their own). `close()` writes the remaining rows (and,
     when no row was written at all, one empty part file so readers still see the schema).
     `commit(manifest)` closes, then writes `_manifest.json` and `_SUCCESS`, in that order.
     `abort()` drops buffered rows and temporary files and never writes `_SUCCESS`; complete
@@ -76,6 +85,7 @@ class ParquetPartWriter:
         self._num_pending = 0
         self._part_files: list[Path] = []
         self._part_num_rows: list[int] = []
+        self._part_input_rows: list[int] = []
         self._part_positions: list[list[list[int]] | None] = []
         self._part_counts: list[dict[str, int]] = []
         self._is_closed = False
@@ -86,7 +96,7 @@ class ParquetPartWriter:
 
     @property
     def num_rows_written(self) -> int:
-        """Rows in complete part files of this run (buffered rows not included)."""
+        """Output rows in complete part files of this run (buffered rows not included)."""
         return sum(self._part_num_rows)
 
     @property
@@ -121,12 +131,28 @@ class ParquetPartWriter:
                 positions if positions is not None else np.full(batch.num_rows, -1, np.int64))
             self._num_pending += batch.num_rows
         while self._num_pending >= self.rows_per_file:
-            self._write_part(self.rows_per_file)
+            self._write_part(self._part_end())
+
+    def _positions(self) -> np.ndarray:
+        positions = (np.concatenate(self._pending_positions) if self._pending_positions
+                     else np.empty(0, np.int64))
+        self._pending_positions = [positions] if positions.size else []
+        return positions
+
+    def _part_end(self) -> int:
+        """Where the next part ends: the last boundary between two positions within
+        `rows_per_file` rows, else the first one after them (the end of the buffered rows is
+        one: a batch holds all rows of its positions)."""
+        positions = self._positions()
+        # Row i starts a new group when its position differs from row i - 1's (or is unknown).
+        starts = np.flatnonzero((positions[1:] != positions[:-1]) | (positions[1:] < 0)) + 1
+        boundaries = np.append(starts, self._num_pending)
+        within = boundaries[boundaries <= self.rows_per_file]
+        return int(within[-1]) if within.size else int(boundaries[0])
 
     def _write_part(self, num_rows: int) -> None:
         table = pa.Table.from_batches(self._pending, schema=self.schema)
-        positions = (np.concatenate(self._pending_positions) if self._pending_positions
-                     else np.empty(0, np.int64))
+        positions = self._positions()
         rest = table.slice(num_rows)
         self._pending = rest.combine_chunks().to_batches() if rest.num_rows else []
         self._pending_positions = [positions[num_rows:]] if rest.num_rows else []
@@ -136,9 +162,11 @@ class ParquetPartWriter:
             lambda file: pq.write_table(table.slice(0, num_rows), file,
                                         compression=self.compression))
         part_positions = positions[:num_rows]
+        part = table.slice(0, num_rows)
         self._part_files.append(final_path)
         self._part_num_rows.append(num_rows)
-        self._part_counts.append(part_counts(table.slice(0, num_rows)))
+        self._part_input_rows.append(count_input_rows(part))
+        self._part_counts.append(part_counts(part))
         self._part_positions.append(
             IntervalSet.from_positions(part_positions).to_list()
             if part_positions.size and part_positions.min() >= 0 else None)
@@ -147,9 +175,13 @@ class ParquetPartWriter:
 
     def _parts(self) -> list[dict]:
         parts = list(self._existing_parts)
-        for path, num_rows, positions, counts in zip(self._part_files, self._part_num_rows,
-                                                     self._part_positions, self._part_counts):
-            entry = {"name": path.name, "num_rows": num_rows}
+        for path, num_rows, input_rows, positions, counts in zip(
+                self._part_files, self._part_num_rows, self._part_input_rows,
+                self._part_positions, self._part_counts):
+            # num_rows counts input rows (what the positions cover, what --resume skips)
+            entry: dict = {"name": path.name, "num_rows": input_rows}
+            if input_rows != num_rows:
+                entry["num_output_rows"] = num_rows
             if positions is not None:
                 entry["positions"] = positions
             parts.append({**entry, **counts})

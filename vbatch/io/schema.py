@@ -8,12 +8,23 @@ Output rows are the input row (all its columns, the row key `id` included) follo
 generation columns in `OUTPUT_FIELDS`. A row that could not be generated (empty prompt, prompt
 too long, bad per-row sampling value, ...) has `error` set ("<code>: <message>") and every other
 generation column null; a generated row has `error` null.
+
+Columns present only when a job asks for them (`OutputColumns`, decided once per job from its
+options and input schema, so every part file has one schema): `sample_index` (int32, right
+after the input columns) when the job samples n > 1 completions per row or the input has an
+`n` column: one output row per sample, the input row's columns repeated, sample_index 0..n-1,
+the samples of a row adjacent (an error row is one row with sample_index null);
+`cumulative_logprob` (float64) and `logprobs` with `--logprobs`, `prompt_logprobs` with
+`--prompt-logprobs` (see `LOGPROBS_TYPE`; the first prompt token's entry is null).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from vbatch.errors import InputError
@@ -27,6 +38,24 @@ FINISH_REASON = "finish_reason"
 NUM_PROMPT_TOKENS = "num_prompt_tokens"
 NUM_GENERATED_TOKENS = "num_generated_tokens"
 ERROR = "error"
+SAMPLE_INDEX = "sample_index"
+CUMULATIVE_LOGPROB = "cumulative_logprob"
+LOGPROBS = "logprobs"
+PROMPT_LOGPROBS = "prompt_logprobs"
+#: The input column of per-row sample counts (SamplingParams.n): its presence adds
+#: `sample_index` to the output.
+N_COLUMN = "n"
+
+#: One of the most likely tokens at a position.
+TOP_LOGPROB_TYPE = pa.struct([("token_id", pa.int32()), ("token", pa.string()),
+                              ("logprob", pa.float32())])
+#: One position: the token there (sampled, or the prompt's), its logprob and rank (1 = most
+#: likely), and the top alternatives, most likely first.
+TOKEN_LOGPROB_TYPE = pa.struct([("token_id", pa.int32()), ("token", pa.string()),
+                                ("logprob", pa.float32()), ("rank", pa.int32()),
+                                ("top_logprobs", pa.list_(TOP_LOGPROB_TYPE))])
+#: The type of the `logprobs` and `prompt_logprobs` columns.
+LOGPROBS_TYPE = pa.list_(TOKEN_LOGPROB_TYPE)
 
 #: Columns vbatch appends to every input row, in order.
 OUTPUT_FIELDS: tuple[pa.Field, ...] = (
@@ -36,7 +65,18 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field(NUM_GENERATED_TOKENS, pa.int32()),
     pa.field(ERROR, pa.string()),
 )
+#: Columns vbatch appends only when the job asks for them (see `OutputColumns`).
+OPTIONAL_OUTPUT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(SAMPLE_INDEX, pa.int32()),
+    pa.field(CUMULATIVE_LOGPROB, pa.float64()),
+    pa.field(LOGPROBS, LOGPROBS_TYPE),
+    pa.field(PROMPT_LOGPROBS, LOGPROBS_TYPE),
+)
+_OPTIONAL = {field.name: field for field in OPTIONAL_OUTPUT_FIELDS}
 OUTPUT_COLUMNS: tuple[str, ...] = tuple(field.name for field in OUTPUT_FIELDS)
+#: Every column name vbatch may write: an input column must not use one (a clash is refused
+#: whether or not the job asks for the optional ones, so renaming never depends on flags).
+RESERVED_COLUMNS: tuple[str, ...] = OUTPUT_COLUMNS + tuple(_OPTIONAL)
 #: "stop": the model ended the text (EOS or a stop string); "length": max_tokens was reached.
 FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 
@@ -71,11 +111,11 @@ def check_input_schema(schema: pa.Schema, *, prompt_column: str, file: str) -> s
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise InputError(f"{file}: column name {repeated[0]!r} appears more than once")
-    clashing = [name for name in OUTPUT_COLUMNS if name in names]
+    clashing = [name for name in RESERVED_COLUMNS if name in names]
     if clashing:
         raise InputError(
             f"{file}: input column {clashing[0]!r} has the name of a column vbatch writes "
-            f"({', '.join(OUTPUT_COLUMNS)}); rename it in the input"
+            f"({', '.join(RESERVED_COLUMNS)}); rename it in the input"
         )
     if prompt_column in names:
         data_type = schema.field(prompt_column).type
@@ -98,54 +138,195 @@ def check_input_schema(schema: pa.Schema, *, prompt_column: str, file: str) -> s
     )
 
 
-def output_schema(input_schema: pa.Schema) -> pa.Schema:
-    """Schema of output rows: the input columns, then `OUTPUT_FIELDS`. A `MIXED_TEXT` column
-    (io/mixed_text.py) is written as strings.
+@dataclass(frozen=True)
+class OutputColumns:
+    """Which optional output columns a job writes (the same for all its batches)."""
 
-    Raises InputError when an input column already uses an output column name.
-    """
-    clashing = [name for name in OUTPUT_COLUMNS if name in input_schema.names]
+    sample_index: bool = False
+    logprobs: bool = False           # cumulative_logprob and logprobs
+    prompt_logprobs: bool = False
+
+    @classmethod
+    def for_job(cls, *, n: int, logprobs: int | None, prompt_logprobs: int | None,
+                input_names: Sequence[str]) -> OutputColumns:
+        """The columns of a job sampling `n` completions per row (`logprobs` /
+        `prompt_logprobs`: the job's K, None when not asked for) over inputs with the column
+        names `input_names` (an `n` column may ask for more samples on any row)."""
+        return cls(sample_index=n > 1 or N_COLUMN in input_names,
+                   logprobs=logprobs is not None, prompt_logprobs=prompt_logprobs is not None)
+
+    @property
+    def leading(self) -> list[pa.Field]:
+        """The optional columns between the input columns and `generated_text`."""
+        return [_OPTIONAL[SAMPLE_INDEX]] if self.sample_index else []
+
+    @property
+    def trailing(self) -> list[pa.Field]:
+        """The optional columns after `num_generated_tokens` (before `error`)."""
+        fields = []
+        if self.logprobs:
+            fields += [_OPTIONAL[CUMULATIVE_LOGPROB], _OPTIONAL[LOGPROBS]]
+        if self.prompt_logprobs:
+            fields.append(_OPTIONAL[PROMPT_LOGPROBS])
+        return fields
+
+    def generation_fields(self) -> list[pa.Field]:
+        """Every column appended to the input columns, in order."""
+        return [*self.leading, *OUTPUT_FIELDS[:-1], *self.trailing, OUTPUT_FIELDS[-1]]
+
+
+def _check_no_clash(names: Sequence[str]) -> None:
+    clashing = [name for name in RESERVED_COLUMNS if name in names]
     if clashing:
         raise InputError(
             f"input column {clashing[0]!r} has the name of a column vbatch writes "
-            f"({', '.join(OUTPUT_COLUMNS)}); rename it in the input"
+            f"({', '.join(RESERVED_COLUMNS)}); rename it in the input"
         )
+
+
+def output_schema(input_schema: pa.Schema, columns: OutputColumns = OutputColumns()) \
+        -> pa.Schema:
+    """Schema of output rows: the input columns, then `columns.generation_fields()` (by default
+    `OUTPUT_FIELDS`). A `MIXED_TEXT` column (io/mixed_text.py) is written as strings.
+
+    Raises InputError when an input column already uses an output column name.
+    """
+    _check_no_clash(input_schema.names)
     fields = [field.with_type(pa.string()) if is_mixed_text(field.type) else field
               for field in input_schema]
-    return pa.schema(fields + list(OUTPUT_FIELDS))
+    return pa.schema(fields + columns.generation_fields())
 
 
-def build_output_batch(input_batch: pa.RecordBatch, results: Sequence[dict]) -> pa.RecordBatch:
+def first_sample_mask(batch: pa.RecordBatch | pa.Table) -> np.ndarray | None:
+    """Which output rows are the first (or only) row of their input row: `sample_index` 0 or
+    null (an error row). None when the batch has no `sample_index` column (every output row is
+    one input row)."""
+    if SAMPLE_INDEX not in batch.schema.names:
+        return None
+    index = batch.column(SAMPLE_INDEX)
+    if isinstance(index, pa.ChunkedArray):
+        index = index.combine_chunks()
+    return np.asarray(index.fill_null(0).to_numpy(zero_copy_only=False) == 0, dtype=bool)
+
+
+def count_input_rows(batch: pa.RecordBatch | pa.Table) -> int:
+    """The number of input rows that the output rows of `batch` answer (see
+    `first_sample_mask`): its row count unless the job samples several completions a row."""
+    mask = first_sample_mask(batch)
+    return batch.num_rows if mask is None else int(mask.sum())
+
+
+def _entry_value(entry: Any, name: str) -> Any:
+    return entry[name] if isinstance(entry, dict) else getattr(entry, name)
+
+
+def logprobs_array(cells: Sequence[Sequence[Any] | None]) -> pa.Array:
+    """A `LOGPROBS_TYPE` array of `cells`: each None (a null cell) or a list of entries, each
+    None (a null entry: a prompt's first token) or an object or dict with token_id, token,
+    logprob, rank and top_logprobs (objects or dicts with token_id, token, logprob). Built
+    column by column (no Python dict per value)."""
+    offsets, cell_valid = [0], []
+    token_ids, tokens, values, ranks, entry_valid = [], [], [], [], []
+    top_offsets, top_ids, top_tokens, top_values = [0], [], [], []
+    for cell in cells:
+        cell_valid.append(cell is not None)
+        if cell is None:
+            offsets.append(offsets[-1])
+            continue
+        for entry in cell:
+            entry_valid.append(entry is not None)
+            if entry is None:
+                token_ids.append(0)
+                tokens.append("")
+                values.append(0.0)
+                ranks.append(0)
+                top_offsets.append(top_offsets[-1])
+                continue
+            token_ids.append(_entry_value(entry, "token_id"))
+            tokens.append(_entry_value(entry, "token"))
+            values.append(_entry_value(entry, "logprob"))
+            ranks.append(_entry_value(entry, "rank"))
+            tops = _entry_value(entry, "top_logprobs") or ()
+            for top in tops:
+                top_ids.append(_entry_value(top, "token_id"))
+                top_tokens.append(_entry_value(top, "token"))
+                top_values.append(_entry_value(top, "logprob"))
+            top_offsets.append(top_offsets[-1] + len(tops))
+        offsets.append(offsets[-1] + len(cell))
+    top_structs = pa.StructArray.from_arrays(
+        [pa.array(top_ids, pa.int32()), pa.array(top_tokens, pa.string()),
+         pa.array(top_values, pa.float32())], fields=list(TOP_LOGPROB_TYPE))
+    top_lists = pa.ListArray.from_arrays(pa.array(top_offsets, pa.int32()), top_structs,
+                                         type=TOKEN_LOGPROB_TYPE.field("top_logprobs").type)
+    entry_mask = None if all(entry_valid) else pa.array([not v for v in entry_valid])
+    entries = pa.StructArray.from_arrays(
+        [pa.array(token_ids, pa.int32()), pa.array(tokens, pa.string()),
+         pa.array(values, pa.float32()), pa.array(ranks, pa.int32()), top_lists],
+        fields=list(TOKEN_LOGPROB_TYPE), mask=entry_mask)
+    cell_mask = None if all(cell_valid) else pa.array([not v for v in cell_valid])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), entries, type=LOGPROBS_TYPE,
+                                    mask=cell_mask)
+
+
+def _column(field: pa.Field, values: list) -> pa.Array:
+    if field.type.equals(LOGPROBS_TYPE):
+        return logprobs_array(values)
+    return pa.array(values, type=field.type)
+
+
+def _check_result(row: int, result: dict) -> None:
+    error = result.get(ERROR)
+    if error is not None:
+        if not isinstance(error, str) or not error:
+            raise ValueError(f"row {row}: error must be a non-empty string, got {error!r}")
+        filled = [name for name in RESERVED_COLUMNS if name != ERROR
+                  and result.get(name) is not None]
+        if filled:
+            raise ValueError(f"row {row}: an error row must not set {filled[0]!r}")
+    elif result[FINISH_REASON] not in FINISH_REASONS:
+        raise ValueError(
+            f"row {row}: finish_reason {result[FINISH_REASON]!r} not in {FINISH_REASONS}"
+        )
+
+
+def build_output_batch(input_batch: pa.RecordBatch, results: Sequence[dict | Sequence[dict]],
+                       columns: OutputColumns = OutputColumns()) -> pa.RecordBatch:
     """Append the generation results to `input_batch`, row for row.
 
-    `results[i]` belongs to row i. A generated row has the keys generated_text (str),
-    finish_reason ("stop" or "length"), num_prompt_tokens and num_generated_tokens (ints), and
-    optionally error=None. An error row has `error` (a non-empty "<code>: <message>" string)
-    and no other key, or those keys set to None; its generation columns are written as nulls.
-    Returns a batch with schema `output_schema(input_batch.schema)`. Raises InputError on a
-    column-name clash and ValueError when results do not match the batch (a bug in the caller,
-    not in the data).
+    `results[i]` belongs to row i: one result (a dict), or the list of its samples' results
+    (one output row each, the input row's columns repeated, in list order). A generated row
+    has the keys generated_text (str), finish_reason ("stop" or "length"), num_prompt_tokens
+    and num_generated_tokens (ints), optionally error=None, and the keys of the optional
+    `columns` it has (sample_index, default: its place in its row's list; cumulative_logprob;
+    logprobs and prompt_logprobs, see `logprobs_array`); other keys are ignored. An error row
+    has `error` (a non-empty "<code>: <message>" string) and no other key, or those keys set to
+    None; its generation columns (sample_index included) are written as nulls.
+    Returns a batch with schema `output_schema(input_batch.schema, columns)`. Raises InputError
+    on a column-name clash and ValueError when results do not match the batch (a bug in the
+    caller, not in the data).
     """
-    schema = output_schema(input_batch.schema)
+    schema = output_schema(input_batch.schema, columns)
     if len(results) != input_batch.num_rows:
         raise ValueError(f"got {len(results)} results for a batch of {input_batch.num_rows} rows")
+    rows: list[dict] = []
+    take: list[int] = []
     for row, result in enumerate(results):
-        error = result.get(ERROR)
-        if error is not None:
-            if not isinstance(error, str) or not error:
-                raise ValueError(f"row {row}: error must be a non-empty string, got {error!r}")
-            filled = [name for name in OUTPUT_COLUMNS if name != ERROR
-                      and result.get(name) is not None]
-            if filled:
-                raise ValueError(f"row {row}: an error row must not set {filled[0]!r}")
-        elif result[FINISH_REASON] not in FINISH_REASONS:
-            raise ValueError(
-                f"row {row}: finish_reason {result[FINISH_REASON]!r} not in {FINISH_REASONS}"
-            )
-    generated = [
-        pa.array([result.get(field.name) for result in results], type=field.type)
-        for field in OUTPUT_FIELDS
-    ]
+        samples = [result] if isinstance(result, dict) else list(result)
+        if not samples:
+            raise ValueError(f"row {row}: no result")
+        for sample, one in enumerate(samples):
+            _check_result(row, one)
+            if one.get(ERROR) is None:
+                if len(samples) > 1 and not columns.sample_index:
+                    raise ValueError(f"row {row}: {len(samples)} samples but no "
+                                     f"{SAMPLE_INDEX} column")
+                one = {**one, SAMPLE_INDEX: one.get(SAMPLE_INDEX, sample)}
+            rows.append(one)
+            take.append(row)
+    generated = [_column(field, [one.get(field.name) for one in rows])
+                 for field in columns.generation_fields()]
+    if len(take) != input_batch.num_rows:
+        input_batch = input_batch.take(pa.array(take, pa.int64()))
     inputs = [as_text(column) if is_mixed_text(column.type) else column
               for column in input_batch.columns]
     return pa.RecordBatch.from_arrays(inputs + generated, schema=schema)

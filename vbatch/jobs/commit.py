@@ -89,12 +89,16 @@ def build_manifest(config: JobConfig, model: dict, counters: ReplicaCounters, fi
 
     `counts` are the job's totals (earlier runs' committed rows included), with
     `resumed_rows` (committed by earlier runs) and `this_run` (what this run computed);
-    `truncated_rows` is known for this run only (the part files do not record it)."""
+    `rows` are input rows and `output_rows` the output's rows (one per sample);
+    `truncated_rows` and `prompt_prefills` are known for this run only (the part files do not
+    record them)."""
     resumed = resumed or ResumeState()
-    this_run = {"rows": counters.num_rows, "error_rows": counters.num_error_rows,
+    this_run = {"rows": counters.num_rows, "output_rows": counters.num_output_rows,
+                "error_rows": counters.num_error_rows,
                 "truncated_rows": counters.num_truncated_rows,
                 "prompt_tokens": counters.num_prompt_tokens,
-                "output_tokens": counters.num_output_tokens}
+                "output_tokens": counters.num_output_tokens,
+                "prompt_prefills": counters.num_prompt_prefills}
     return {
         "vbatch_version": vbatch.__version__,
         "torch_version": torch.__version__,
@@ -105,6 +109,7 @@ def build_manifest(config: JobConfig, model: dict, counters: ReplicaCounters, fi
         "input_files": [str(f) for f in files],
         "counts": {"rows": resumed.num_committed_rows + counters.num_rows,
                    "resumed_rows": resumed.num_committed_rows,
+                   "output_rows": resumed.num_output_rows + counters.num_output_rows,
                    "error_rows": resumed.num_error_rows + counters.num_error_rows,
                    "truncated_rows": counters.num_truncated_rows,
                    "prompt_tokens": resumed.num_prompt_tokens + counters.num_prompt_tokens,

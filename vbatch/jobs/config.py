@@ -16,15 +16,21 @@ Precedence, highest first:
 4. the declared defaults.
 
 This module checks values only (`JobConfig.validate`); whether files and models exist is the
-runner's business.
+runner's business. The one exception is structured outputs: `validate` reads a `--json-schema`
+or `--grammar` file into the option's value (so the fingerprint covers the schema itself, and
+replicas never read the file again) and compiles the job's spec, so a spec that does not
+compile is a usage error before any model loads.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 from vbatch.engine.config import EngineConfig
 from vbatch.engine.sampling_params import SamplingParams
+from vbatch.engine.structured_output import StructuredOutputsParams
 from vbatch.errors import VBatchUsageError
 from vbatch.jobs.options import JobOptions
 from vbatch.options import (
@@ -48,6 +54,11 @@ if len(set(FIELD_NAMES)) != len(FIELD_NAMES):  # two declarations offered under 
 #: The options whose values are part of the job fingerprint (`--resume` refuses a change).
 FINGERPRINT_FIELDS: tuple[str, ...] = tuple(d.name for d in JOB_OPTIONS if d.spec.fingerprint)
 _OPTION = {declared.name: declared for declared in JOB_OPTIONS}
+#: The job options that each set the job's structured output (at most one may be given), and
+#: the `StructuredOutputsParams` keyword each becomes.
+STRUCTURED_OUTPUT_OPTIONS: dict[str, str] = {"choice": "choice", "regex": "regex",
+                                             "json_schema": "json", "grammar": "grammar",
+                                             "json_object": "json_object"}
 
 
 def option_label(declared: DeclaredOption) -> str:
@@ -75,7 +86,52 @@ class _JobConfigMethods:
             validate_options(self, label=option_label)
         except ValueError as error:
             raise VBatchUsageError(str(error)) from None
+        self._check_structured_outputs()
         return self
+
+    def _structured_output_option(self) -> str | None:
+        """The one structured-output option set (raises VBatchUsageError for two)."""
+        given = [name for name in STRUCTURED_OUTPUT_OPTIONS if getattr(self, name)]
+        if len(given) > 1:
+            flags = ", ".join(_OPTION[name].flag for name in STRUCTURED_OUTPUT_OPTIONS)
+            raise VBatchUsageError(
+                f"{_OPTION[given[0]].flag} and {_OPTION[given[1]].flag} exclude each other: "
+                f"give at most one of {flags}")
+        return given[0] if given else None
+
+    def _check_structured_outputs(self) -> None:
+        """At most one kind; a file's content read into the option; the spec compiled."""
+        name = self._structured_output_option()
+        if name is None:
+            return
+        if name == "json_schema":
+            self.json_schema = json.dumps(_json_schema(self.json_schema))
+        elif name == "grammar":
+            self.grammar = _grammar_text(self.grammar)
+        params = self.structured_outputs_params()
+        try:
+            params.to_grammar()
+        except ValueError as error:
+            raise VBatchUsageError(f"{_OPTION[name].flag} does not compile: {error}") from None
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The job's `StructuredOutputsParams` (None without a structured-output option).
+        Raises VBatchUsageError for a spec that is not well formed (an unreadable file, JSON
+        that is not an object)."""
+        name = self._structured_output_option()
+        if name is None:
+            return None
+        value = getattr(self, name)
+        if name == "choice":
+            value = list(value)
+        elif name == "json_schema":
+            value = _json_schema(value)
+        elif name == "grammar":
+            value = _grammar_text(value)
+        try:
+            return StructuredOutputsParams(**{STRUCTURED_OUTPUT_OPTIONS[name]: value})
+        except ValueError as error:
+            raise VBatchUsageError(f"{_OPTION[name].flag}: {error}") from None
 
     def engine_config(self) -> EngineConfig:
         """The `EngineConfig` of the engine this job runs."""
@@ -83,8 +139,9 @@ class _JobConfigMethods:
 
     def sampling_params(self) -> SamplingParams:
         """The `SamplingParams` applied to every row (the row key varies the random draws;
-        the seed is the engine's, `seed`)."""
-        return SamplingParams(**self._values_for("sampling"))
+        the seed is the engine's, `seed`), with the job's structured output."""
+        return SamplingParams(**self._values_for("sampling"),
+                              structured_outputs=self.structured_outputs_params())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-serializable dict of all fields (for manifests and logs)."""
@@ -101,6 +158,49 @@ JobConfig.__module__ = __name__     # pickled into replica processes by this nam
 JobConfig.__doc__ = """One batch-inference job, as the user asked for it: one field per job
 option (`JOB_OPTIONS`; the help text of each is its `--flag`'s). `model=None` means vbatch's
 default model, `output=None` lets the runner pick a directory, `top_k=-1` is normalized to 0."""
+
+
+def _json_schema(value: str) -> dict:
+    """`--json-schema`'s value, inline JSON text or the path of a JSON file, as the schema
+    object. Raises VBatchUsageError naming the flag."""
+    try:
+        schema = json.loads(value)
+        where = "inline JSON"
+    except ValueError:
+        path = Path(value).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise VBatchUsageError(f"--json-schema {value!r} is neither inline JSON nor a "
+                                   f"readable JSON file ({reason})") from None
+        try:
+            schema = json.loads(text)
+        except ValueError as error:
+            raise VBatchUsageError(f"--json-schema file {value} is not valid JSON: "
+                                   f"{error}") from None
+        where = f"file {value}"
+    if not isinstance(schema, dict):
+        raise VBatchUsageError(f"--json-schema ({where}) must be a JSON object (a JSON "
+                               f"schema), got {type(schema).__name__}")
+    return schema
+
+
+def _grammar_text(value: str) -> str:
+    """`--grammar`'s value: EBNF text (it holds a `::=` rule) or the path of a file of it.
+    Raises VBatchUsageError naming the flag."""
+    if "::=" in value:
+        return value
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise VBatchUsageError(f"--grammar {value!r} is neither EBNF text (no `::=` rule) nor "
+                               f"a readable file ({reason})") from None
+    if not text.strip():
+        raise VBatchUsageError(f"--grammar file {value} is empty")
+    return text
 
 
 def read_yaml_config(config_path: str) -> dict[str, Any]:
@@ -152,6 +252,8 @@ def read_yaml_config(config_path: str) -> dict[str, Any]:
         if name in values:
             raise VBatchUsageError(f"key {raw_key!r} appears twice in config file {config_path}")
         try:
+            if name == "json_schema" and isinstance(raw_value, dict):   # the schema itself
+                raw_value = json.dumps(raw_value)
             values[name] = convert_plain_value(_OPTION[name], raw_value)
         except TypeError as exc:
             raise VBatchUsageError(

@@ -17,14 +17,15 @@ from vbatch.io import inputs, reader
 from vbatch.io.formats import count_rows
 from vbatch.io.output_dir import check_output_dir, default_output_dir
 from vbatch.io.positions import IntervalSet
-from vbatch.io.schema import output_schema
+from vbatch.io.schema import OutputColumns, output_schema
 from vbatch.jobs.config import JobConfig
 
 
 @dataclass(frozen=True)
 class JobInputs:
     """The checked inputs of a job: files, the root of their row keys (None: the reader's
-    default), the scan (schemas), the prompt column actually used, the output schema, the
+    default), the scan (schemas), the prompt column actually used, the output schema (its
+    optional columns, `output_columns`, decided here once for the whole job), the
     number of rows to compute when cheap to know, the output directory (checked, not yet
     created) and the row positions an earlier run already committed (`--resume`)."""
 
@@ -51,6 +52,14 @@ def output_dir_of(config: JobConfig) -> Path:
     return Path(config.output) if config.output else default_output_dir(config.input)
 
 
+def output_columns(config: JobConfig, input_schema: pa.Schema) -> OutputColumns:
+    """The optional output columns of the job `config` over inputs of `input_schema`: the
+    rule every replica applies to its batches too (`Replica.output_columns`)."""
+    return OutputColumns.for_job(n=config.n, logprobs=config.logprobs,
+                                 prompt_logprobs=config.prompt_logprobs,
+                                 input_names=input_schema.names)
+
+
 def check_job_inputs(config: JobConfig) -> JobInputs:
     """Resolve and scan the inputs and check the output path (no model, nothing written).
     Raises InputError / VBatchUsageError."""
@@ -62,6 +71,7 @@ def check_job_inputs(config: JobConfig) -> JobInputs:
                               id_column=config.id_column, csv_infer_types=config.csv_infer_types,
                               allow_type_promotion=config.allow_type_promotion)
     prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)
+    out_schema = output_schema(scan.schema, output_columns(config, scan.schema))
     return JobInputs(files=files, root=inputs.input_root(config.input), scan=scan,
-                     prompt_column=prompt_column, out_schema=output_schema(scan.schema),
+                     prompt_column=prompt_column, out_schema=out_schema,
                      total_rows=count_rows(files), output_dir=output_dir)

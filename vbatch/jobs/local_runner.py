@@ -40,6 +40,7 @@ from multiprocessing.connection import wait
 import pyarrow as pa
 
 from vbatch.env import NUM_THREADS
+from vbatch.io.schema import count_input_rows
 from vbatch.jobs.batch_order import InputOrder, tag_batch, untag_batch
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import JobInputs
@@ -209,10 +210,11 @@ class LocalReplicaPool:
                 # Only a live replica's own pipe is read, so a batch comes back from the
                 # replica that holds it, exactly once.
                 expected = slot.held.pop(seq, (None, None))[1]
-                if expected != out_batch.num_rows:
+                num_rows = count_input_rows(out_batch)      # n samples of a row count once
+                if expected != num_rows:
                     raise ReplicaFailed(f"replica {slot.index} returned batch {seq} with "
-                                        f"{out_batch.num_rows} rows, not the rows sent")
-                self._rows[slot.index] += out_batch.num_rows
+                                        f"{num_rows} rows, not the rows sent")
+                self._rows[slot.index] += num_rows
                 if not self.config.preserve_order:
                     yield out_batch
                     continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vbatch.options import INT64_MAX, at_least, in_range, not_blank, option
+from vbatch.options import INT64_MAX, at_least, in_range, non_empty_strings, not_blank, option
 
 RUNNER_CHOICES = ("auto", "ray", "local")
 #: Each replica is a process or a Ray actor with its own engine; far more than any cluster runs.
@@ -108,3 +108,22 @@ class JobOptions:
         False, fingerprint=False,
         help="Write output rows in input order (default: in completion order; the id column "
              "says which row is which).")
+    # Structured outputs (at most one kind; `JobConfig.structured_outputs_params` builds the
+    # engine's StructuredOutputsParams). A per-row `structured_outputs` column overrides it.
+    choice: list[str] = option(
+        default_factory=list, metavar="LABEL", checks=non_empty_strings,
+        help="Constrain every output to exactly one of these labels (repeatable: --choice yes "
+             "--choice no).")
+    regex: str | None = option(
+        None, metavar="PATTERN", checks=_not_empty_if_given(),
+        help="Constrain every output to match this regular expression (in full).")
+    json_schema: str | None = option(
+        None, metavar="FILE_OR_JSON", checks=_not_empty_if_given(),
+        help="Constrain every output to JSON valid under this JSON schema: a .json file or "
+             "the schema as inline JSON text (in YAML also a mapping).")
+    grammar: str | None = option(
+        None, metavar="FILE_OR_EBNF", checks=_not_empty_if_given(),
+        help="Constrain every output to this EBNF grammar (GBNF style, a `root ::= ...` "
+             "rule): a file or the grammar text.")
+    json_object: bool = option(
+        False, help="Constrain every output to a JSON object (any keys).")

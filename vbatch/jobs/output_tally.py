@@ -17,17 +17,28 @@ import pyarrow.parquet as pq
 
 from vbatch.io.output_dir import PART_FILE_PATTERN
 from vbatch.io.positions import POSITION_COLUMN, IntervalSet
-from vbatch.io.schema import ERROR, NUM_GENERATED_TOKENS, NUM_PROMPT_TOKENS
+from vbatch.io.schema import (
+    ERROR,
+    NUM_GENERATED_TOKENS,
+    NUM_PROMPT_TOKENS,
+    SAMPLE_INDEX,
+    first_sample_mask,
+)
 
 
 class OutputTally:
     """What has been written so far, read from the output batches themselves: row, error-row
     and token counts (the `RowCounts` an `ErrorBudget` checks while the job runs), and the
     positions written. `accept` drops rows whose positions were already written, so a batch a
-    restarted replica or a Ray task retry computes twice is still written once."""
+    restarted replica or a Ray task retry computes twice is still written once; the output
+    rows of one position (the n samples of a row) are dropped or kept together.
+
+    `num_rows` counts input rows (error rows included), `num_output_rows` the rows written
+    (one per sample); prompt tokens count once per input row, output tokens of every sample."""
 
     def __init__(self) -> None:
         self.num_rows = 0
+        self.num_output_rows = 0
         self.num_error_rows = 0
         self.num_prompt_tokens = 0
         self.num_output_tokens = 0
@@ -45,11 +56,16 @@ class OutputTally:
                 batch = batch.filter(pa.array(~seen))
                 positions = positions[~seen]
             self.written.add_positions(positions)
-        self.num_rows += batch.num_rows
+        first = first_sample_mask(batch)
+        self.num_output_rows += batch.num_rows
+        self.num_rows += batch.num_rows if first is None else int(first.sum())
         for name, attribute in ((NUM_PROMPT_TOKENS, "num_prompt_tokens"),
                                 (NUM_GENERATED_TOKENS, "num_output_tokens")):
             if name in batch.schema.names and batch.num_rows:
-                total = pc.sum(batch.column(name)).as_py() or 0
+                values = batch.column(name)
+                if name == NUM_PROMPT_TOKENS and first is not None:
+                    values = values.filter(pa.array(first))     # one prompt per input row
+                total = pc.sum(values).as_py() or 0
                 setattr(self, attribute, getattr(self, attribute) + total)
         if ERROR not in batch.schema.names:
             return batch
@@ -87,10 +103,19 @@ def output_part_files(output_dir: str | Path) -> list[Path]:
 
 
 def count_ids(part_files: Sequence[Path], id_column: str) -> IdCounts:
-    """Duplicate and null ids over all rows of `part_files` (reads only the id column)."""
+    """Duplicate and null ids over all input rows of `part_files` (reads only the id column,
+    and `sample_index` when there is one: the samples of a row share its id, so only each
+    row's first sample counts)."""
     if not part_files:
         return IdCounts()
-    ids = pq.read_table(list(part_files), columns=[id_column]).column(id_column)
+    columns = [id_column]
+    if SAMPLE_INDEX in pq.read_schema(part_files[0]).names:
+        columns.append(SAMPLE_INDEX)
+    table = pq.read_table(list(part_files), columns=columns)
+    first = first_sample_mask(table)
+    if first is not None:
+        table = table.filter(pa.array(first))
+    ids = table.column(id_column)
     try:
         distinct = pc.count_distinct(ids, mode="only_valid").as_py()
     except (pa.ArrowNotImplementedError, pa.ArrowTypeError):  # e.g. struct ids

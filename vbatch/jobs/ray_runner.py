@@ -45,7 +45,7 @@ from vbatch.engine.executor import ray_cluster
 from vbatch.env import NUM_THREADS
 from vbatch.io.positions import POSITION_COLUMN
 from vbatch.io.reader import InputScan, read_batches
-from vbatch.io.schema import NUM_GENERATED_TOKENS
+from vbatch.io.schema import NUM_GENERATED_TOKENS, SAMPLE_INDEX, count_input_rows
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import JobInputs
 from vbatch.jobs.plan import JobPlan
@@ -205,6 +205,10 @@ class RayReplicaPool:
         context.print_on_execution_start = False
         context.execution_options.preserve_order = self.config.preserve_order
         context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S   # every replica loads first
+        if SAMPLE_INDEX in job.out_schema.names:
+            # Ray Data splits a map's output past target_max_block_size; the n samples of a
+            # row must reach the writer (and the exactly-once tally) in one batch.
+            context.target_max_block_size = None
         self._ledger = ray.remote(num_cpus=0)(ReplicaLedger).remote()
         on_gpu = self.plan.device == "cuda"
         world = self.plan.world_size
@@ -237,8 +241,9 @@ class RayReplicaPool:
                 self.load_time_s = time.perf_counter() - self._started
                 self._refresh(reporter)
             for batch in table.combine_chunks().to_batches():
-                self._rows_written += batch.num_rows
-                reporter.update(batch.num_rows, _num_output_tokens(batch))
+                num_rows = count_input_rows(batch)      # n samples of a row count once
+                self._rows_written += num_rows
+                reporter.update(num_rows, _num_output_tokens(batch))
                 yield batch
         self._refresh(reporter, state="done")
 

@@ -1,8 +1,11 @@
 """One replica: an engine that turns input record batches into output record batches.
 
 Rows are streamed into the engine so it stays full across input-batch boundaries: up to
-`max_in_flight` rows are queued at once, and an input batch is emitted (with its generation
-columns appended, rows in input order) as soon as its last row finishes.
+`max_in_flight` sequences (a row sampled n times counts n) are queued at once, and an input
+batch is emitted (with its generation columns appended, rows in input order) as soon as its
+last row finishes. A row sampled n > 1 times becomes n adjacent output rows, `sample_index`
+0..n-1, all in the same output batch (io/schema.py), so they are written and committed
+together.
 
 A row that cannot be generated (see `row_prompts`, `row_sampling`) never reaches the engine: it
 finishes at once as an error row (`error` set, generation columns null), so one bad row never
@@ -15,27 +18,41 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from vbatch.engine import structured_output
 from vbatch.engine.llm_engine import LLMEngine
+from vbatch.engine.outputs import RequestOutput
 from vbatch.engine.sampling_params import SamplingParams
 from vbatch.io.positions import POSITION_COLUMN
 from vbatch.io.schema import (
+    CUMULATIVE_LOGPROB,
     ERROR,
     FINISH_REASON,
     GENERATED_TEXT,
+    LOGPROBS,
     NUM_GENERATED_TOKENS,
     NUM_PROMPT_TOKENS,
+    PROMPT_LOGPROBS,
+    SAMPLE_INDEX,
+    OutputColumns,
     build_output_batch,
 )
-from vbatch.jobs.row_errors import REJECTED, RowError
+from vbatch.jobs.row_errors import BAD_STRUCTURED_OUTPUT, REJECTED, RowError
 from vbatch.jobs.row_prompts import PromptEncoder, RowPrompts
 from vbatch.jobs.row_sampling import RowSampling
 
 __all__ = ["Replica", "ReplicaCounters", "RowPrompts"]
 
 
+#: What the engine raises from `add_request` for a structured-output spec that does not
+#: compile (a ValueError; looked up by name so a missing class degrades to `rejected`).
+_STRUCTURED_OUTPUT_ERROR: type[Exception] | None = getattr(structured_output,
+                                                            "StructuredOutputError", None)
+
+
 @dataclass
 class _PendingBatch:
     batch: pa.RecordBatch
+    columns: OutputColumns
     results: list = field(default_factory=list)
     num_done: int = 0
 
@@ -69,16 +86,23 @@ def _sample_keys(batch: pa.RecordBatch, ids: list[str]) -> list[str]:
 
 @dataclass
 class ReplicaCounters:
-    """Running totals of what a replica has finished. `num_rows` counts every finished row,
-    error rows included; `num_error_rows` the rows written with `error` set (the first one as
-    "row <key>: <error>" in `first_error`); `num_truncated_rows` the prompts cut by
-    `--on-long-prompt truncate`. Token counts cover generated rows only."""
+    """Running totals of what a replica has finished. `num_rows` counts every finished input
+    row, error rows included; `num_output_rows` the output rows (one per sample of a generated
+    row, one per error row); `num_error_rows` the rows written with `error` set (the first one
+    as "row <key>: <error>" in `first_error`); `num_truncated_rows` the prompts cut by
+    `--on-long-prompt truncate`. Token counts cover generated rows only: prompt tokens once
+    per row, output tokens of every sample. `num_prompt_prefills` / `num_prefill_tokens` are
+    the engine's own counters (prompts prefilled from scratch, once per row whatever its n;
+    tokens prefilled)."""
 
     num_rows: int = 0
+    num_output_rows: int = 0
     num_error_rows: int = 0
     num_truncated_rows: int = 0
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_prompt_prefills: int = 0
+    num_prefill_tokens: int = 0
     first_error: str | None = None
 
 
@@ -94,6 +118,8 @@ class Replica:
     """Drives one `LLMEngine` over a stream of input batches (see module docstring).
 
     `sampling_params` are the job's; per-row sampling columns override them row by row.
+    The optional output columns follow from them and each batch's columns
+    (`OutputColumns.for_job`, the same rule the job's output schema uses).
     Raises VBatchUsageError when the prompts need a chat template the tokenizer lacks.
     """
 
@@ -106,6 +132,16 @@ class Replica:
         self.sampling = RowSampling(sampling_params)
         self.max_in_flight = max_in_flight or 2 * engine.config.max_num_seqs
         self.counters = ReplicaCounters()
+        self._in_flight: dict[str, int] = {}    # request id -> its sequences (n)
+        self._num_in_flight = 0
+        self._engine_counts_at_start = self._engine_counts()
+
+    def output_columns(self, schema: pa.Schema) -> OutputColumns:
+        """The optional output columns of batches with input schema `schema`."""
+        params = self.sampling_params
+        return OutputColumns.for_job(n=params.n, logprobs=params.logprobs,
+                                     prompt_logprobs=params.prompt_logprobs,
+                                     input_names=schema.names)
 
     def process(self, batches: Iterable[pa.RecordBatch],
                 on_progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
@@ -121,7 +157,7 @@ class Replica:
         engine = self.engine
         while True:
             num_errors = 0
-            while not exhausted and engine.num_unfinished_requests < self.max_in_flight:
+            while not exhausted and self._num_in_flight < self.max_in_flight:
                 item = next(row_queue, None)
                 if item is None:
                     exhausted = True
@@ -132,9 +168,11 @@ class Replica:
                     try:
                         engine.add_request(item.request_id, item.token_ids, item.params,
                                            row_key=item.sample_key)
+                        self._in_flight[item.request_id] = item.params.n
+                        self._num_in_flight += item.params.n
                         continue
                     except ValueError as refused:
-                        item.error = RowError(REJECTED, str(refused))
+                        item.error = _refusal(refused)
                 num_errors += 1
                 done = self._finish(pending, item.batch_index, item.row,
                                     self._error_result(item))
@@ -147,36 +185,65 @@ class Replica:
                     break
                 continue             # none ready yet and nothing to step: ask the source again
             finished = engine.step()
+            self._read_engine_counters()
             new_tokens = 0
             for output in finished:
                 batch_index, row = map(int, output.request_id.split(":"))
-                completion = output.outputs[0]
-                num_prompt, num_generated = len(output.prompt_token_ids), len(completion.token_ids)
-                new_tokens += num_generated
-                self.counters.num_prompt_tokens += num_prompt
-                self.counters.num_output_tokens += num_generated
-                done = self._finish(pending, batch_index, row, {
-                    GENERATED_TEXT: completion.text, FINISH_REASON: completion.finish_reason,
-                    NUM_PROMPT_TOKENS: num_prompt, NUM_GENERATED_TOKENS: num_generated})
+                self._num_in_flight -= self._in_flight.pop(output.request_id, 0)
+                samples = self._samples(output, pending[batch_index].columns)
+                new_tokens += sum(sample[NUM_GENERATED_TOKENS] for sample in samples)
+                done = self._finish(pending, batch_index, row, samples)
                 if done is not None:
                     yield done
             if finished and on_progress is not None:
                 on_progress(len(finished), new_tokens, 0)
         for batch_index in sorted(pending):   # batches of zero rows
             entry = pending.pop(batch_index)
-            yield build_output_batch(entry.batch, entry.results)
+            yield build_output_batch(entry.batch, entry.results, entry.columns)
+
+    def _engine_counts(self) -> tuple[int, int]:
+        return (getattr(self.engine, "num_prompt_prefills", 0),
+                getattr(self.engine, "num_prefill_tokens", 0))
+
+    def _read_engine_counters(self) -> None:
+        """The engine's prefill counters, since this replica started driving it."""
+        (prefills, tokens), (prefills_0, tokens_0) = (self._engine_counts(),
+                                                      self._engine_counts_at_start)
+        self.counters.num_prompt_prefills = prefills - prefills_0
+        self.counters.num_prefill_tokens = tokens - tokens_0
+
+    def _samples(self, output: RequestOutput, columns: OutputColumns) -> list[dict]:
+        """One result per completion of a finished request (by sample index); counts tokens."""
+        num_prompt = len(output.prompt_token_ids)
+        self.counters.num_prompt_tokens += num_prompt
+        samples = []
+        for completion in sorted(output.outputs, key=lambda c: c.index):
+            num_generated = len(completion.token_ids)
+            self.counters.num_output_tokens += num_generated
+            sample = {SAMPLE_INDEX: completion.index, GENERATED_TEXT: completion.text,
+                      FINISH_REASON: completion.finish_reason,
+                      NUM_PROMPT_TOKENS: num_prompt, NUM_GENERATED_TOKENS: num_generated}
+            if columns.logprobs:
+                sample[CUMULATIVE_LOGPROB] = completion.cumulative_logprob
+                sample[LOGPROBS] = completion.token_logprobs
+            if columns.prompt_logprobs:
+                sample[PROMPT_LOGPROBS] = output.prompt_token_logprobs
+            samples.append(sample)
+        return samples
 
     def _finish(self, pending: dict[int, _PendingBatch], batch_index: int, row: int,
-                result: dict) -> pa.RecordBatch | None:
-        """Record one finished row; return its batch's output batch when that was the last."""
+                result: dict | list[dict]) -> pa.RecordBatch | None:
+        """Record one finished row (an error row's result, or its samples' results); return
+        its batch's output batch when that was the last."""
         entry = pending[batch_index]
         entry.results[row] = result
         entry.num_done += 1
         self.counters.num_rows += 1
+        self.counters.num_output_rows += 1 if isinstance(result, dict) else len(result)
         if entry.num_done < entry.batch.num_rows:
             return None
         del pending[batch_index]
-        return build_output_batch(entry.batch, entry.results)
+        return build_output_batch(entry.batch, entry.results, entry.columns)
 
     def _error_result(self, item: _Row) -> dict:
         text = str(item.error)
@@ -193,7 +260,8 @@ class Replica:
                 yield NO_BATCH_YET
                 continue
             batch_index += 1
-            pending[batch_index] = _PendingBatch(batch, [None] * batch.num_rows)
+            pending[batch_index] = _PendingBatch(batch, self.output_columns(batch.schema),
+                                                 [None] * batch.num_rows)
             keys = [str(k) for k in batch.column(self.prompts.id_column).to_pylist()]
             sample_keys = _sample_keys(batch, keys)
             encoded = self.encoder.encode(batch)
@@ -213,3 +281,11 @@ class Replica:
                     yield _Row(batch_index, row, key, sample_key, None, None, error)
                 else:
                     yield _Row(batch_index, row, key, sample_key, token_ids, row_params, None)
+
+
+def _refusal(refused: ValueError) -> RowError:
+    """The row error of a request `add_request` refused: `bad_structured_output` for a
+    structured-output spec that does not compile, else `rejected`."""
+    if _STRUCTURED_OUTPUT_ERROR is not None and isinstance(refused, _STRUCTURED_OUTPUT_ERROR):
+        return RowError(BAD_STRUCTURED_OUTPUT, str(refused))
+    return RowError(REJECTED, str(refused))

@@ -1,7 +1,8 @@
 """Per-row errors: what one bad row records instead of failing the job, and the error budget.
 
 A row that cannot be generated (empty or non-text prompt, malformed `messages`, a chat template
-that raises, a prompt longer than the model allows, a bad per-row sampling value) is written
+that raises, a prompt longer than the model allows, a bad per-row sampling value or
+structured-output spec) is written
 with `error` = "<code>: <message>" and null generation columns; the job goes on. `ErrorBudget`
 turns `--max-error-rate` into `TooManyRowErrors` (exit code 3) when too many rows failed; for a
 resumed job it counts the rows earlier runs committed too, so `--resume` never bypasses it.
@@ -21,9 +22,11 @@ CHAT_TEMPLATE = "chat_template"        # the tokenizer's chat template raised
 TOKENIZE = "tokenize"                  # the tokenizer raised on this row's text
 PROMPT_TOO_LONG = "prompt_too_long"    # no room to generate within max_model_len
 BAD_SAMPLING = "bad_sampling"          # a per-row sampling column holds an invalid value
+BAD_STRUCTURED_OUTPUT = "bad_structured_output"   # a per-row structured_outputs cell that
+                                       # does not parse, or a spec that does not compile
 REJECTED = "rejected"                  # the engine refused the request (add_request raised)
 ERROR_CODES = (EMPTY_PROMPT, NOT_TEXT, BAD_MESSAGES, CHAT_TEMPLATE, TOKENIZE, PROMPT_TOO_LONG,
-               BAD_SAMPLING, REJECTED)
+               BAD_SAMPLING, BAD_STRUCTURED_OUTPUT, REJECTED)
 
 _MAX_MESSAGE_CHARS = 300
 

@@ -11,7 +11,8 @@ Order of work, the same for every runner:
 3. start the replica pool the plan asks for (`jobs/pool.py`: in this process, local
    processes, or Ray actors) and write every output batch it yields with our part writer (this
    process is the only writer), counting what is written and checking the error budget;
-4. refuse to commit when the rows written differ from the rows to compute;
+4. refuse to commit when the input rows written differ from the rows to compute (a row
+   sampled n times is one input row, its n output rows written together);
 5. `_run_summary.json`, `_manifest.json`, and `_SUCCESS` last.
 
 Any failure leaves no `_SUCCESS` (and no temporary files). Bad rows become error rows; when
@@ -87,7 +88,8 @@ def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, jo
             # (its own counters died with it).
             counters = dataclasses.replace(
                 merge_counters(pool.counters()), num_rows=tally.num_rows,
-                num_error_rows=tally.num_error_rows, num_prompt_tokens=tally.num_prompt_tokens,
+                num_output_rows=tally.num_output_rows, num_error_rows=tally.num_error_rows,
+                num_prompt_tokens=tally.num_prompt_tokens,
                 num_output_tokens=tally.num_output_tokens)
             budget.check_final(counters)
         except TooManyRowErrors:
@@ -99,6 +101,7 @@ def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, jo
             raise
         reporter.close()
         part_writer.close()
+        # Input rows (distinct positions), not output rows: a row sampled n times is one.
         if job.total_rows is not None and tally.num_rows != job.total_rows:
             raise RuntimeError(f"{job.total_rows} input rows to compute but {tally.num_rows} "
                                "were written; not committing")
@@ -122,7 +125,11 @@ def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, jo
                          num_duplicate_ids=ids.duplicate_ids, num_null_ids=ids.null_ids,
                          warnings=() if id_warning is None else (id_warning,))
         output.write_json(SUMMARY_FILE, build_run_summary(
-            config, plan, stats, started_at=started_at, replicas=pool.replica_stats()))
+            config, plan, stats, started_at=started_at, replicas=pool.replica_stats(),
+            output_rows=earlier.num_output_rows + counters.num_output_rows,
+            this_run_output_rows=counters.num_output_rows,
+            prompt_prefills=counters.num_prompt_prefills,
+            prefill_tokens=counters.num_prefill_tokens))
         part_writer.commit(build_manifest(config, pool.model_info, counters, job.files,
                                           resumed=earlier))
     return stats
