@@ -14,6 +14,9 @@ _LAZY = {
     "SamplingParams": "vbatch.engine.sampling_params",
     "RequestOutput": "vbatch.engine.outputs",
     "CompletionOutput": "vbatch.engine.outputs",
+    "Logprob": "vbatch.engine.outputs",
+    "TokenLogprob": "vbatch.engine.outputs",
+    "StructuredOutputsParams": "vbatch.engine.structured_output",
     "LLMEngine": "vbatch.engine.llm_engine",
     "EngineConfig": "vbatch.engine.config",
 }

@@ -128,8 +128,10 @@ class _JobConfigMethods:
             value = _json_schema(value)
         elif name == "grammar":
             value = _grammar_text(value)
+        kind = STRUCTURED_OUTPUT_OPTIONS[name]
+        compact = self.disable_any_whitespace and kind in ("json", "json_object")
         try:
-            return StructuredOutputsParams(**{STRUCTURED_OUTPUT_OPTIONS[name]: value})
+            return StructuredOutputsParams(**{kind: value}, disable_any_whitespace=compact)
         except ValueError as error:
             raise VBatchUsageError(f"{_OPTION[name].flag}: {error}") from None
 

@@ -127,3 +127,6 @@ class JobOptions:
              "rule): a file or the grammar text.")
     json_object: bool = option(
         False, help="Constrain every output to a JSON object (any keys).")
+    disable_any_whitespace: bool = option(
+        False, help="With --json-schema / --json-object: compact JSON, no free whitespace "
+                    "between tokens (models that ramble in whitespace then still finish).")
