@@ -23,16 +23,15 @@ from conftest import PROMPTS, run_offline, vbatch_command
 
 from vbatch.engine.outputs import TokenLogprob, TopLogprob
 from vbatch.errors import InputError
+from vbatch.io.logprob_columns import LOGPROBS_TYPE, logprobs_array
 from vbatch.io.schema import (
     CUMULATIVE_LOGPROB,
     LOGPROBS,
-    LOGPROBS_TYPE,
     OUTPUT_COLUMNS,
     PROMPT_LOGPROBS,
     SAMPLE_INDEX,
     OutputColumns,
     build_output_batch,
-    logprobs_array,
     output_schema,
 )
 
