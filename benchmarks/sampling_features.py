@@ -9,7 +9,7 @@ Answer with one word."), chat template, in one process through `vbatch.LLM`, def
              the same prefill and decode work, so the ratio is the constraint's own cost.
   json       a JSON schema (nested object, enum, integer bounds, array, required keys) at
              temperature 0.7, vs. unconstrained rows of the same token counts.
-  logprobs   greedy, 64 tokens a row (EOS ignored) with `logprobs=5`, vs. the same without.
+  logprobs   greedy, 32 tokens a row (EOS ignored) with `logprobs=5`, vs. the same without.
 
 Each pair runs A, B, A, B and keeps each side's faster run (tok/s = generated tokens / wall time
 of `generate`). Also printed: the microseconds to fill one row's bitmask for each grammar.
@@ -71,8 +71,8 @@ def timed(llm, prompts, params) -> tuple[float, int, list]:
     return seconds, sum(len(c.token_ids) for o in outputs for c in o.outputs), outputs
 
 
-def pair(llm, prompts, params_a, params_b) -> dict:
-    """Best of two alternating runs of each side: tok/s and the ratio b / a."""
+def pair(llm, prompts, params_a, params_b, name: str) -> dict:
+    """Best of two alternating runs of each side: tok/s and the ratio b / a (printed)."""
     best = {"a": 0.0, "b": 0.0}
     tokens = {}
     for _ in range(2):
@@ -80,8 +80,11 @@ def pair(llm, prompts, params_a, params_b) -> dict:
             seconds, num_tokens, _ = timed(llm, prompts, params)
             best[side] = max(best[side], num_tokens / seconds)
             tokens[side] = num_tokens
-    return {"baseline_tok_s": round(best["a"], 1), "with_tok_s": round(best["b"], 1),
-            "ratio": round(best["b"] / best["a"], 3), "tokens": tokens}
+    result = {"baseline_tok_s": round(best["a"], 1), "with_tok_s": round(best["b"], 1),
+              "ratio": round(best["b"] / best["a"], 3), "tokens": tokens}
+    print(f"{name:11s} baseline {result['baseline_tok_s']:8.1f} tok/s   with "
+          f"{result['with_tok_s']:8.1f} tok/s   ratio {result['ratio']:.3f}", flush=True)
+    return result
 
 
 def same_lengths(outputs, temperature: float):
@@ -105,7 +108,10 @@ def fill_cost_us(llm, constraint, steps: int = 200) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--only", default="choice,json,logprobs",
+                        help="comma-separated subset of: choice, json, logprobs")
     args = parser.parse_args()
+    wanted = set(args.only.split(","))
     from vbatch import LLM, SamplingParams
     from vbatch.engine.structured_output import StructuredOutputsParams
 
@@ -116,32 +122,31 @@ def main() -> int:
     results = {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "num_prompts": len(prompts),
                "dtype": str(llm.llm_engine.dtype)}
 
-    constrained = SamplingParams(temperature=0, max_tokens=8, structured_outputs=choice)
-    _, _, outputs = timed(llm, prompts, constrained)          # warm-up, and the lengths
-    assert all(c.text in LABELS for o in outputs for c in o.outputs)
-    results["choice"] = pair(llm, prompts, same_lengths(outputs, 0.0), constrained)
-
-    json_params = SamplingParams(temperature=0.7, seed=1, max_tokens=96,
-                                 structured_outputs=schema)
-    _, _, outputs = timed(llm, prompts, json_params)
-    results["json"] = pair(llm, prompts, same_lengths(outputs, 0.7), json_params)
-    results["json"]["finished_stop"] = sum(o.outputs[0].finish_reason == "stop"
-                                           for o in outputs)
-
-    plain = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    with_logprobs = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=5)
-    results["logprobs_5"] = pair(llm, prompts, plain, with_logprobs)
+    print(f"CPU: {results['cpu']} ({results['cpu_flags'] or 'no bf16/vnni/amx flags'}), "
+          f"{results['dtype']}, {results['num_prompts']} prompts", flush=True)
+    if "choice" in wanted:
+        constrained = SamplingParams(temperature=0, max_tokens=8, structured_outputs=choice)
+        _, _, outputs = timed(llm, prompts, constrained)          # warm-up, and the lengths
+        assert all(c.text in LABELS for o in outputs for c in o.outputs)
+        results["choice"] = pair(llm, prompts, same_lengths(outputs, 0.0), constrained,
+                                 "choice")
+    if "json" in wanted:
+        json_params = SamplingParams(temperature=0.7, seed=1, max_tokens=96,
+                                     structured_outputs=schema)
+        _, _, outputs = timed(llm, prompts, json_params)
+        results["json"] = pair(llm, prompts, same_lengths(outputs, 0.7), json_params, "json")
+        results["json"]["finished_stop"] = sum(o.outputs[0].finish_reason == "stop"
+                                               for o in outputs)
+    if "logprobs" in wanted:
+        plain = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+        with_logprobs = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
+                                       logprobs=5)
+        results["logprobs_5"] = pair(llm, prompts, plain, with_logprobs, "logprobs_5")
 
     results["mask_fill_us_per_row"] = {"choice": round(fill_cost_us(llm, choice), 1),
                                        "json": round(fill_cost_us(llm, schema), 1)}
     llm.llm_engine.shutdown()
 
-    print(f"CPU: {results['cpu']} ({results['cpu_flags'] or 'no bf16/vnni/amx flags'}), "
-          f"{results['dtype']}, {results['num_prompts']} prompts")
-    for name in ("choice", "json", "logprobs_5"):
-        r = results[name]
-        print(f"{name:11s} baseline {r['baseline_tok_s']:8.1f} tok/s   with {r['with_tok_s']:8.1f}"
-              f" tok/s   ratio {r['ratio']:.3f}")
     print(f"mask fill per row: {results['mask_fill_us_per_row']} us")
     print(json.dumps(results))
     return 0
