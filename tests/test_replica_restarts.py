@@ -51,6 +51,29 @@ def _replica_pids(driver_pid: int) -> list[int]:
     return sorted(pids)
 
 
+def _oldest_descendant_matching(root_pid: int, needle: str) -> int | None:
+    """The oldest process under `root_pid` (at any depth) whose command line contains `needle`
+    (what `pkill -o -f` would pick, but only in this job's process tree: under pytest-xdist
+    another worker's Ray job has replica actors of the same name)."""
+    parents, started, cmdlines = {}, {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdlines[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        started[int(entry.name)] = int(fields[19])
+    tree, frontier = set(), {root_pid}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
+        tree |= frontier
+    matching = [pid for pid in tree if needle in cmdlines.get(pid, "")]
+    return min(matching, key=lambda pid: started[pid]) if matching else None
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("restarts") / "prompts.jsonl"
@@ -129,8 +152,9 @@ def test_killed_ray_replica_actor_is_restarted_and_rows_are_written_once(source,
         assert process.poll() is None, process.communicate()[1]
         assert time.monotonic() < deadline, "no part was written"
         time.sleep(0.05)
-    killed = subprocess.run(["pkill", "-9", "-o", "-f", r"MapBatches\(ReplicaActor\)"])
-    assert killed.returncode == 0, "no replica actor process found"
+    victim = _oldest_descendant_matching(process.pid, "MapBatches(ReplicaActor)")
+    assert victim is not None, "no replica actor process found"
+    os.kill(victim, signal.SIGKILL)
     assert not (output / "_SUCCESS").exists()
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr

@@ -49,7 +49,10 @@ def mixed_inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_instance():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # address="local": always a new private instance. Without it ray.init joins the cluster named
+    # in /tmp/ray/ray_current_cluster, which a two-node test cluster (conftest) running on
+    # another xdist worker writes.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              logging_level="warning")
     yield ray
     ray.shutdown()
