@@ -218,3 +218,26 @@ def test_logprobs_penalties_and_samples_equal_across_tp_pp(tmp_path_factory, par
     (ids, values), (expected_ids, expected_values) = digest(run(**parallel)), digest(run())
     assert ids == expected_ids
     assert values == pytest.approx(expected_values, abs=1e-4)
+
+
+def test_ranks_inside_and_outside_the_probed_top_entries():
+    """Ranks equal a full count whether the token is among the probed top entries or not,
+    with ties, for bf16 and float32 logits."""
+    from vbatch.engine.logprobs import RANK_PROBE, SampledLogprobs
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(64, 300).to(dtype)
+        logits[:, 10:20] = logits[:, 10:11]                   # ties
+        order = logits.float().argsort(dim=1, descending=True)
+        picks = [0, 1, RANK_PROBE - 1, RANK_PROBE, RANK_PROBE + 1, 150, 299]
+        tokens = torch.stack([order[r, picks[r % len(picks)]] for r in range(64)])
+        tokens[::9] = 10                                      # a tied token
+        table = SampledLogprobs(logits)
+        entries = table.entries(tokens, [r % 4 for r in range(64)])
+        full = torch.log_softmax(logits.float(), dim=-1)
+        for r, entry in enumerate(entries):
+            value = full[r, tokens[r]]
+            assert entry.rank == int((full[r] >= value).sum())
+            assert entry.logprob == pytest.approx(value.item(), abs=1e-6)
+            assert entry.top_logprobs == pytest.approx(full[r].topk(r % 4).values.tolist(),
+                                                       abs=1e-6)

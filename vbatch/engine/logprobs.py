@@ -21,28 +21,45 @@ from vbatch.engine.sequence import PromptLogprobs, SampleLogprobs
 PROMPT_CHUNK = 256
 
 
+#: Top entries every row's rank is first looked up in (see `_logprob_ranks_and_top`).
+RANK_PROBE = 8
+
+
 def _logprob_ranks_and_top(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int):
+    """Token logprobs, ranks and the top `num_top` of each row of `logprobs` [R, V].
+
+    A rank is a count over the whole vocabulary, an expensive pass; but a token that is more
+    likely than the row's RANK_PROBE-th most likely token (greedy picks always, sampled ones
+    nearly always) has its rank among the top entries, which the top-K lookup finds anyway.
+    Only the other rows are counted in full.
+    """
     token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    ranks = (logprobs >= token_logprobs.unsqueeze(1)).sum(dim=1)
-    if num_top > 0:
-        top_logprobs, top_ids = logprobs.topk(num_top, dim=1)
-    else:
-        top_logprobs = logprobs.new_empty((logprobs.shape[0], 0))
-        top_ids = torch.empty((logprobs.shape[0], 0), dtype=torch.int64, device=logprobs.device)
-    return token_logprobs, ranks, top_ids, top_logprobs
+    probe = min(max(num_top, RANK_PROBE), logprobs.shape[1])
+    top_logprobs, top_ids = logprobs.topk(probe, dim=1)
+    ranks = (top_logprobs >= token_logprobs.unsqueeze(1)).sum(dim=1)
+    counted = (token_logprobs <= top_logprobs[:, -1]).nonzero().squeeze(1)
+    if counted.numel():
+        rows = logprobs.index_select(0, counted)
+        ranks[counted] = (rows >= token_logprobs[counted].unsqueeze(1)).sum(dim=1)
+    return token_logprobs, ranks, top_ids[:, :num_top], top_logprobs[:, :num_top]
 
 
-def sampled_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor,
-                     num_top: list[int]) -> list[SampleLogprobs]:
-    """One `SampleLogprobs` per row of `raw_logits` [R, V] for its sampled `token_ids` [R],
-    with the row's own number of top alternatives `num_top[r]`."""
-    logprobs = torch.log_softmax(raw_logits.float(), dim=-1)
-    values, ranks, top_ids, top_values = _logprob_ranks_and_top(logprobs, token_ids,
-                                                                max(num_top))
-    values, ranks = values.tolist(), ranks.tolist()
-    top_ids, top_values = top_ids.tolist(), top_values.tolist()
-    return [SampleLogprobs(values[r], ranks[r], top_ids[r][:k], top_values[r][:k])
-            for r, k in enumerate(num_top)]
+class SampledLogprobs:
+    """Logprobs of a step's sample rows, taken from the raw logits before anything changes
+    them (penalties and grammar masks may then modify those logits in place)."""
+
+    def __init__(self, raw_logits: torch.Tensor):
+        self.logprobs = torch.log_softmax(raw_logits.float(), dim=-1)   # a new tensor
+
+    def entries(self, token_ids: torch.Tensor, num_top: list[int]) -> list[SampleLogprobs]:
+        """One `SampleLogprobs` per row for its sampled `token_ids` [R], with the row's own
+        number of top alternatives `num_top[r]`."""
+        values, ranks, top_ids, top_values = _logprob_ranks_and_top(self.logprobs, token_ids,
+                                                                    max(num_top))
+        values, ranks = values.tolist(), ranks.tolist()
+        top_ids, top_values = top_ids.tolist(), top_values.tolist()
+        return [SampleLogprobs(values[r], ranks[r], top_ids[r][:k], top_values[r][:k])
+                for r, k in enumerate(num_top)]
 
 
 def prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor],

@@ -7,7 +7,7 @@ from collections import deque
 import torch
 
 from vbatch.engine.attention import AttentionMetadata, allocate_kv_cache
-from vbatch.engine.logprobs import prompt_logprobs, sampled_logprobs
+from vbatch.engine.logprobs import SampledLogprobs, prompt_logprobs
 from vbatch.engine.penalties import apply_penalties
 from vbatch.engine.sampler import SamplingMetadata, sample
 from vbatch.engine.sequence import PromptLogprobs, ScheduledSequence, StepInput, StepOutput
@@ -95,7 +95,10 @@ class ModelRunner:
         else:
             rows = seqs
         want_logprobs = [r for r, s in enumerate(rows) if s.num_logprobs >= 0]
-        raw = logits[want_logprobs] if want_logprobs else None   # a copy: before the changes
+        raw = None
+        if want_logprobs:      # from the raw logits, before penalties and masks change them
+            raw = SampledLogprobs(logits if len(want_logprobs) == len(rows)
+                                  else logits[want_logprobs])
         penalised = [r for r, s in enumerate(rows) if s.history is not None]
         constrained = [r for r, s in enumerate(rows) if s.grammar_row >= 0]
         if penalised:
@@ -109,8 +112,8 @@ class ModelRunner:
         tokens = sample(logits, meta)
         sample_logprobs = None
         if raw is not None:
-            entries = sampled_logprobs(raw, tokens[want_logprobs],
-                                       [rows[r].num_logprobs for r in want_logprobs])
+            entries = raw.entries(tokens[want_logprobs],
+                                  [rows[r].num_logprobs for r in want_logprobs])
             sample_logprobs = [None] * len(rows)
             for r, entry in zip(want_logprobs, entries):
                 sample_logprobs[r] = entry
