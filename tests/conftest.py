@@ -7,6 +7,7 @@ template, generate, detokenize) runs on CPU in well under a second per test.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # paths of the kernels stay tested. Read by libgomp when torch loads: set before any import of
 # torch here (and inherited by every process a test starts).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A suite started in the background of a non-interactive shell (`.ci/run &`, nohup) inherits
+# SIGINT ignored, and so would every job a test starts: the Ctrl-C tests would then fail (the
+# job never sees the signal) and leave their jobs running. Give the tests, and the processes
+# they start, the default Ctrl-C of a foreground run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
