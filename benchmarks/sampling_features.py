@@ -72,10 +72,13 @@ def timed(llm, prompts, params) -> tuple[float, int, list]:
 
 
 def pair(llm, prompts, params_a, params_b, name: str) -> dict:
-    """Best of two alternating runs of each side: tok/s and the ratio b / a (printed)."""
+    """Best of three alternating runs of each side, after one unmeasured run of each (warm
+    caches and allocator): tok/s and the ratio b / a (printed)."""
+    timed(llm, prompts, params_a)
+    timed(llm, prompts, params_b)
     best = {"a": 0.0, "b": 0.0}
     tokens = {}
-    for _ in range(2):
+    for _ in range(3):
         for side, params in (("a", params_a), ("b", params_b)):
             seconds, num_tokens, _ = timed(llm, prompts, params)
             best[side] = max(best[side], num_tokens / seconds)

@@ -220,7 +220,52 @@ def test_logprobs_penalties_and_samples_equal_across_tp_pp(tmp_path_factory, par
     assert values == pytest.approx(expected_values, abs=1e-4)
 
 
-def test_ranks_inside_and_outside_the_probed_top_entries():
+@pytest.fixture(params=["native", "torch"])
+def logprob_path(request, monkeypatch):
+    """Run a test with the native CPU kernel's statistics and with the PyTorch ops'."""
+    from vbatch.engine import logprobs
+    if request.param == "torch":
+        monkeypatch.setattr(logprobs, "cpu_kernels_for", lambda device, dtype: None)
+    elif logprobs.cpu_kernels_for(torch.device("cpu"), torch.float32) is None:
+        pytest.skip("native CPU kernels unavailable")
+    return request.param
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 16, 300, 4099])
+def test_logprob_stats_equal_log_softmax_and_a_stable_sort(vocab, logprob_path):
+    """Top entries (ids and values; the lower id first among ties, as a stable sort orders
+    them) and the normaliser equal torch's log_softmax, for float32 and bf16 rows."""
+    from vbatch.engine.logprobs import LogprobStats
+    torch.manual_seed(vocab)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(7, vocab) * 4).to(dtype)
+        logits[:, vocab // 2:] = logits[:, :1]                  # many ties, some at the top
+        logits[3] = -1e4                                        # a flat row
+        probe = min(8, vocab)
+        stats = LogprobStats.of(logits, 8)
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = expected.sort(dim=1, descending=True, stable=True)
+        assert torch.allclose(stats.top_logprobs, values[:, :probe], atol=1e-5)
+        if logprob_path == "native":       # torch.topk orders tied entries its own way
+            assert stats.top_ids.tolist() == ids[:, :probe].tolist()
+        rebuilt = (logits.float() - stats.maxima.unsqueeze(1)) - stats.log_sums.unsqueeze(1)
+        assert torch.allclose(rebuilt, expected, atol=1e-5)
+
+
+def test_logprob_stats_of_a_row_with_nan(logprob_path):
+    """A NaN never enters the top entries and makes the row's normaliser NaN (as it makes
+    log_softmax's output); other rows are unaffected."""
+    from vbatch.engine.logprobs import LogprobStats
+    logits = torch.arange(40, dtype=torch.float32).reshape(2, 20)
+    logits[0, 19] = float("nan")
+    stats = LogprobStats.of(logits, 3)
+    assert math.isnan(stats.log_sums[0].item()) and not math.isnan(stats.log_sums[1].item())
+    if logprob_path == "native":
+        assert stats.top_ids[0].tolist() == [18, 17, 16]
+    assert stats.top_ids[1].tolist() == [19, 18, 17]
+
+
+def test_ranks_inside_and_outside_the_probed_top_entries(logprob_path):
     """Ranks equal a full count whether the token is among the probed top entries or not,
     with ties, for bf16 and float32 logits."""
     from vbatch.engine.logprobs import RANK_PROBE, SampledLogprobs
@@ -232,7 +277,7 @@ def test_ranks_inside_and_outside_the_probed_top_entries():
         picks = [0, 1, RANK_PROBE - 1, RANK_PROBE, RANK_PROBE + 1, 150, 299]
         tokens = torch.stack([order[r, picks[r % len(picks)]] for r in range(64)])
         tokens[::9] = 10                                      # a tied token
-        table = SampledLogprobs(logits)
+        table = SampledLogprobs(logits, 3)
         entries = table.entries(tokens, [r % 4 for r in range(64)])
         full = torch.log_softmax(logits.float(), dim=-1)
         for r, entry in enumerate(entries):

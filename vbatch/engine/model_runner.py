@@ -95,12 +95,15 @@ class ModelRunner:
         else:
             rows = seqs
         want_logprobs = [r for r, s in enumerate(rows) if s.num_logprobs >= 0]
-        raw = None
-        if want_logprobs:      # from the raw logits, before penalties and masks change them
-            raw = SampledLogprobs(logits if len(want_logprobs) == len(rows)
-                                  else logits[want_logprobs])
         penalised = [r for r, s in enumerate(rows) if s.history is not None]
         constrained = [r for r, s in enumerate(rows) if s.grammar_row >= 0]
+        raw = None
+        if want_logprobs:      # from the raw logits, before penalties and masks change them
+            max_top = max(rows[r].num_logprobs for r in want_logprobs)
+            if len(want_logprobs) == len(rows):
+                raw = SampledLogprobs(logits, max_top, bool(penalised or constrained))
+            else:
+                raw = SampledLogprobs(logits[want_logprobs], max_top)   # a copy already
         if penalised:
             logits = logits.float()
             apply_penalties(logits, penalised, [rows[r] for r in penalised])

@@ -37,7 +37,7 @@ from vbatch.env import CPU_KERNELS
 logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent
-SOURCES = ("cpu_attention.c", "cpu_ops.c")
+SOURCES = ("cpu_attention.c", "cpu_ops.c", "cpu_logprobs.c")
 HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 LIBRARY_NAME = "libvbatch_cpu.so"
@@ -50,6 +50,7 @@ _WRITE_ARGS = [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64,
 _RMS_NORM_ARGS = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _f32, _int]
 _SILU_ARGS = [_ptr, _i64, _ptr, _i64, _i64, _i64, _int]
 _ROTARY_ARGS = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+_LOGPROB_STATS_ARGS = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int]
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -112,6 +113,7 @@ class CpuKernels:
         self._rms_norm = _typed(lib, "vbatch_rms_norm", _RMS_NORM_ARGS)
         self._silu_and_mul = _typed(lib, "vbatch_silu_and_mul", _SILU_ARGS)
         self._rotary = _typed(lib, "vbatch_rotary", _ROTARY_ARGS)
+        self._logprob_stats = _typed(lib, "vbatch_logprob_stats", _LOGPROB_STATS_ARGS)
 
     @staticmethod
     def supports(dtype: torch.dtype, head_dim: int | None = None) -> bool:
@@ -160,6 +162,25 @@ class CpuKernels:
         self._rotary[x.dtype](x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(),
                               sin.data_ptr(), x.shape[0], num_heads, head_dim,
                               torch.get_num_threads())
+
+    def logprob_stats(self, logits: torch.Tensor, num_top: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of logits [R, V]: (max [R], log_sum [R], top_ids [R, k], top_values [R, k]),
+        log_sum = log(sum exp(x - max)), the k = `num_top` (<= V) largest raw values largest
+        first, lower index first among ties (see cpu_logprobs.c)."""
+        _check_dtype(logits.dtype)
+        rows, vocab = logits.shape
+        _check_rows(logits, vocab, logits.dtype)
+        if not 1 <= num_top <= vocab:
+            raise ValueError(f"logprob_stats: num_top must be in [1, {vocab}], got {num_top}")
+        maxima, log_sums = torch.empty(rows), torch.empty(rows)
+        top_ids = torch.empty((rows, num_top), dtype=torch.int64)
+        top_values = torch.empty((rows, num_top))
+        self._logprob_stats[logits.dtype](
+            logits.data_ptr(), logits.stride(0), rows, vocab, num_top, maxima.data_ptr(),
+            log_sums.data_ptr(), top_ids.data_ptr(), top_values.data_ptr(),
+            torch.get_num_threads())
+        return maxima, log_sums, top_ids, top_values
 
     def write_kv_cache(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
