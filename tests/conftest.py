@@ -98,6 +98,28 @@ def save_tiny_model(path: Path, kind: str, *, seed: int = 0) -> Path:
     return path
 
 
+def save_tp3_llama(path: Path) -> Path:
+    """A tiny random LLaMA whose 6 query / 3 KV heads split over tp=3 (and 4 layers over
+    pp=2), with the tiny tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192,
+                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """kind -> directory, for every tiny architecture the engine supports."""

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tokenizer
+from conftest import save_tp3_llama
 
 from vbatch import LLM, SamplingParams
 
@@ -168,29 +168,11 @@ def test_presence_and_frequency_penalties(tiny_models):
     assert changed, "the penalties never changed a greedy output: the test proves nothing"
 
 
-def _save_tp3_llama(path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    tokenizer = build_tokenizer()
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192,
-                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3,
-                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0, 0.2)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 3},
                                       {"pipeline_parallel_size": 2}])
 def test_logprobs_penalties_and_samples_equal_across_tp_pp(tmp_path_factory, parallel):
-    path = _save_tp3_llama(tmp_path_factory.mktemp("tp3-llama"))
+    path = save_tp3_llama(tmp_path_factory.mktemp("tp3-llama"))
     params = SamplingParams(temperature=0.9, seed=5, max_tokens=6, ignore_eos=True, n=2,
                             logprobs=2, prompt_logprobs=1, repetition_penalty=1.2,
                             frequency_penalty=0.3)

@@ -1,4 +1,4 @@
-"""The `vbatch` command line: a Click group with `run`.
+"""The `vbatch` command line: a Click group with `run` (and `eval`, imported when used).
 
 Exit codes: 0 success; 2 for anything the user can fix (a click usage error, or any `ValueError`,
 which includes `VBatchUsageError`/`InputError`, from config loading or from the job); 3 when more
@@ -8,6 +8,7 @@ the traceback. Importing this module stays light (no torch): the runner is impor
 """
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import threading
@@ -63,7 +64,25 @@ def is_debug_enabled() -> bool:
         return False
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _LazyGroup(click.Group):
+    """A group whose other commands are imported only when run (or listed by --help): they
+    pull in heavy libraries (lm-eval, the server), and their modules import this one."""
+
+    #: command name -> "module:attribute" of its click command
+    lazy_commands = {"eval": "vbatch.eval.cli:eval_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy_commands and name not in self.commands:
+            module, _, attribute = self.lazy_commands[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "--version",
     is_flag=True,
@@ -75,11 +94,11 @@ def is_debug_enabled() -> bool:
 def main() -> None:
     """vbatch: batch (offline) LLM inference jobs. Datasets in, Parquet out.
 
-    Run `vbatch run -h` for the options of a job.
+    Run `vbatch run -h` for the options of a job, `vbatch eval -h` for lm-evaluation-harness.
     """
 
 
-def _click_parameter(declared: DeclaredOption) -> click.Parameter:
+def click_parameter(declared: DeclaredOption) -> click.Parameter:
     """The click argument/option of one declared job option (its type, default, spellings,
     env var and help all come from the declaration)."""
     spec, name = declared.spec, declared.name
@@ -138,9 +157,9 @@ def run_command(ctx: click.Context, **params: Any) -> None:
 
 # INPUT first, then --config, every declared job option, --dry-run and --quiet.
 _config_param, *_cli_only_params = run_command.params
-run_command.params = [*[_click_parameter(d) for d in JOB_OPTIONS if d.spec.cli_argument],
+run_command.params = [*[click_parameter(d) for d in JOB_OPTIONS if d.spec.cli_argument],
                       _config_param,
-                      *[_click_parameter(d) for d in JOB_OPTIONS if not d.spec.cli_argument],
+                      *[click_parameter(d) for d in JOB_OPTIONS if not d.spec.cli_argument],
                       *_cli_only_params]
 
 
