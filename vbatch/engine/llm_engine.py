@@ -44,7 +44,9 @@ class LLMEngine:
     """Owns the tokenizer, scheduler and executor of one model replica.
 
     Use `add_request` for each prompt and call `step` until `has_unfinished_requests` is False;
-    `step` returns the requests that finished in that step.
+    `step` returns the requests that finished in that step (and, for requests added with
+    `stream=True`, a cumulative snapshot of each one it advanced, `finished=False`).
+    `abort_request` removes a request wherever it is and frees its KV blocks.
 
     With pipeline parallelism (pp > 1) the engine runs pp virtual engines, as vLLM does: the
     requests and the KV blocks are split among them, and each keeps one step in flight, so
@@ -120,17 +122,7 @@ class LLMEngine:
         return self.virtual_engines[0].scheduler
 
     def _derive_max_model_len(self) -> int:
-        limits = [getattr(self.hf_config, name) for name in
-                  ("max_position_embeddings", "n_positions") if getattr(self.hf_config, name, None)]
-        model_limit = min(limits) if limits else None
-        wanted = self.config.max_model_len
-        if wanted is None:
-            if model_limit is None:
-                raise ValueError("the model config gives no maximum length; pass max_model_len")
-            return model_limit
-        if model_limit is not None and wanted > model_limit:
-            raise ValueError(f"max_model_len={wanted} exceeds the model's maximum of {model_limit}")
-        return wanted
+        return derive_max_model_len(self.hf_config, self.config.max_model_len)
 
     def _eos_token_ids(self, model_dir: Path) -> set[int]:
         ids: set[int] = set()
@@ -208,11 +200,13 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     sampling_params: SamplingParams, *, prompt: str | None = None,
-                    row_key: str | None = None, seed: int | None = None) -> None:
+                    row_key: str | None = None, seed: int | None = None,
+                    stream: bool = False) -> None:
         """Queue one prompt. `row_key` (default: request_id) and `seed` (default: the params'
-        seed, else the engine's) fix its random draws. Raises ValueError for a prompt that
-        cannot run, and `StructuredOutputError` (a ValueError) for a structured-output spec
-        that does not compile."""
+        seed, else the engine's) fix its random draws. `stream`: `step` also returns the
+        request's output so far after each step that advanced it (cumulative, finished=False).
+        Raises ValueError for a prompt that cannot run, and `StructuredOutputError` (a
+        ValueError) for a structured-output spec that does not compile."""
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt is empty")
@@ -236,7 +230,23 @@ class LLMEngine:
         seq.grammar = grammar
         target = min(self.virtual_engines, key=lambda ve: ve.scheduler.num_unfinished)
         target.scheduler.add(seq)
-        self.output_processor.add(seq)
+        self.output_processor.add(seq, stream=stream)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Remove a request (all its samples) wherever it is: waiting, running, or in a step in
+        flight (whose result then skips it); its KV blocks are freed now. Returns False when
+        no such request is unfinished (already finished, aborted, or never added)."""
+        if not self.output_processor.abort(request_id):
+            return False
+        for ve in self.virtual_engines:
+            ve.scheduler.abort_request(request_id)
+        return True
+
+    @property
+    def num_free_kv_blocks(self) -> int:
+        """KV blocks not held by any sequence, over all virtual engines (cached prefix blocks
+        no sequence uses count as free): back to its initial value when the engine is idle."""
+        return sum(ve.scheduler.block_manager.num_free_blocks for ve in self.virtual_engines)
 
     def _stop_checker(self, params: SamplingParams) -> StopChecker:
         return StopChecker(self.tokenizer, params, self.eos_token_ids, self.max_model_len)
@@ -251,7 +261,10 @@ class LLMEngine:
         return self._grammars
 
     def has_unfinished_requests(self) -> bool:
-        return any(ve.scheduler.has_unfinished() for ve in self.virtual_engines)
+        """True while a request is unfinished or a step is in flight (one whose requests were
+        all aborted still has to be collected)."""
+        return bool(self._in_flight) or any(ve.scheduler.has_unfinished()
+                                            for ve in self.virtual_engines)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -280,7 +293,7 @@ class LLMEngine:
         (scheduled, pending), ve.in_flight = ve.in_flight, None
         if scheduled.is_prefill:
             self.num_prefill_tokens += sum(s.num_tokens - s.num_computed_tokens
-                                           for s in scheduled.seqs)
+                                           for s in scheduled.seqs if not s.is_finished)
         return self.output_processor.process(ve.scheduler, scheduled, pending.driver_result())
 
     def _step_input(self, scheduled: SchedulerOutput) -> StepInput:
@@ -320,3 +333,18 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the workers (idempotent)."""
         self.executor.shutdown()
+
+
+def derive_max_model_len(hf_config, wanted: int | None) -> int:
+    """The engine's max_model_len: `wanted`, or the model config's own maximum; a `wanted`
+    beyond the model's maximum raises ValueError."""
+    limits = [getattr(hf_config, name) for name in
+              ("max_position_embeddings", "n_positions") if getattr(hf_config, name, None)]
+    model_limit = min(limits) if limits else None
+    if wanted is None:
+        if model_limit is None:
+            raise ValueError("the model config gives no maximum length; pass max_model_len")
+        return model_limit
+    if model_limit is not None and wanted > model_limit:
+        raise ValueError(f"max_model_len={wanted} exceeds the model's maximum of {model_limit}")
+    return wanted

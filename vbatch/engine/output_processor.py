@@ -6,6 +6,12 @@ blocks shared through `BlockManager.fork`); then each sample appends its token, 
 token's logprob, advances its grammar matcher and is checked for a stop. A request is returned
 (one `RequestOutput`, its completions in sample order) when all of its samples have finished.
 A grammar that has reached its end finishes its sample with "stop".
+
+A request added with `stream=True` is also returned after every step that advanced it, as a
+cumulative snapshot (`finished=False`; each completion's text, tokens and logprobs so far,
+`finish_reason` None until that sample ends; see `StopChecker.partial_text`). An aborted
+request is forgotten at once; its sequences in a step still in flight are skipped when that
+step's result arrives (the scheduler marked them finished).
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ class RequestState:
     num_finished: int = 0
     prompt_token_logprobs: list[TokenLogprob | None] | None = None
     stop_checkers: dict[int, StopChecker] = field(default_factory=dict)
+    stream: bool = False
+    samples: list[Sequence] = field(default_factory=list)     # by sample index
 
 
 class OutputProcessor:
@@ -61,22 +69,31 @@ class OutputProcessor:
         self.requests: dict[str, RequestState] = {}
         self.num_prompt_prefills = 0
 
-    def add(self, seq: Sequence) -> None:
-        """Track a new request (its sample 0)."""
+    def add(self, seq: Sequence, *, stream: bool = False) -> None:
+        """Track a new request (its sample 0); `stream`: return snapshots as it advances."""
         n = seq.sampling_params.n
         state = RequestState(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens],
-                             [None] * n)
+                             [None] * n, stream=stream, samples=[seq])
         state.stop_checkers[seq.seq_id] = self.make_stop_checker(seq.sampling_params)
         self.requests[seq.request_id] = state
+
+    def abort(self, request_id: str) -> bool:
+        """Forget a request (the scheduler removes its sequences); False if it is unknown."""
+        return self.requests.pop(request_id, None) is not None
 
     def process(self, scheduler: Scheduler, scheduled: SchedulerOutput,
                 result: StepOutput) -> list[RequestOutput]:
         """Apply one step's `result` to its sequences; return the requests that finished."""
         finished: list[RequestOutput] = []
+        streamed: dict[str, RequestState] = {}
         logprobs = result.logprobs
         for index, seq in enumerate(scheduled.seqs):
+            if seq.is_finished:     # aborted while this step was in flight
+                continue
             seq.num_computed_tokens = seq.num_tokens
             state = self.requests[seq.request_id]
+            if state.stream:
+                streamed[state.request_id] = state
             if result.prompt_logprobs and index in result.prompt_logprobs:
                 state.prompt_token_logprobs = self._prompt_entries(
                     state.prompt_token_ids, result.prompt_logprobs[index])
@@ -95,7 +112,28 @@ class OutputProcessor:
                 output = self._append(scheduler, state, sample, token_id, entry)
                 if output is not None:
                     finished.append(output)
+        finished.extend(self._snapshot(state) for state in streamed.values()
+                        if self.requests.get(state.request_id) is state)
         return finished
+
+    def _snapshot(self, state: RequestState) -> RequestOutput:
+        """A streamed request's output so far (see module docstring)."""
+        outputs = []
+        for sample in state.samples:
+            done = state.completions[sample.sample_index]
+            if done is not None:
+                outputs.append(done)
+                continue
+            checker = state.stop_checkers[sample.seq_id]
+            entries = sample.token_logprobs
+            outputs.append(CompletionOutput(
+                index=sample.sample_index, text=checker.partial_text(sample),
+                token_ids=sample.generated_token_ids, finish_reason=None,
+                cumulative_logprob=None if entries is None else sample.cumulative_logprob,
+                token_logprobs=None if entries is None else list(entries)))
+        return RequestOutput(request_id=state.request_id, prompt=state.prompt,
+                             prompt_token_ids=state.prompt_token_ids, outputs=outputs,
+                             finished=False, prompt_token_logprobs=state.prompt_token_logprobs)
 
     def _fork(self, scheduler: Scheduler, state: RequestState, parent: Sequence,
               num_samples: int) -> list[Sequence]:
@@ -107,6 +145,7 @@ class OutputProcessor:
             if parent.grammar is not None:
                 child.grammar = self.new_matcher(parent.sampling_params)
             scheduler.add_running(child)
+            state.samples.append(child)
             state.stop_checkers[child.seq_id] = self.make_stop_checker(parent.sampling_params)
             children.append(child)
         return children

@@ -77,7 +77,7 @@ class SamplingParams:
     seed: int | None = option(None, checks=at_least(0, UINT64_MAX), in_job=False, per_row=True,
                               help="This request's seed (None: the engine's).")
     stop: str | list[str] | None = option(
-        None, checks=non_empty_strings, job_default_factory=list, metavar="STR",
+        None, per_row=True, checks=non_empty_strings, job_default_factory=list, metavar="STR",
         help="Stop generating a row when this string appears (repeatable).")
     stop_token_ids: list[int] | None = option(None, in_job=False,
                                               help="Token ids that end generation.")
@@ -85,11 +85,11 @@ class SamplingParams:
                                     job_default=256,
                                     help="Maximum number of tokens to generate per row.")
     logprobs: int | None = option(
-        None, checks=at_least(0, MAX_LOGPROBS), metavar="K",
+        None, per_row=True, checks=at_least(0, MAX_LOGPROBS), metavar="K",
         help="Return each generated token's logprob and rank and the K most likely "
              f"alternatives (0-{MAX_LOGPROBS}); log-softmax of the raw logits in float32.")
     prompt_logprobs: int | None = option(
-        None, checks=at_least(0, MAX_LOGPROBS), metavar="K",
+        None, per_row=True, checks=at_least(0, MAX_LOGPROBS), metavar="K",
         help="Return the same for every prompt token (the first is null): what loglikelihood "
              f"scoring needs (0-{MAX_LOGPROBS}).")
     repetition_penalty: float = option(
@@ -105,7 +105,8 @@ class SamplingParams:
         None, checks=_is_structured_outputs, in_job=False,
         help="Constrain the output to a choice, regex, JSON schema or grammar.")
     ignore_eos: bool = option(
-        False, help="Keep generating after the end-of-sequence token (until --max-tokens).")
+        False, per_row=True,
+        help="Keep generating after the end-of-sequence token (until --max-tokens).")
     include_stop_str_in_output: bool = option(
         False, help="Keep the stop string (--stop) that ended a row at the end of its text.")
     skip_special_tokens: bool = option(True, in_job=False,

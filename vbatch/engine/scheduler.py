@@ -127,6 +127,20 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def abort_request(self, request_id: str) -> list[Sequence]:
+        """Remove every sequence of `request_id` (waiting or running), free their blocks and
+        mark them finished; returns them. A sequence of a step still in flight may be
+        removed: that step's result skips finished sequences, and its blocks are reused only
+        by this scheduler's next step, which the workers run after the one in flight."""
+        removed = [seq for queue in (self.waiting, self.running) for seq in queue
+                   if seq.request_id == request_id]
+        for seq in removed:
+            queue = self.running if seq.status is SequenceStatus.RUNNING else self.waiting
+            queue.remove(seq)
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED
+        return removed
+
     def finish(self, seq: Sequence) -> None:
         """Remove a finished sequence from the running queue and free its blocks."""
         seq.status = SequenceStatus.FINISHED

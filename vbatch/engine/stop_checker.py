@@ -63,6 +63,16 @@ class StopChecker:
         return self.tokenizer.decode(seq.generated_token_ids,
                                      skip_special_tokens=self.params.skip_special_tokens)
 
+    def partial_text(self, seq: Sequence) -> str:
+        """The text so far as a stream may show it: it never shrinks later, so the tail that
+        could still become a stop string (cut from the final text) and an incomplete UTF-8
+        character at the end (decoded as U+FFFD until its last byte arrives) are held back."""
+        text = self._decode(seq)
+        if self.params.stop_strings and not self.params.include_stop_str_in_output:
+            hold_back = max(len(s) for s in self.params.stop_strings) - 1
+            text = text[:max(0, len(text) - hold_back)]
+        return text.rstrip("\ufffd")
+
     def final_text(self, seq: Sequence) -> str:
         """The completion text (cut at the stop string when one ended it)."""
         text = self._decode(seq)

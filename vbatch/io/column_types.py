@@ -58,8 +58,8 @@ def _lossless(source: pa.DataType, target: pa.DataType) -> bool:
     """True when every value of type `source` converts to `target` and reads back unchanged."""
     if source.equals(target) or pa.types.is_null(source):
         return True
-    if is_mixed_text(target):
-        return is_plain_text(source)
+    if is_mixed_text(target):     # a list becomes its JSON text (io/mixed_text.py)
+        return is_plain_text(source) or _is_variable_list(source)
     if is_plain_text(source) and is_plain_text(target):
         return True
     if _is_binary(source) and _is_binary(target):

@@ -30,6 +30,14 @@ from vbatch.io.column_types import unify_input_schemas
 from vbatch.io.csv_quoting import check_csv_quoting
 from vbatch.io.jsonl import jsonl_tables
 from vbatch.io.mixed_text import is_mixed_text
+from vbatch.io.openai_batch import (
+    OPENAI,
+    is_openai_batch_schema,
+    looks_like_openai_batch,
+    openai_batch_batches,
+    openai_batch_schema,
+)
+from vbatch.io.schema import MIXED_COLUMNS
 from vbatch.io.text_lines import invalid_utf8_line
 
 PARQUET_SUFFIXES = (".parquet",)
@@ -158,10 +166,39 @@ def _arrow_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
 # --- one file's schema and batches; row counts -----------------------------------------------
 
 
+def detect_input_format(files: Sequence[Path], requested: str) -> str:
+    """"rows" or "openai" (OpenAI batch files, io/openai_batch.py) for the job's `files`:
+    `requested` unless "auto", then "openai" when every file is a JSON lines file that looks
+    like one. Raises InputError when "openai" is asked of a file that is not JSON lines, or
+    "auto" finds batch files and row files together."""
+    if requested == "rows":
+        return "rows"
+    jsonl = [path for path in files if path.suffix.lower() in JSONL_SUFFIXES]
+    if requested == OPENAI:
+        other = next((path for path in files if path not in jsonl), None)
+        if other is not None:
+            raise InputError(f"{other}: --input-format openai reads JSON lines files "
+                             f"(.jsonl), not {other.suffix or 'a file without a suffix'}")
+        return OPENAI
+    batch_files = []
+    for path in jsonl:
+        with input_errors(path):
+            if looks_like_openai_batch(path):
+                batch_files.append(path)
+    if not batch_files:
+        return "rows"
+    other = next((path for path in files if path not in batch_files), None)
+    if other is not None:
+        raise InputError(f"{batch_files[0]} is an OpenAI batch file but {other} is not; run "
+                         "them as separate jobs (or pass --input-format rows)")
+    return OPENAI
+
+
 def file_schema(path: Path, *, text_columns: Sequence[str], exact: bool,
                 prompt_column: str | None = None, csv_infer_types: bool = False,
-                allow_promotion: bool = False) -> pa.Schema | None:
+                allow_promotion: bool = False, input_format: str = "rows") -> pa.Schema | None:
     """The schema `file_batches` yields for `path`, or None for an empty text file.
+    `input_format` "openai": the file is an OpenAI batch file (`OPENAI_BATCH_SCHEMA`).
 
     CSV cells are read as text unless `csv_infer_types`; then `text_columns` are still read as
     strings (never inferred as numbers). A JSON lines `prompt_column` whose values are not all
@@ -170,6 +207,9 @@ def file_schema(path: Path, *, text_columns: Sequence[str], exact: bool,
     `unify_input_schemas`; `allow_promotion` promotes them). Raises InputError (one line,
     naming the file) on unreadable or malformed data.
     """
+    if input_format == OPENAI:
+        with input_errors(path):
+            return openai_batch_schema(path)
     with input_errors(path), _csv_utf8_errors(path):
         schema = _read_file_schema(path, text_columns=text_columns, exact=exact,
                                    prompt_column=prompt_column, csv_infer_types=csv_infer_types,
@@ -203,7 +243,9 @@ def _read_file_schema(path: Path, *, text_columns: Sequence[str], exact: bool,
 
 
 def _mixed_text_column(schema: pa.Schema) -> str | None:
-    return next((field.name for field in schema if is_mixed_text(field.type)), None)
+    """The prompt column that mixes types (the `MIXED_COLUMNS` may mix types in any file)."""
+    return next((field.name for field in schema if is_mixed_text(field.type)
+                 and field.name not in MIXED_COLUMNS), None)
 
 
 def file_batches(path: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -212,7 +254,9 @@ def file_batches(path: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.
     other formats yield their blocks as they come. Raises InputError on malformed data."""
     suffix = path.suffix.lower()
     with input_errors(path), _csv_utf8_errors(path):
-        if suffix in PARQUET_SUFFIXES:
+        if is_openai_batch_schema(schema):
+            yield from openai_batch_batches(path, batch_size)
+        elif suffix in PARQUET_SUFFIXES:
             with pq.ParquetFile(path) as parquet_file:
                 yield from parquet_file.iter_batches(batch_size=batch_size)
         elif suffix in ARROW_SUFFIXES:

@@ -6,6 +6,8 @@ pass through unchanged and one bad row never fails a file:
 - strings that look like dates stay strings (pyarrow would make them timestamps);
 - a prompt column whose values mix text with numbers, objects, ... (pyarrow refuses the whole
   chunk) is read as `MIXED_TEXT` (io/mixed_text.py): the other values become `not_text` rows;
+  so are the other columns a row may fill with a list or a string (`MIXED_COLUMNS`: token ids,
+  stop strings), whose bad cells become error rows;
 - errors name the file's real line, invalid UTF-8 included (pyarrow counts rows per chunk).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow.json as pa_json
 
 from vbatch.errors import InputError, one_line
 from vbatch.io.mixed_text import mixed_text_array
+from vbatch.io.schema import MIXED_COLUMNS
 from vbatch.io.text_lines import invalid_utf8_offset
 
 _JSON_ROW = re.compile(r" in row (\d+)")
@@ -59,7 +62,8 @@ def jsonl_chunks(path: Path, block_size: int) -> Iterator[tuple[int, bytes]]:
 def jsonl_tables(path: Path, *, block_size: int, prompt_column: str | None,
                  first_only: bool = False) -> Iterator[tuple[int, pa.Table]]:
     """Yield (first line, table) per non-blank chunk of `path` (only the first with
-    `first_only`). Raises InputError naming the file and line."""
+    `first_only`). `prompt_column` (and each of `MIXED_COLUMNS`) may mix types (read as
+    `MIXED_TEXT`). Raises InputError naming the file and line."""
     for first_line, chunk in jsonl_chunks(path, block_size):
         table = parse_jsonl_chunk(path, first_line, chunk, prompt_column)
         if table is not None:
@@ -87,11 +91,20 @@ def parse_jsonl_chunk(path: Path, first_line: int, chunk: bytes,
         return _text_dates(_read(chunk), chunk)
     except pa.ArrowException as error:
         message = one_line(error, _MESSAGE_LIMIT)
-        changed = _CHANGED_TYPE.search(message)
-        if (prompt_column is not None and changed
-                and changed.group(1) == prompt_column.replace("~", "~0").replace("/", "~1")):
-            return _with_mixed_prompt(path, first_line, chunk, prompt_column)
+        mixable = {*MIXED_COLUMNS, *([prompt_column] if prompt_column is not None else [])}
+        changed = _changed_column(message)
+        if changed in mixable:
+            return _with_mixed_columns(path, first_line, chunk, mixable, {changed})
         raise _located(path, first_line, chunk, message) from None
+
+
+def _changed_column(message: str) -> str | None:
+    """The top-level column whose type changed within a chunk, from pyarrow's message (a JSON
+    pointer: `/prompt_token_ids/[]` names `prompt_token_ids`)."""
+    changed = _CHANGED_TYPE.search(message)
+    if not changed:
+        return None
+    return changed.group(1).split("/")[0].replace("~1", "/").replace("~0", "~")
 
 
 def _read(chunk: bytes, schema: pa.Schema | None = None) -> pa.Table:
@@ -132,30 +145,35 @@ def _located(path: Path, first_line: int, chunk: bytes, message: str) -> InputEr
     return InputError(f"{path}: line {line}: {message}")
 
 
-def _with_mixed_prompt(path: Path, first_line: int, chunk: bytes,
-                       prompt_column: str) -> pa.Table:
-    """Parse a chunk whose prompt values are not all text: each line with Python's json, the
-    prompts set aside and replaced by "" for pyarrow, then put back as `MIXED_TEXT`."""
-    prompts: list[object] = []
-    lines: list[bytes] = []
+def _with_mixed_columns(path: Path, first_line: int, chunk: bytes, mixable: set[str],
+                        aside: set[str]) -> pa.Table:
+    """Parse a chunk whose values in the `aside` columns are not all of one type: each line
+    with Python's json, those values set aside and replaced by "" for pyarrow, then put back as
+    `MIXED_TEXT`; another `mixable` column that turns out to mix types too joins them."""
+    rows: list[dict] = []
     for number, line in enumerate(chunk.split(b"\n"), start=first_line):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except ValueError as error:
             raise InputError(f"{path}: line {number}: not valid JSON: "
                              f"{one_line(error, _MESSAGE_LIMIT)}") from None
-        prompts.append(row.get(prompt_column))
-        if prompt_column in row:
-            row[prompt_column] = ""
-        lines.append(json.dumps(row, ensure_ascii=False).encode())
-    rewritten = b"\n".join(lines) + b"\n"
-    try:
-        table = _read(rewritten)
-    except pa.ArrowException as error:
-        raise _located(path, first_line, chunk, one_line(error, _MESSAGE_LIMIT)) from None
-    table = _text_dates(table, rewritten)
-    index = table.schema.get_field_index(prompt_column)
-    return table.set_column(index, pa.field(prompt_column, mixed_text_array(prompts).type),
-                            [mixed_text_array(prompts)])
+    while True:
+        lines = [json.dumps({key: "" if key in aside else value for key, value in row.items()},
+                            ensure_ascii=False).encode() for row in rows]
+        rewritten = b"\n".join(lines) + b"\n"
+        try:
+            table = _text_dates(_read(rewritten), rewritten)
+            break
+        except pa.ArrowException as error:
+            message = one_line(error, _MESSAGE_LIMIT)
+            changed = _changed_column(message)
+            if changed not in mixable or changed in aside:
+                raise _located(path, first_line, chunk, message) from None
+            aside.add(changed)
+    for name in sorted(aside):
+        values = mixed_text_array([row.get(name) for row in rows])
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, pa.field(name, values.type), [values])
+    return table

@@ -65,7 +65,7 @@ class PartEntry(_Entry):
     @classmethod
     def _is_part_name(cls, name: str) -> str:
         if not PART_FILE_PATTERN.fullmatch(name):
-            raise ValueError(f"{name!r} is not a part file name (part-NNNNN.parquet)")
+            raise ValueError(f"{name!r} is not a part file name (part-NNNNN.parquet or .jsonl)")
         return name
 
     @model_validator(mode="after")

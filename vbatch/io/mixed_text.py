@@ -1,5 +1,5 @@
 """A prompt column whose JSON values are not all text: `{"prompt": "hi"}` on one line and
-`{"prompt": 42}` on another.
+`{"prompt": 42}` on another (or a `prompt_token_ids` / `stop` column mixing lists and text).
 
 pyarrow's JSON reader refuses such a block outright, which would fail a whole file for one bad
 row. The JSON lines reader reads that column as `MIXED_TEXT` instead: a dense union of the
@@ -36,9 +36,13 @@ def mixed_text_array(values: Sequence[object]) -> pa.Array:
 
 
 def to_mixed_text(array: pa.Array) -> pa.Array:
-    """A text (string, large string or null type) array as `MIXED_TEXT`, values unchanged."""
+    """A text (string, large string or null type) array as `MIXED_TEXT`, values unchanged; a
+    list array (a block of a JSON lines file whose other blocks mix lists and text) as the
+    JSON text of each list."""
     if is_mixed_text(array.type):
         return array
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        return mixed_text_array(array.to_pylist())
     codes = np.zeros(len(array), dtype=np.int8)
     return _union(codes, array.cast(pa.string()), pa.array([], pa.string()))
 

@@ -2,7 +2,8 @@
 
 Layout of a finished job directory::
 
-    part-00000.parquet  part-00001.parquet  ...   (at most rows_per_file rows each)
+    part-00000.parquet  part-00001.parquet  ...   (at most rows_per_file rows each; with
+                                                   --output-format openai part-00000.jsonl ...)
     _manifest.json                                 (the job's manifest plus the part list)
     _run_summary.json                              (counts, timings, plan, per-replica stats;
                                                     "_" so Parquet readers skip it)
@@ -33,10 +34,12 @@ from vbatch.io.output_lock import LOCK_FILE, OutputLock
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "_manifest.json"
 SUMMARY_FILE = "_run_summary.json"
-PART_FILE_PATTERN = re.compile(r"part-\d{5,}\.parquet")
+#: Part files: Parquet, or OpenAI batch output JSON lines (`--output-format openai`).
+PART_FILE_PATTERN = re.compile(r"part-\d{5,}\.(parquet|jsonl)")
+PART_SUFFIXES = (".parquet", ".jsonl")
 #: The temporary names (io/atomic.py) of the files above.
 TEMP_FILE_PATTERN = re.compile(
-    r"\.(part-\d{5,}\.parquet|_manifest\.json|_run_summary\.json|_SUCCESS)\.tmp")
+    r"\.(part-\d{5,}\.(parquet|jsonl)|_manifest\.json|_run_summary\.json|_SUCCESS)\.tmp")
 #: Created and removed again to check that a job's directory can be written.
 WRITE_PROBE_FILE = ".vbatch.write-probe"
 #: vbatch's files that say nothing about a job's output: never make a directory "not empty",
@@ -44,14 +47,17 @@ WRITE_PROBE_FILE = ".vbatch.write-probe"
 _BOOKKEEPING_FILES = (LOCK_FILE, WRITE_PROBE_FILE)
 
 
-def part_file_name(index: int) -> str:
-    """Name of the index-th part file: `part-00000.parquet`, `part-00001.parquet`, ..."""
-    return f"part-{index:05d}.parquet"
+def part_file_name(index: int, suffix: str = ".parquet") -> str:
+    """Name of the index-th part file: `part-00000.parquet`, `part-00001.parquet`, ... (or
+    `.jsonl` with that `suffix`)."""
+    if suffix not in PART_SUFFIXES:
+        raise ValueError(f"part files end in {' or '.join(PART_SUFFIXES)}, not {suffix!r}")
+    return f"part-{index:05d}{suffix}"
 
 
 def part_file_index(name: str) -> int:
     """The index of part file `name` (the inverse of `part_file_name`)."""
-    return int(name.removeprefix("part-").removesuffix(".parquet"))
+    return int(name.removeprefix("part-").split(".", 1)[0])
 
 
 def _is_vbatch_file(name: str) -> bool:

@@ -1,5 +1,8 @@
 """Arrow batches -> Parquet part files in a job directory, committed through the manifest.
 
+The same writer commits parts of another format (`write_part` + `suffix`: the OpenAI batch
+output JSON lines of `--output-format openai`), with the same protocol, names and manifest.
+
 `ParquetPartWriter` buffers rows and writes a part file (io/atomic.py: temporary name, fsync,
 rename) whenever `rows_per_file` rows are buffered; with `job_info` it rewrites the manifest
 after every part (a part is committed once the manifest lists it, io/manifest.py). `commit`
@@ -13,8 +16,10 @@ finds half a row's samples committed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +60,9 @@ class ParquetPartWriter:
     `abort()` drops buffered rows and temporary files and never writes `_SUCCESS`; complete
     part files stay. As a context manager: an exception aborts, a normal exit closes (the
     caller commits).
+
+    `write_part(table, file)` writes one part's rows to a binary file (default: Parquet with
+    `compression`), and `suffix` names its parts (`.parquet`, or `.jsonl`).
     """
 
     def __init__(
@@ -66,6 +74,8 @@ class ParquetPartWriter:
         compression: str = "zstd",
         existing_parts: list[dict] | None = None,
         job_info: dict | None = None,
+        write_part: Callable[[pa.Table, BinaryIO], None] | None = None,
+        suffix: str = ".parquet",
     ) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
@@ -76,6 +86,9 @@ class ParquetPartWriter:
         self.rows_per_file = rows_per_file
         self.schema = schema
         self.compression = compression
+        self._write_rows = write_part or self._write_parquet
+        self.suffix = suffix
+        part_file_name(0, suffix)      # checks the suffix
         self.job_info = job_info
         self._existing_parts = list(existing_parts or [])
         self._first_index = 1 + max(
@@ -158,9 +171,8 @@ class ParquetPartWriter:
         self._pending_positions = [positions[num_rows:]] if rest.num_rows else []
         self._num_pending = rest.num_rows
         final_path = self.directory.write_atomically(
-            part_file_name(self._first_index + len(self._part_files)),
-            lambda file: pq.write_table(table.slice(0, num_rows), file,
-                                        compression=self.compression))
+            part_file_name(self._first_index + len(self._part_files), self.suffix),
+            lambda file: self._write_rows(table.slice(0, num_rows), file))
         part_positions = positions[:num_rows]
         part = table.slice(0, num_rows)
         self._part_files.append(final_path)
@@ -172,6 +184,9 @@ class ParquetPartWriter:
             if part_positions.size and part_positions.min() >= 0 else None)
         if self.job_info is not None:   # the part is committed once the manifest lists it
             self._write_manifest({**self.job_info, "status": "running"})
+
+    def _write_parquet(self, table: pa.Table, file: BinaryIO) -> None:
+        pq.write_table(table, file, compression=self.compression)
 
     def _parts(self) -> list[dict]:
         parts = list(self._existing_parts)
@@ -219,8 +234,8 @@ class ParquetPartWriter:
         self._is_closed = self._is_finished = True
         if not self.directory.is_open:
             return            # already finished and its own directory closed
-        names = (part_file_name(self._first_index + len(self._part_files)), MANIFEST_FILE,
-                 SUCCESS_FILE)
+        names = (part_file_name(self._first_index + len(self._part_files), self.suffix),
+                 MANIFEST_FILE, SUCCESS_FILE)
         for name in names:  # only this writer's own temporary files
             self.directory.remove(temp_name_for(name))
         self._close_own_directory()

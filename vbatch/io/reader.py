@@ -22,21 +22,24 @@ import pyarrow as pa
 from vbatch.errors import InputError
 from vbatch.io import formats
 from vbatch.io.column_types import conform_batch, unify_input_schemas
+from vbatch.io.openai_batch import BODY, OPENAI, is_openai_batch_schema
 from vbatch.io.positions import POSITION_COLUMN, IntervalSet, position_array
 from vbatch.io.schema import check_input_schema
 
 
 def _scan(
     files: Sequence[Path], prompt_column: str, id_column: str, *, exact: bool,
-    csv_infer_types: bool, allow_type_promotion: bool,
+    csv_infer_types: bool, allow_type_promotion: bool, input_format: str = "rows",
 ) -> tuple[dict[Path, pa.Schema | None], pa.Schema]:
-    """Check every file's schema; return each file's own schema and the unified batch schema."""
+    """Check every file's schema; return each file's own schema and the unified batch schema.
+    `input_format` "openai": the files are OpenAI batch files (their prompts: `body`)."""
     if not files:
         raise InputError("no input files")
     file_schemas = {
         path: formats.file_schema(path, text_columns=(prompt_column, id_column), exact=exact,
                                   prompt_column=prompt_column, csv_infer_types=csv_infer_types,
-                                  allow_promotion=allow_type_promotion)
+                                  allow_promotion=allow_type_promotion,
+                                  input_format=input_format)
         for path in files
     }
     prompt_sources: dict[str, str] = {}
@@ -44,9 +47,8 @@ def _scan(
     for path, schema in file_schemas.items():
         if schema is None:
             continue  # an empty text file adds no rows and no columns
-        prompt_sources[str(path)] = check_input_schema(
-            schema, prompt_column=prompt_column, file=str(path)
-        )
+        prompt_sources[str(path)] = BODY if is_openai_batch_schema(schema) else \
+            check_input_schema(schema, prompt_column=prompt_column, file=str(path))
         if id_column not in schema.names:
             schema = pa.schema([pa.field(id_column, pa.string()), *schema])
         keyed_schemas[str(path)] = schema
@@ -65,13 +67,14 @@ def _scan(
 def validate_inputs(
     files: Sequence[Path], prompt_column: str = "prompt", *, id_column: str = "id",
     csv_infer_types: bool = False, allow_type_promotion: bool = False,
+    input_format: str = "rows",
 ) -> None:
     """Fail fast, before any model is loaded: check that every file is readable, holds the
     prompt column (or `messages`) and that all files' schemas can be unified (see
     `scan_inputs` for the two options). Cheap: reads Parquet/Arrow footers and the first block
     of each text file. Raises InputError."""
     _scan(list(files), prompt_column, id_column, exact=False, csv_infer_types=csv_infer_types,
-          allow_type_promotion=allow_type_promotion)
+          allow_type_promotion=allow_type_promotion, input_format=input_format)
 
 
 @dataclass(frozen=True)
@@ -82,20 +85,29 @@ class InputScan:
     file_schemas: dict[Path, pa.Schema | None]
     schema: pa.Schema
 
+    @property
+    def input_format(self) -> str:
+        """"openai" when the files are OpenAI batch files (io/openai_batch.py), else "rows"."""
+        schemas = [schema for schema in self.file_schemas.values() if schema is not None]
+        return OPENAI if schemas and all(map(is_openai_batch_schema, schemas)) else "rows"
+
 
 def scan_inputs(
     files: Sequence[Path], *, prompt_column: str = "prompt", id_column: str = "id",
     csv_infer_types: bool = False, allow_type_promotion: bool = False,
+    input_format: str = "rows",
 ) -> InputScan:
     """Learn every file's schema (reading large text files fully for their types) and unify
     them. Pass the result to `read_batches(scan=...)` so the files are not scanned twice.
 
     CSV cells are read as text unless `csv_infer_types`. A column whose type differs between
     files (or blocks of one text file) is refused unless the difference loses nothing
-    (`unify_input_schemas`) or `allow_type_promotion`. Raises InputError."""
+    (`unify_input_schemas`) or `allow_type_promotion`. `input_format` "openai": OpenAI batch
+    files (io/openai_batch.py; see `formats.detect_input_format`). Raises InputError."""
     return InputScan(*_scan(list(files), prompt_column, id_column, exact=True,
                             csv_infer_types=csv_infer_types,
-                            allow_type_promotion=allow_type_promotion))
+                            allow_type_promotion=allow_type_promotion,
+                            input_format=input_format))
 
 
 def input_schema(

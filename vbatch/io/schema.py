@@ -1,8 +1,12 @@
 """Column names and Arrow schemas of the tables vbatch reads and writes.
 
 Input rules: every input file holds the prompt column (plain text, name set by
-`--prompt-column`) or a `messages` column (a list of {role, content} chat turns). How the
-files' column types combine into one schema is io/column_types.py.
+`--prompt-column`), else a `messages` column (a list of {role, content} chat turns), else a
+`prompt_token_ids` column (a list of token ids, the prompt as vLLM's TokensPrompt; also by
+`--prompt-column prompt_token_ids`). How the files' column types combine into one schema is
+io/column_types.py. Integer `logprobs` / `prompt_logprobs` input columns are per-row requests
+(`REQUEST_COLUMNS`): they are not passed through, the output column of that name takes their
+place.
 
 Output rows are the input row (all its columns, the row key `id` included) followed by the
 generation columns in `OUTPUT_FIELDS`. A row that could not be generated (empty prompt, prompt
@@ -14,8 +18,9 @@ options and input schema, so every part file has one schema): `sample_index` (in
 after the input columns) when the job samples n > 1 completions per row or the input has an
 `n` column: one output row per sample, the input row's columns repeated, sample_index 0..n-1,
 the samples of a row adjacent (an error row is one row with sample_index null);
-`cumulative_logprob` (float64) and `logprobs` with `--logprobs`, `prompt_logprobs` with
-`--prompt-logprobs` (see `LOGPROBS_TYPE`; the first prompt token's entry is null).
+`cumulative_logprob` (float64) and `logprobs` with `--logprobs` or a per-row `logprobs` input
+column, `prompt_logprobs` with `--prompt-logprobs` or a per-row `prompt_logprobs` column (see
+`LOGPROBS_TYPE`; the first prompt token's entry is null; null on rows that did not ask).
 """
 
 from __future__ import annotations
@@ -42,9 +47,21 @@ SAMPLE_INDEX = "sample_index"
 CUMULATIVE_LOGPROB = "cumulative_logprob"
 LOGPROBS = "logprobs"
 PROMPT_LOGPROBS = "prompt_logprobs"
+#: The response body (JSON text: a ChatCompletion or Completion) of an OpenAI batch request.
+RESPONSE = "response"
 #: The input column of per-row sample counts (SamplingParams.n): its presence adds
 #: `sample_index` to the output.
 N_COLUMN = "n"
+#: The prompt as token ids (a list of ints per row), used when there is no text prompt column.
+TOKEN_IDS_COLUMN = "prompt_token_ids"
+#: Per-row stop strings: one string or a list of strings a row.
+STOP_COLUMN = "stop"
+#: Input columns a JSON lines row may fill with a list or a string alike (read as MIXED_TEXT
+#: when a file mixes them, io/mixed_text.py; a bad cell is its row's error).
+MIXED_COLUMNS: tuple[str, ...] = (TOKEN_IDS_COLUMN, STOP_COLUMN)
+#: Integer input columns that ask for per-row logprobs and are replaced in the output by the
+#: column of the same name (the logprobs themselves).
+REQUEST_COLUMNS: tuple[str, ...] = (LOGPROBS, PROMPT_LOGPROBS)
 
 #: Columns vbatch appends to every input row, in order.
 OUTPUT_FIELDS: tuple[pa.Field, ...] = (
@@ -61,11 +78,14 @@ OPTIONAL_OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field(LOGPROBS, LOGPROBS_TYPE),
     pa.field(PROMPT_LOGPROBS, LOGPROBS_TYPE),
 )
-_OPTIONAL = {field.name: field for field in OPTIONAL_OUTPUT_FIELDS}
 OUTPUT_COLUMNS: tuple[str, ...] = tuple(field.name for field in OUTPUT_FIELDS)
 #: Every column name vbatch may write: an input column must not use one (a clash is refused
 #: whether or not the job asks for the optional ones, so renaming never depends on flags).
-RESERVED_COLUMNS: tuple[str, ...] = OUTPUT_COLUMNS + tuple(_OPTIONAL)
+#: `response` is not reserved: it is written only for OpenAI batch files, whose columns are
+#: vbatch's own (io/openai_batch.py).
+RESERVED_COLUMNS: tuple[str, ...] = OUTPUT_COLUMNS + tuple(f.name for f in OPTIONAL_OUTPUT_FIELDS)
+_OPTIONAL = {field.name: field for field in (*OPTIONAL_OUTPUT_FIELDS,
+                                             pa.field(RESPONSE, pa.string()))}
 #: "stop": the model ended the text (EOS or a stop string); "length": max_tokens was reached.
 FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 
@@ -89,31 +109,57 @@ def _is_chat(data_type: pa.DataType) -> bool:
     return {"role", "content"} <= names
 
 
+def _is_token_ids(data_type: pa.DataType) -> bool:
+    """A column that can hold token-id lists: lists of numbers (floats are checked per cell),
+    text (a cell's JSON text, e.g. from CSV) or MIXED_TEXT; bad cells are row errors."""
+    data_type = decoded_type(data_type)
+    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+        item = data_type.value_type
+        return (pa.types.is_integer(item) or pa.types.is_floating(item)
+                or pa.types.is_null(item))
+    return _is_text(data_type)
+
+
+def _is_request_count(data_type: pa.DataType) -> bool:
+    return pa.types.is_integer(data_type) or pa.types.is_null(data_type)
+
+
+def _clashing_columns(schema: pa.Schema) -> list[str]:
+    """Input columns named like an output column (an integer `REQUEST_COLUMNS` column is not)."""
+    return [name for name in RESERVED_COLUMNS if name in schema.names
+            and not (name in REQUEST_COLUMNS and _is_request_count(schema.field(name).type))]
+
+
+def _clash_error(prefix: str, name: str) -> InputError:
+    return InputError(
+        f"{prefix}input column {name!r} has the name of a column vbatch writes "
+        f"({', '.join(RESERVED_COLUMNS)}); rename it in the input (an integer logprobs or "
+        "prompt_logprobs column asks for that many logprobs on its row)")
+
+
 def check_input_schema(schema: pa.Schema, *, prompt_column: str, file: str) -> str:
     """Check one input file's schema and return the column that holds its prompts.
 
-    Returns `prompt_column` when present (it must hold text), else `"messages"` (it must be a
-    list of {role, content} structs). Raises InputError (one line, naming `file`) when neither
-    exists, when column names repeat, or when a column already uses an output column name.
+    Returns `prompt_column` when present (it must hold text, or token-id lists when it is
+    `prompt_token_ids`), else `"messages"` (it must be a list of {role, content} structs), else
+    `"prompt_token_ids"`. Raises InputError (one line, naming `file`) when none exists, when
+    column names repeat, or when a column already uses an output column name.
     """
     names = schema.names
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise InputError(f"{file}: column name {repeated[0]!r} appears more than once")
-    clashing = [name for name in RESERVED_COLUMNS if name in names]
+    clashing = _clashing_columns(schema)
     if clashing:
-        raise InputError(
-            f"{file}: input column {clashing[0]!r} has the name of a column vbatch writes "
-            f"({', '.join(RESERVED_COLUMNS)}); rename it in the input"
-        )
-    if prompt_column in names:
+        raise _clash_error(f"{file}: ", clashing[0])
+    if prompt_column in names and prompt_column != TOKEN_IDS_COLUMN:
         data_type = schema.field(prompt_column).type
         if not _is_text(data_type):
             raise InputError(
                 f"{file}: column {prompt_column!r} must hold text, not {_show(data_type)}"
             )
         return prompt_column
-    if MESSAGES_COLUMN in names:
+    if MESSAGES_COLUMN in names and prompt_column != TOKEN_IDS_COLUMN:
         data_type = schema.field(MESSAGES_COLUMN).type
         if not _is_chat(data_type):
             raise InputError(
@@ -121,6 +167,12 @@ def check_input_schema(schema: pa.Schema, *, prompt_column: str, file: str) -> s
                 f"objects, not {_show(data_type)}"
             )
         return MESSAGES_COLUMN
+    if TOKEN_IDS_COLUMN in names:
+        data_type = schema.field(TOKEN_IDS_COLUMN).type
+        if not _is_token_ids(data_type):
+            raise InputError(f"{file}: column {TOKEN_IDS_COLUMN!r} must be a list of token ids "
+                             f"(integers), not {_show(data_type)}")
+        return TOKEN_IDS_COLUMN
     shown = ", ".join(_show(name) for name in names) if names else "none"
     raise InputError(
         f"{file}: no column {prompt_column!r} (columns: {shown}); pass --prompt-column"
@@ -134,15 +186,23 @@ class OutputColumns:
     sample_index: bool = False
     logprobs: bool = False           # cumulative_logprob and logprobs
     prompt_logprobs: bool = False
+    response: bool = False           # OpenAI batch requests: one row a request, its body
 
     @classmethod
     def for_job(cls, *, n: int, logprobs: int | None, prompt_logprobs: int | None,
-                input_names: Sequence[str]) -> OutputColumns:
+                input_names: Sequence[str], openai_requests: bool = False) -> OutputColumns:
         """The columns of a job sampling `n` completions per row (`logprobs` /
         `prompt_logprobs`: the job's K, None when not asked for) over inputs with the column
-        names `input_names` (an `n` column may ask for more samples on any row)."""
+        names `input_names` (an `n` column may ask for more samples on any row, a `logprobs`
+        or `prompt_logprobs` column for logprobs). OpenAI batch requests
+        (`openai_requests`) are one output row each, whatever their n, with a `response`
+        column (the body, JSON text); their logprobs are in it."""
+        if openai_requests:
+            return cls(response=True)
         return cls(sample_index=n > 1 or N_COLUMN in input_names,
-                   logprobs=logprobs is not None, prompt_logprobs=prompt_logprobs is not None)
+                   logprobs=logprobs is not None or LOGPROBS in input_names,
+                   prompt_logprobs=prompt_logprobs is not None or PROMPT_LOGPROBS in input_names)
+
 
     @property
     def leading(self) -> list[pa.Field]:
@@ -157,6 +217,8 @@ class OutputColumns:
             fields += [_OPTIONAL[CUMULATIVE_LOGPROB], _OPTIONAL[LOGPROBS]]
         if self.prompt_logprobs:
             fields.append(_OPTIONAL[PROMPT_LOGPROBS])
+        if self.response:
+            fields.append(_OPTIONAL[RESPONSE])
         return fields
 
     def generation_fields(self) -> list[pa.Field]:
@@ -164,25 +226,26 @@ class OutputColumns:
         return [*self.leading, *OUTPUT_FIELDS[:-1], *self.trailing, OUTPUT_FIELDS[-1]]
 
 
-def _check_no_clash(names: Sequence[str]) -> None:
-    clashing = [name for name in RESERVED_COLUMNS if name in names]
+def _passed_through(schema: pa.Schema) -> list[str]:
+    """The input columns written to the output: all but the `REQUEST_COLUMNS` (checked to be
+    integers), whose output columns take their place. Raises InputError on a name clash."""
+    clashing = _clashing_columns(schema)
     if clashing:
-        raise InputError(
-            f"input column {clashing[0]!r} has the name of a column vbatch writes "
-            f"({', '.join(RESERVED_COLUMNS)}); rename it in the input"
-        )
+        raise _clash_error("", clashing[0])
+    return [name for name in schema.names if name not in REQUEST_COLUMNS]
 
 
 def output_schema(input_schema: pa.Schema, columns: OutputColumns = OutputColumns()) \
         -> pa.Schema:
-    """Schema of output rows: the input columns, then `columns.generation_fields()` (by default
-    `OUTPUT_FIELDS`). A `MIXED_TEXT` column (io/mixed_text.py) is written as strings.
+    """Schema of output rows: the input columns (but `REQUEST_COLUMNS`), then
+    `columns.generation_fields()` (by default `OUTPUT_FIELDS`). A `MIXED_TEXT` column
+    (io/mixed_text.py) is written as strings.
 
     Raises InputError when an input column already uses an output column name.
     """
-    _check_no_clash(input_schema.names)
+    kept = _passed_through(input_schema)
     fields = [field.with_type(pa.string()) if is_mixed_text(field.type) else field
-              for field in input_schema]
+              for field in input_schema if field.name in kept]
     return pa.schema(fields + columns.generation_fields())
 
 
@@ -262,6 +325,9 @@ def build_output_batch(input_batch: pa.RecordBatch, results: Sequence[dict | Seq
             take.append(row)
     generated = [_column(field, [one.get(field.name) for one in rows])
                  for field in columns.generation_fields()]
+    kept = _passed_through(input_batch.schema)
+    if len(kept) != input_batch.num_columns:
+        input_batch = input_batch.select(kept)
     if len(take) != input_batch.num_rows:
         input_batch = input_batch.take(pa.array(take, pa.int64()))
     inputs = [as_text(column) if is_mixed_text(column.type) else column

@@ -69,7 +69,8 @@ class _LazyGroup(click.Group):
     pull in heavy libraries (lm-eval, the server), and their modules import this one."""
 
     #: command name -> "module:attribute" of its click command
-    lazy_commands = {"eval": "vbatch.eval.cli:eval_command"}
+    lazy_commands = {"eval": "vbatch.eval.cli:eval_command",
+                     "serve": "vbatch.entrypoints.openai.cli:serve_command"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy_commands})

@@ -24,6 +24,7 @@ from vbatch.io.output_dir import clear_output_dir
 from vbatch.io.parts import ParquetPartWriter
 from vbatch.io.positions import IntervalSet
 from vbatch.jobs.config import FINGERPRINT_FIELDS, JobConfig
+from vbatch.jobs.openai_output import PART_SUFFIX, write_output_lines
 from vbatch.jobs.replica import ReplicaCounters
 
 
@@ -73,12 +74,16 @@ def open_writer(config: JobConfig, output: OutputDirectory, schema: pa.Schema,
     """The `ParquetPartWriter` of this job, writing through the job's locked directory handle
     `output`: a fresh (or overwritten) directory, or the resumed one with its committed parts
     kept. Either way `_SUCCESS` is gone and the manifest says "running" before any part is
-    written (see `ParquetPartWriter`)."""
+    written (see `ParquetPartWriter`). With `--output-format openai` its parts are OpenAI batch
+    output JSON lines (jobs/openai_output.py), committed the same way."""
     if not config.resume:
         clear_output_dir(output, overwrite=config.overwrite)
+    part_format = {}
+    if config.output_format == "openai":
+        part_format = {"write_part": write_output_lines, "suffix": PART_SUFFIX}
     return ParquetPartWriter(output, rows_per_file=config.rows_per_file, schema=schema,
                              existing_parts=commit.resumed.parts,
-                             job_info={FINGERPRINT_KEY: commit.fingerprint})
+                             job_info={FINGERPRINT_KEY: commit.fingerprint}, **part_format)
 
 
 def build_manifest(config: JobConfig, model: dict, counters: ReplicaCounters, files, *,

@@ -19,7 +19,7 @@ from vbatch.io import inputs, reader
 from vbatch.io.formats import count_rows
 from vbatch.io.output_dir import check_output_dir
 from vbatch.jobs.config import JobConfig
-from vbatch.jobs.job_inputs import output_dir_of
+from vbatch.jobs.job_inputs import output_dir_of, resolve_input_format
 from vbatch.jobs.plan import format_plan, local_resources, make_plan
 
 MAX_FILES_SHOWN = 10
@@ -28,12 +28,14 @@ MAX_FILES_SHOWN = 10
 def describe_job(config: JobConfig) -> str:
     """Validate `config` as far as possible without a model and return the plan as text."""
     files = inputs.resolve_input_files(config.input)
+    config = resolve_input_format(config, files)
     output_dir = output_dir_of(config)
     check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
                      root=config.output_root)
     reader.validate_inputs(files, config.prompt_column, id_column=config.id_column,
                            csv_infer_types=config.csv_infer_types,
-                           allow_type_promotion=config.allow_type_promotion)
+                           allow_type_promotion=config.allow_type_promotion,
+                           input_format=config.input_format)
     num_rows = count_rows(files)
     plan = make_plan(config, local_resources())
     model_note = check_model_shape(config)
@@ -42,7 +44,8 @@ def describe_job(config: JobConfig) -> str:
     lines.append(f"  model         {config.model or 'default (SmolLM2-135M-Instruct)'}"
                  f" ({model_note})")
     rows = f"{num_rows:,} rows" if num_rows is not None else "row count unknown until read"
-    lines.append(f"  input         {len(files)} file(s), {rows}")
+    kind = ", OpenAI batch requests" if config.input_format == "openai" else ""
+    lines.append(f"  input         {len(files)} file(s), {rows}{kind}")
     lines += [f"    {file}" for file in files[:MAX_FILES_SHOWN]]
     if len(files) > MAX_FILES_SHOWN:
         lines.append(f"    ... and {len(files) - MAX_FILES_SHOWN} more")

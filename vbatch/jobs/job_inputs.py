@@ -1,24 +1,29 @@
 """A job's checked inputs: the files, their scan, the prompt column, the output directory.
 
 `check_job_inputs` does everything that can fail on the user's data or paths before a model
-loads (exit code 2 in seconds, not after a long load): resolve INPUT to files, check the output
-path, scan every file's schema. Every replica pool reads its batches through
+loads (exit code 2 in seconds, not after a long load): resolve INPUT to files, decide the input
+format (rows, or OpenAI batch files: their custom_id is the row id and must be unique), check
+the output path, scan every file's schema. Every replica pool reads its batches through
 `JobInputs.batches`, so rows, types, row keys and positions are the same on every runner.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
+from vbatch.errors import VBatchUsageError
 from vbatch.io import inputs, reader
-from vbatch.io.formats import count_rows
+from vbatch.io.formats import count_rows, detect_input_format
+from vbatch.io.openai_batch import BODY, CUSTOM_ID, OPENAI, duplicate_custom_ids
 from vbatch.io.output_dir import check_output_dir, default_output_dir
 from vbatch.io.positions import IntervalSet
 from vbatch.io.schema import OutputColumns, output_schema
 from vbatch.jobs.config import JobConfig
+from vbatch.jobs.row_prompts import RowPrompts
 
 
 @dataclass(frozen=True)
@@ -27,8 +32,11 @@ class JobInputs:
     default), the scan (schemas), the prompt column actually used, the output schema (its
     optional columns, `output_columns`, decided here once for the whole job), the
     number of rows to compute when cheap to know, the output directory (checked, not yet
-    created) and the row positions an earlier run already committed (`--resume`)."""
+    created) and the row positions an earlier run already committed (`--resume`). `config`:
+    the job's config with its input format resolved (`auto` -> rows or openai; for OpenAI
+    batch files the row id is `custom_id`): what every replica pool must run."""
 
+    config: JobConfig
     files: list[Path]
     root: Path | None
     scan: reader.InputScan
@@ -57,21 +65,49 @@ def output_columns(config: JobConfig, input_schema: pa.Schema) -> OutputColumns:
     rule every replica applies to its batches too (`Replica.output_columns`)."""
     return OutputColumns.for_job(n=config.n, logprobs=config.logprobs,
                                  prompt_logprobs=config.prompt_logprobs,
-                                 input_names=input_schema.names)
+                                 input_names=input_schema.names,
+                                 openai_requests=config.input_format == OPENAI)
+
+
+def resolve_input_format(config: JobConfig, files: list[Path]) -> JobConfig:
+    """`config` with `input_format` rows or openai (`auto` decided from `files`); OpenAI batch
+    files get `custom_id` as their id column. Raises VBatchUsageError for `--output-format
+    openai` over row files, InputError for files of both kinds."""
+    input_format = detect_input_format(files, config.input_format)
+    if config.output_format == OPENAI and input_format != OPENAI:
+        raise VBatchUsageError("--output-format openai writes OpenAI batch output, one line "
+                               "per request: it needs OpenAI batch files as input "
+                               '(lines {"custom_id", "method", "url", "body"})')
+    if input_format == OPENAI:
+        return dataclasses.replace(config, input_format=OPENAI, id_column=CUSTOM_ID)
+    return dataclasses.replace(config, input_format=input_format)
 
 
 def check_job_inputs(config: JobConfig) -> JobInputs:
     """Resolve and scan the inputs and check the output path (no model, nothing written).
-    Raises InputError / VBatchUsageError."""
+    Raises InputError / VBatchUsageError (duplicate custom_ids of OpenAI batch files too)."""
     files = inputs.resolve_input_files(config.input)
+    config = resolve_input_format(config, files)
     output_dir = output_dir_of(config)
     check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
                      root=config.output_root)
     scan = reader.scan_inputs(files, prompt_column=config.prompt_column,
                               id_column=config.id_column, csv_infer_types=config.csv_infer_types,
-                              allow_type_promotion=config.allow_type_promotion)
-    prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)
+                              allow_type_promotion=config.allow_type_promotion,
+                              input_format=config.input_format)
+    if config.input_format == OPENAI:
+        prompt_column = BODY
+        duplicate = duplicate_custom_ids(files)
+        if duplicate is not None:
+            raise VBatchUsageError(
+                f"custom_id {duplicate[0]!r} appears more than once in the input "
+                f"({duplicate[1]} repeated custom_ids); each request needs its own custom_id")
+    else:
+        prompt_column = reader.prompt_column_of(scan.schema, config.prompt_column)
+        # checked now, before any model loads (every replica builds the same)
+        RowPrompts(prompt_column, config.id_column, config.chat, config.on_long_prompt)
     out_schema = output_schema(scan.schema, output_columns(config, scan.schema))
-    return JobInputs(files=files, root=inputs.input_root(config.input), scan=scan,
+    return JobInputs(config=config, files=files, root=inputs.input_root(config.input),
+                     scan=scan,
                      prompt_column=prompt_column, out_schema=out_schema,
                      total_rows=count_rows(files), output_dir=output_dir)

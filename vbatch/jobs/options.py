@@ -14,6 +14,12 @@ RUNNER_CHOICES = ("auto", "ray", "local")
 #: Each replica is a process or a Ray actor with its own engine; far more than any cluster runs.
 MAX_REPLICAS = 4096
 ON_LONG_PROMPT_CHOICES = ("error", "truncate")
+#: rows: every row a prompt; openai: OpenAI batch files (one request a line); auto: openai when
+#: every input file is a JSON lines file whose lines hold custom_id, url and body.
+INPUT_FORMAT_CHOICES = ("auto", "rows", "openai")
+#: parquet: Parquet part files (input columns + generation columns); openai: OpenAI batch
+#: output JSON lines part files (one line per request).
+OUTPUT_FORMAT_CHOICES = ("parquet", "openai")
 
 
 def _not_empty_if_given(hint: str = ""):
@@ -57,6 +63,15 @@ class JobOptions:
         3, checks=at_least(0, INT64_MAX), fingerprint=False,
         help="Restart a replica that dies at most this many times (its unfinished rows are "
              "retried) before the job fails.")
+    input_format: str = option(
+        "auto", choices=INPUT_FORMAT_CHOICES,
+        help="rows: each input row is a prompt; openai: OpenAI batch files, one request "
+             '{"custom_id", "method", "url", "body"} a line (custom_id is the row id); auto: '
+             "openai when the JSON lines have custom_id, url and body, else rows.")
+    output_format: str = option(
+        "parquet", choices=OUTPUT_FORMAT_CHOICES,
+        help="parquet: Parquet part files; openai: OpenAI batch output JSON lines part files "
+             "(part-*.jsonl, one line per request; needs OpenAI batch input).")
     prompt_column: str = option(
         "prompt", checks=not_blank("a non-empty column name"),
         help="Input column holding the prompt text. A `messages` column (list of role/content) "

@@ -97,9 +97,9 @@ class IdCounts:
 
 
 def output_part_files(output_dir: str | Path) -> list[Path]:
-    """The Parquet part files in `output_dir`, in name order."""
+    """The Parquet part files in `output_dir`, in name order (JSON lines parts left out)."""
     return sorted(path for path in Path(output_dir).iterdir()
-                  if PART_FILE_PATTERN.fullmatch(path.name))
+                  if PART_FILE_PATTERN.fullmatch(path.name) and path.suffix == ".parquet")
 
 
 def count_ids(part_files: Sequence[Path], id_column: str) -> IdCounts:

@@ -10,6 +10,9 @@ together.
 A row that cannot be generated (see `row_prompts`, `row_sampling`) never reaches the engine: it
 finishes at once as an error row (`error` set, generation columns null), so one bad row never
 fails the job and every input row appears in the output exactly once.
+
+OpenAI batch rows (io/openai_batch.py) are translated by `jobs/openai_rows.py` instead: each
+is one output row whatever its n, its response body in the `response` column.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from vbatch.io.schema import (
     OutputColumns,
     build_output_batch,
 )
+from vbatch.jobs.openai_rows import OpenAIRequest, OpenAIRows
 from vbatch.jobs.row_errors import BAD_STRUCTURED_OUTPUT, REJECTED, RowError
 from vbatch.jobs.row_prompts import PromptEncoder, RowPrompts
 from vbatch.jobs.row_sampling import RowSampling
@@ -68,6 +72,7 @@ class _Row:
     token_ids: list[int] | None
     params: SamplingParams | None
     error: RowError | None
+    openai: OpenAIRequest | None = None
 
     @property
     def request_id(self) -> str:
@@ -121,13 +126,16 @@ class Replica:
     The optional output columns follow from them and each batch's columns
     (`OutputColumns.for_job`, the same rule the job's output schema uses).
     Raises VBatchUsageError when the prompts need a chat template the tokenizer lacks.
+    With `openai` the batches are OpenAI batch rows, translated (prompts and params) by it.
     """
 
     def __init__(self, engine: LLMEngine, sampling_params: SamplingParams, prompts: RowPrompts,
-                 *, max_in_flight: int | None = None):
+                 *, max_in_flight: int | None = None, openai: OpenAIRows | None = None):
         self.engine = engine
         self.sampling_params = sampling_params
         self.prompts = prompts
+        self.openai = openai
+        self._openai_requests: dict[str, OpenAIRequest] = {}
         self.encoder = PromptEncoder(engine, prompts)
         self.sampling = RowSampling(sampling_params)
         self.max_in_flight = max_in_flight or 2 * engine.config.max_num_seqs
@@ -141,7 +149,8 @@ class Replica:
         params = self.sampling_params
         return OutputColumns.for_job(n=params.n, logprobs=params.logprobs,
                                      prompt_logprobs=params.prompt_logprobs,
-                                     input_names=schema.names)
+                                     input_names=schema.names,
+                                     openai_requests=self.openai is not None)
 
     def process(self, batches: Iterable[pa.RecordBatch],
                 on_progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
@@ -167,7 +176,10 @@ class Replica:
                 if item.error is None:
                     try:
                         engine.add_request(item.request_id, item.token_ids, item.params,
-                                           row_key=item.sample_key)
+                                           row_key=item.sample_key,
+                                           prompt=item.openai and item.openai.prompt)
+                        if item.openai is not None:
+                            self._openai_requests[item.request_id] = item.openai
                         self._in_flight[item.request_id] = item.params.n
                         self._num_in_flight += item.params.n
                         continue
@@ -190,8 +202,13 @@ class Replica:
             for output in finished:
                 batch_index, row = map(int, output.request_id.split(":"))
                 self._num_in_flight -= self._in_flight.pop(output.request_id, 0)
-                samples = self._samples(output, pending[batch_index].columns)
-                new_tokens += sum(sample[NUM_GENERATED_TOKENS] for sample in samples)
+                openai = self._openai_requests.pop(output.request_id, None)
+                if openai is not None:
+                    samples = self._openai_result(openai, output)
+                    new_tokens += samples[NUM_GENERATED_TOKENS]
+                else:
+                    samples = self._samples(output, pending[batch_index].columns)
+                    new_tokens += sum(sample[NUM_GENERATED_TOKENS] for sample in samples)
                 done = self._finish(pending, batch_index, row, samples)
                 if done is not None:
                     yield done
@@ -231,6 +248,13 @@ class Replica:
             samples.append(sample)
         return samples
 
+    def _openai_result(self, request: OpenAIRequest, output: RequestOutput) -> dict:
+        """The one output row of a finished OpenAI batch request; counts its tokens."""
+        result = self.openai.result(request, output)
+        self.counters.num_prompt_tokens += result[NUM_PROMPT_TOKENS]
+        self.counters.num_output_tokens += result[NUM_GENERATED_TOKENS]
+        return result
+
     def _finish(self, pending: dict[int, _PendingBatch], batch_index: int, row: int,
                 result: dict | list[dict]) -> pa.RecordBatch | None:
         """Record one finished row (an error row's result, or its samples' results); return
@@ -264,6 +288,15 @@ class Replica:
                                                  [None] * batch.num_rows)
             keys = [str(k) for k in batch.column(self.prompts.id_column).to_pylist()]
             sample_keys = _sample_keys(batch, keys)
+            if self.openai is not None:
+                for row, request in enumerate(self.openai.for_batch(batch)):
+                    if isinstance(request, RowError):
+                        yield _Row(batch_index, row, keys[row], sample_keys[row], None, None,
+                                   request)
+                    else:
+                        yield _Row(batch_index, row, keys[row], sample_keys[row],
+                                   request.token_ids, request.params, None, request)
+                continue
             encoded = self.encoder.encode(batch)
             params = self.sampling.for_batch(batch)
             for row, (key, token_ids, row_params) in enumerate(zip(keys, encoded, params)):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from vbatch.engine.llm_engine import LLMEngine
 from vbatch.jobs.config import JobConfig
+from vbatch.jobs.openai_rows import OpenAIRows
 from vbatch.jobs.replica import Replica
 from vbatch.jobs.row_prompts import RowPrompts
 
@@ -10,15 +11,26 @@ from vbatch.jobs.row_prompts import RowPrompts
 def start_replica(config: JobConfig, prompt_column: str) -> Replica:
     """Load the engine of `config` and wrap it in the job's `Replica` (its engine is
     `replica.engine`; the caller shuts it down). `prompt_column`: the column the input scan
-    found the prompts in (`--prompt-column`, or `messages`)."""
+    found the prompts in (`--prompt-column`, or `messages`). A job over OpenAI batch files
+    (`input_format` "openai") translates each line's body (jobs/openai_rows.py)."""
     engine = LLMEngine(config.engine_config())
     try:
+        openai = None
+        if config.input_format == "openai":
+            openai = OpenAIRows(engine, served_model_names(config, engine))
         return Replica(engine, config.sampling_params(),
                        RowPrompts(prompt_column, config.id_column, config.chat,
-                                  on_long_prompt=config.on_long_prompt))
+                                  on_long_prompt=config.on_long_prompt), openai=openai)
     except BaseException:
         engine.shutdown()
         raise
+
+
+def served_model_names(config: JobConfig, engine: LLMEngine) -> list[str]:
+    """The names an OpenAI batch line's `model` may use: `--model` as given (the first: every
+    response body's `model`), and the model it resolved to."""
+    names = [config.model] if config.model else []
+    return names + [engine.resolved_model.source]
 
 
 def model_info(engine: LLMEngine) -> dict:

@@ -25,8 +25,15 @@ BAD_SAMPLING = "bad_sampling"          # a per-row sampling column holds an inva
 BAD_STRUCTURED_OUTPUT = "bad_structured_output"   # a per-row structured_outputs cell that
                                        # does not parse, or a spec that does not compile
 REJECTED = "rejected"                  # the engine refused the request (add_request raised)
+BAD_TOKEN_IDS = "bad_token_ids"        # a prompt_token_ids cell that is not a list of ids in
+                                       # the vocabulary
+# OpenAI batch files (jobs/openai_rows.py)
+INVALID_JSON = "invalid_json"          # the line is not a JSON request object
+INVALID_REQUEST = "invalid_request"    # bad method, url, custom_id or body field (HTTP 400)
+MODEL_NOT_FOUND = "model_not_found"    # the body names another model (HTTP 404)
 ERROR_CODES = (EMPTY_PROMPT, NOT_TEXT, BAD_MESSAGES, CHAT_TEMPLATE, TOKENIZE, PROMPT_TOO_LONG,
-               BAD_SAMPLING, BAD_STRUCTURED_OUTPUT, REJECTED)
+               BAD_SAMPLING, BAD_STRUCTURED_OUTPUT, REJECTED, BAD_TOKEN_IDS, INVALID_JSON,
+               INVALID_REQUEST, MODEL_NOT_FOUND)
 
 _MAX_MESSAGE_CHARS = 300
 

@@ -3,7 +3,9 @@ job failure.
 
 Checks per row: a null, empty or whitespace-only prompt (`empty_prompt`), a value that is not
 text (`not_text`), an empty or malformed `messages` list (`empty_prompt` / `bad_messages`), a
-chat template that raises (`chat_template`), a tokenizer that raises (`tokenize`). The common
+chat template that raises (`chat_template`), a tokenizer that raises (`tokenize`), a
+`prompt_token_ids` cell that is not a list of ids in the vocabulary (`bad_token_ids`,
+jobs/row_token_ids.py; such prompts are not tokenized). The common
 case stays fast: all good rows of a batch are tokenized in one batched tokenizer call; rows are
 tokenized one at a time only when that call fails. `PromptEncoder.fit` then applies the
 long-prompt policy (`--on-long-prompt error|truncate`).
@@ -17,7 +19,7 @@ import pyarrow as pa
 
 from vbatch.errors import VBatchUsageError
 from vbatch.io.mixed_text import python_values
-from vbatch.io.schema import MESSAGES_COLUMN
+from vbatch.io.schema import MESSAGES_COLUMN, TOKEN_IDS_COLUMN
 from vbatch.jobs.options import ON_LONG_PROMPT_CHOICES
 from vbatch.jobs.row_errors import (
     BAD_MESSAGES,
@@ -28,13 +30,16 @@ from vbatch.jobs.row_errors import (
     TOKENIZE,
     RowError,
 )
+from vbatch.jobs.row_token_ids import token_ids_cell, vocabulary_size
 
 
 @dataclass(frozen=True)
 class RowPrompts:
-    """How to read prompts from a batch: the prompt column (`"messages"` = chat turns), the
-    row-key column, whether to chat-template raw text, and what to do with a prompt that
-    leaves no room to generate (`on_long_prompt`: "error" or "truncate")."""
+    """How to read prompts from a batch: the prompt column (`"messages"` = chat turns,
+    `"prompt_token_ids"` = token ids, used as they are), the row-key column, whether to
+    chat-template raw text, and what to do with a prompt that leaves no room to generate
+    (`on_long_prompt`: "error" or "truncate"). Raises VBatchUsageError for `chat` with token
+    ids."""
 
     prompt_column: str
     id_column: str
@@ -45,6 +50,10 @@ class RowPrompts:
         if self.on_long_prompt not in ON_LONG_PROMPT_CHOICES:
             raise VBatchUsageError(f"--on-long-prompt must be error or truncate, "
                                    f"got {self.on_long_prompt!r}")
+        if self.chat and self.prompt_column == TOKEN_IDS_COLUMN:
+            raise VBatchUsageError(f"--chat needs text prompts, but the prompts are the "
+                                   f"{TOKEN_IDS_COLUMN} column (token ids are used as they "
+                                   "are); leave out --chat")
 
     @property
     def uses_chat_template(self) -> bool:
@@ -76,6 +85,9 @@ class PromptEncoder:
         # A JSON prompt column that mixes text and other values: those values as Python
         # objects, so their rows become `not_text` errors.
         values = python_values(batch.column(self.prompts.prompt_column))
+        if self.prompts.prompt_column == TOKEN_IDS_COLUMN:
+            vocab_size = vocabulary_size(self.engine)
+            return [token_ids_cell(value, vocab_size) for value in values]
         if self.prompts.prompt_column == MESSAGES_COLUMN:
             texts = [self._render(_chat_turns(value)) for value in values]
         elif self.prompts.chat:

@@ -1,12 +1,15 @@
 """Per-row sampling values: optional input columns that override the job's `SamplingParams`.
 
 An input column named after a `SamplingParams` option declared `per_row` (`n`,
-`temperature`, `top_p`, `top_k`, `min_p`, `seed`, `max_tokens`, `repetition_penalty`,
-`presence_penalty`, `frequency_penalty`: `SAMPLING_COLUMNS`) sets that parameter for its row;
-a null cell keeps the job's value. Cells are converted here (CSV columns may hold numbers as
-text); values are checked by `SamplingParams`' own declared checks; an impossible one
-(temperature -1, top_p 0, n 0, a word in a number column) makes that row an error row
-(`bad_sampling`), never the job.
+`temperature`, `top_p`, `top_k`, `min_p`, `seed`, `stop`, `max_tokens`, `logprobs`,
+`prompt_logprobs`, `repetition_penalty`, `presence_penalty`, `frequency_penalty`, `ignore_eos`:
+`SAMPLING_COLUMNS`) sets that parameter for its row; a null cell keeps the job's value. Cells
+are converted here (CSV columns may hold numbers and booleans as text); values are checked by
+`SamplingParams`' own declared checks; an impossible one (temperature -1, top_p 0, n 0,
+logprobs 21, a word in a number column) makes that row an error row (`bad_sampling`), never
+the job. A `stop` cell is one string or a list of strings and replaces the job's `--stop`
+strings for its row (an empty list: none); an `ignore_eos` cell is a boolean (or, as text,
+true/false/1/0).
 
 A `structured_outputs` column (a struct, or a JSON string, with one of the keys choice, regex,
 json, grammar, json_object) replaces the job's structured output for its row; a cell that is
@@ -27,6 +30,7 @@ import pyarrow as pa
 
 from vbatch.engine.sampling_params import SamplingParams
 from vbatch.engine.structured_output import StructuredOutputsParams
+from vbatch.io.mixed_text import python_values
 from vbatch.jobs.row_errors import BAD_SAMPLING, BAD_STRUCTURED_OUTPUT, RowError
 from vbatch.options import DeclaredOption, base_type, declared_options
 
@@ -74,10 +78,30 @@ def _as_seed(value: object) -> int:
     return seed
 
 
+_BOOL_TEXT = {"true": True, "false": False, "1": True, "0": False}
+
+
+def _as_bool(value: object) -> bool:
+    if isinstance(value, str) and value.strip().lower() in _BOOL_TEXT:
+        return _BOOL_TEXT[value.strip().lower()]
+    if not isinstance(value, bool):
+        raise TypeError("true or false")
+    return value
+
+
+def _as_strings(value: object) -> str | list[str]:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError("a string or a list of strings")
+    return list(value)
+
+
 def _cell_converter(declared: DeclaredOption) -> Callable[[object], object]:
     if declared.name == "seed":
         return _as_seed             # seeds are hashed as unsigned 64-bit integers
-    return {int: _as_int, float: _as_float}[base_type(declared.type)]
+    return {int: _as_int, float: _as_float, bool: _as_bool,
+            list: _as_strings}[base_type(declared.type)]
 
 
 #: Column name -> converter of one cell (raises TypeError naming what it expected): the
@@ -150,7 +174,7 @@ class RowSampling:
         names = self.override_columns(batch.schema)
         if not names:
             return [self.base] * batch.num_rows
-        columns = [(name, batch.column(name).to_pylist()) for name in names]
+        columns = [(name, python_values(batch.column(name))) for name in names]
         return [self._row_params([(name, values[row]) for name, values in columns])
                 for row in range(batch.num_rows)]
 

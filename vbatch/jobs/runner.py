@@ -51,6 +51,7 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     started_at = datetime.now(timezone.utc)
     plan = make_plan(config, local_resources())
     job = check_job_inputs(config)
+    config = job.config      # the input format resolved: what the replicas run
     # Locked, held open and probed before the model resolves, so a second job on the same
     # directory or an unwritable one fails in seconds; every write goes through `output`.
     with locked_output_dir(job.output_dir, root=config.output_root) as output:

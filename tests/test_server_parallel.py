@@ -1,0 +1,51 @@
+"""`python -m vbatch.entrypoints.openai.api_server` with vLLM's flags on a tp=2 engine (mp
+executor, two worker processes): concurrent streamed requests give the single-rank engine's
+greedy text; a dropped stream frees its KV blocks. (Aborting inside pipeline steps in flight is
+tested on the engine, tests/test_engine_abort_stream.py: a pp server costs 20 s more here.)"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from server_process import metric, running_server
+
+from vbatch import LLM, SamplingParams
+
+PROMPTS = [f"Row {i}: the quick brown fox" for i in range(6)]
+
+
+@pytest.mark.slow
+def test_tp2_server_matches_single_rank_greedy(tiny_models, tmp_path):
+    model_dir = tiny_models["llama-gqa-untied"]
+    reference = LLM(str(model_dir), dtype="float32", kv_cache_memory_gb=0.01)
+    try:
+        expected = [o.outputs[0].text for o in reference.generate(
+            PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))]
+    finally:
+        reference.llm_engine.shutdown()
+    args = ["--model", str(model_dir), "--dtype", "float32", "--tensor-parallel-size", "2",
+            "--distributed-executor-backend", "mp", "--kv-cache-memory-gb", "0.05"]
+    with running_server(args, tmp_path / "server.log") as base_url:
+        idle = metric(base_url, "vbatch_kv_free_blocks")
+
+        async def stream_all() -> list[str]:
+            async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none",
+                                          max_retries=0) as client:
+                async def one(prompt: str) -> str:
+                    stream = await client.completions.create(
+                        prompt=prompt, max_tokens=10, temperature=0, stream=True,
+                        model=str(model_dir), extra_body={"ignore_eos": True})
+                    return "".join([c.choices[0].text async for c in stream if c.choices])
+                return await asyncio.gather(*(one(p) for p in PROMPTS))
+        assert asyncio.run(stream_all()) == expected
+        with httpx.stream("POST", f"{base_url}/v1/completions", timeout=30, json={
+                "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True,
+                "stream": True}) as response:
+            next(response.iter_lines())
+        deadline = time.monotonic() + 30
+        while metric(base_url, "vbatch_kv_free_blocks") != idle:
+            assert time.monotonic() < deadline, "the dropped stream still holds KV blocks"
+            time.sleep(0.2)

@@ -1,0 +1,1 @@
+"""Ways to reach the engine besides `vbatch run`: the OpenAI-compatible server."""

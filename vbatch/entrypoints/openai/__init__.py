@@ -1,0 +1,1 @@
+"""`vbatch serve`: an OpenAI-compatible HTTP server on one vbatch engine."""
