@@ -1,6 +1,7 @@
 """`python -m vbatch.entrypoints.openai.api_server` with vLLM's flags on a tp=2 engine (mp
 executor, two worker processes): concurrent streamed requests give the single-rank engine's
-greedy text; a dropped stream frees its KV blocks. (Aborting inside pipeline steps in flight is
+greedy text; a dropped stream frees its KV blocks; a killed worker turns requests and /health
+into 503s. (Aborting inside pipeline steps in flight is
 tested on the engine, tests/test_engine_abort_stream.py: a pp server costs 20 s more here.)"""
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 from server_process import metric, running_server
 
@@ -49,3 +51,22 @@ def test_tp2_server_matches_single_rank_greedy(tiny_models, tmp_path):
         while metric(base_url, "vbatch_kv_free_blocks") != idle:
             assert time.monotonic() < deadline, "the dropped stream still holds KV blocks"
             time.sleep(0.2)
+        # a dead worker fails the engine: requests get 503, /health says so
+        for worker in _workers(base_url):
+            worker.kill()
+        response = httpx.post(f"{base_url}/v1/completions", timeout=60,
+                              json={"prompt": PROMPTS[0], "max_tokens": 4})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(f"{base_url}/health").status_code == 503
+
+
+def _workers(base_url: str) -> list[psutil.Process]:
+    """The server's tp worker processes (its children, Python's resource tracker aside)."""
+    port = int(base_url.rsplit(":", 1)[1])
+    [pid] = [c.pid for c in psutil.net_connections("tcp")
+             if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    workers = [child for child in psutil.Process(pid).children(recursive=True)
+               if "resource_tracker" not in " ".join(child.cmdline())]
+    assert len(workers) == 2, [w.cmdline() for w in workers]
+    return workers

@@ -124,8 +124,8 @@ def test_bad_spec_is_refused_per_request(llm):
 
 @pytest.mark.slow
 def test_constrained_outputs_equal_across_tp_and_pp(tmp_path_factory):
-    from test_logprobs_penalties import _save_tp3_llama
-    path = _save_tp3_llama(tmp_path_factory.mktemp("tp3-structured"))
+    from conftest import save_tp3_llama
+    path = save_tp3_llama(tmp_path_factory.mktemp("tp3-structured"))
     params = [SamplingParams(temperature=1.0, seed=3, max_tokens=80, structured_outputs=c)
               for c in (StructuredOutputsParams(choice=LABELS),
                         StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True),

@@ -115,10 +115,13 @@ DEBUG = EnvVar(
 CACHE_DIR = EnvVar(
     "VBATCH_CACHE_DIR", "a directory (created when missing)", _parse_directory, None,
     f"Where converted GGUF models and built kernels go. Default: {DEFAULT_CACHE_DIR}.")
+API_KEY = EnvVar(
+    "VBATCH_API_KEY", "any text", str, None,
+    "`vbatch serve`: the API key clients must send (as --api-key; the flag wins).")
 
 #: Every variable declared here, in the order `check_environment` checks them.
 ENV_VARS: tuple[EnvVar, ...] = (NUM_THREADS, CPU_KERNELS, PACK_WEIGHTS, PP_LAYER_PARTITION,
-                                DEBUG, CACHE_DIR)
+                                DEBUG, CACHE_DIR, API_KEY)
 
 
 def check_environment(environ: Mapping[str, str] | None = None) -> None:

@@ -95,7 +95,8 @@ class _LazyGroup(click.Group):
 def main() -> None:
     """vbatch: batch (offline) LLM inference jobs. Datasets in, Parquet out.
 
-    Run `vbatch run -h` for the options of a job, `vbatch eval -h` for lm-evaluation-harness.
+    Run `vbatch run -h` for the options of a job, `vbatch eval -h` for lm-evaluation-harness,
+    `vbatch serve -h` for the OpenAI-compatible server.
     """
 
 

@@ -3,7 +3,8 @@
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /tokenize,
 POST /detokenize, GET /health (200 while the engine loop runs, else 503), GET /metrics.
 Every error is OpenAI's JSON (`{"error": {message, type, param, code}}`): 400 for a body that
-is not JSON, has a wrong type, an unknown field or an impossible value, 401 for a missing or
+is not JSON, has a wrong type, an unknown field or an impossible value, 413 for a body over
+`max_body_bytes` (read no further), 401 for a missing or
 wrong `Authorization: Bearer` key (when one is set: every /v1 route and /tokenize,
 /detokenize), 404 for an unknown model or route, 503 when the engine stopped.
 
@@ -39,15 +40,19 @@ from vbatch.entrypoints.openai.tokenization import detokenize, tokenize
 from vbatch.openai.protocol import OpenAIRequestError, unauthorized
 
 T = TypeVar("T")
+#: Largest request body read (a long prompt as token ids is well under 1 MiB per 100k tokens).
+DEFAULT_MAX_BODY_BYTES = 64 << 20
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 KNOWN_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
                    "/detokenize", "/health", "/metrics")
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 405: "invalid_request_error"}
+                404: "not_found_error", 405: "invalid_request_error",
+                413: "invalid_request_error"}
 
 
 def build_app(engine: LLMEngine, *, served_model_names: list[str],
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The app serving `engine` under `served_model_names` (the first is reported in
     responses). Its engine loop starts with the app and stops with it; shutting the engine
     down is the caller's business. `app.state.metrics` / `app.state.engine_loop` expose them.
@@ -75,7 +80,7 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str],
 
     async def answer(request: Request, handler: Callable[[ServingContext, Any], Awaitable[Any]]
                      ) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, max_body_bytes)
         result = await _unless_disconnected(request, handler(context, body))
         if result is None:          # the client left; nobody reads this
             return Response(status_code=499)
@@ -121,8 +126,15 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str],
     return app
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+async def _json_body(request: Request, max_bytes: int) -> Any:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise OpenAIRequestError(f"the request body exceeds {max_bytes} bytes",
+                                     status_code=413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as error:

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from vbatch.engine.config import EngineConfig
+from vbatch.env import API_KEY
 from vbatch.errors import one_line
 from vbatch.jobs.cli import EXIT_USAGE_ERROR, click_parameter
 from vbatch.jobs.config import JOB_OPTIONS
@@ -33,7 +34,7 @@ ENGINE_FIELDS = frozenset(field.name for field in dataclasses.fields(EngineConfi
               help="Interface to listen on (0.0.0.0: every interface; only on purpose).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port to listen on.")
-@click.option("--api-key", envvar="VBATCH_API_KEY", show_envvar=True, default=None,
+@click.option("--api-key", envvar=API_KEY.name, show_envvar=True, default=None,
               help="Require 'Authorization: Bearer KEY' on every /v1 route (and /tokenize, "
                    "/detokenize).")
 @click.option("--served-model-name", "served_model_names", multiple=True, metavar="NAME",

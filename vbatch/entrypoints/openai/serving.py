@@ -13,12 +13,18 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from vbatch.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from vbatch.entrypoints.openai.engine_loop import AsyncEngineClient, EngineRequest
+from vbatch.entrypoints.openai.engine_loop import (
+    AsyncEngineClient,
+    EngineRequest,
+    EngineStoppedError,
+)
 from vbatch.entrypoints.openai.metrics import ServerMetrics
 from vbatch.openai.protocol import OpenAIRequestError
 from vbatch.openai.requests import SamplingRequest
 
 DONE_EVENT = "data: [DONE]\n\n"
+#: What may end a stream after its response started (reported as an event, then [DONE]).
+STREAM_ERRORS = (OpenAIRequestError, EngineStoppedError)
 
 
 @dataclass
@@ -69,6 +75,15 @@ def engine_requests(request: SamplingRequest, request_id: str, prompts: list[Pre
             row_key=f"prompt-{index}" if request.seed is not None else engine_id,
             stream=request.stream))
     return requests
+
+
+def stream_error_event(error: Exception) -> str:
+    """The SSE event that ends a stream which failed after its response started (the client
+    has its 200 already): OpenAI's error JSON, 400 for the request's own fault, else 503."""
+    if isinstance(error, OpenAIRequestError):
+        return sse_event(error.to_dict())
+    return sse_event(OpenAIRequestError(str(error), status_code=503,
+                                        error_type="service_unavailable").to_dict())
 
 
 def as_request_error(error: Exception) -> Exception:

@@ -14,6 +14,7 @@ from vbatch.engine.llm_engine import LLMEngine
 from vbatch.engine.outputs import RequestOutput
 from vbatch.entrypoints.openai.serving import (
     DONE_EVENT,
+    STREAM_ERRORS,
     DeltaTracker,
     FinishedOutputs,
     FirstTokenTimer,
@@ -25,6 +26,7 @@ from vbatch.entrypoints.openai.serving import (
     new_request_id,
     sse_event,
     start_stream,
+    stream_error_event,
 )
 from vbatch.openai.protocol import (
     ChatCompletionRequest,
@@ -98,8 +100,8 @@ async def _stream(context: ServingContext, request: ChatCompletionRequest, reque
             [done] = finished.in_order(requests)
             yield sse_event(usage_chunk(request_id, created, model, CHUNK_OBJECT, usage(
                 len(done.prompt_token_ids), sum(len(c.token_ids) for c in done.outputs))))
-    except OpenAIRequestError as error:
-        yield sse_event(error.to_dict())
+    except STREAM_ERRORS as error:
+        yield stream_error_event(error)
     finally:
         await outputs.aclose()
     yield DONE_EVENT

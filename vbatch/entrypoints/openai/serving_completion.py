@@ -14,6 +14,7 @@ from vbatch.engine.llm_engine import LLMEngine
 from vbatch.engine.outputs import RequestOutput
 from vbatch.entrypoints.openai.serving import (
     DONE_EVENT,
+    STREAM_ERRORS,
     DeltaTracker,
     FinishedOutputs,
     FirstTokenTimer,
@@ -25,6 +26,7 @@ from vbatch.entrypoints.openai.serving import (
     new_request_id,
     sse_event,
     start_stream,
+    stream_error_event,
 )
 from vbatch.openai.protocol import (
     CompletionRequest,
@@ -73,7 +75,7 @@ async def create_completion(context: ServingContext, body: Any
     request_id = new_request_id("cmpl")
     created = int(time.time())
     requests = engine_requests(request, request_id, prompts, context.max_model_len)
-    first_texts = {p.token_ids[0]: p.first_token_text for p in prompts}
+    first_texts = {p.token_ids[0]: p.first_token_text for p in prompts if p.token_ids}
     if request.stream:
         first, rest = await start_stream(context, requests)
         return _stream(context, request, request_id, created, requests, prompts, timer,
@@ -125,8 +127,8 @@ async def _stream(context: ServingContext, request: CompletionRequest, request_i
             generated = 0 if echo_only else sum(len(c.token_ids) for o in done for c in o.outputs)
             yield sse_event(usage_chunk(request_id, created, model, "text_completion", usage(
                 sum(len(o.prompt_token_ids) for o in done), generated)))
-    except OpenAIRequestError as error:
-        yield sse_event(error.to_dict())
+    except STREAM_ERRORS as error:
+        yield stream_error_event(error)
     finally:
         await outputs.aclose()
     yield DONE_EVENT
