@@ -79,8 +79,8 @@ def _run_and_watch(args, tmp_path, env_extra=None):
 
 
 def _job_args(tiny_models, tmp_path, *extra):
-    source = write_prompt_jsonl(tmp_path / "in.jsonl", 48)
-    return [str(source), "--model", str(tiny_models["gpt2"]), "--max-tokens", "48",
+    source = write_prompt_jsonl(tmp_path / "in.jsonl", 24)
+    return [str(source), "--model", str(tiny_models["gpt2"]), "--max-tokens", "32",
             "--ignore-eos", "--batch-size", "16", "--output", str(tmp_path / "out"), "-q",
             *extra]
 

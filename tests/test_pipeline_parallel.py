@@ -49,7 +49,10 @@ def test_pp_matches_single_rank(kind, tiny_models):
     expected = [o.outputs[0].token_ids for o in reference.generate(PROMPTS, GREEDY)]
     token_ids = reference.get_tokenizer().encode(PROMPTS[2])
     expected_logits = last_stage_logits(reference, token_ids)
-    for tp, pp in ((1, 2), (2, 2)):
+    # tp x pp together once, on the tied head (the last stage needs the first's embedding);
+    # test_ray_executor runs tp=2 x pp=2 on the others
+    layouts = ((1, 2), (2, 2)) if kind == "llama-gqa-tied" else ((1, 2),)
+    for tp, pp in layouts:
         llm = _llm(tiny_models[kind], tp, pp)
         try:
             got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]

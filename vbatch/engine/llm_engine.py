@@ -18,7 +18,7 @@ from vbatch.engine.config import (
 from vbatch.engine.executor.base import PendingResult
 from vbatch.engine.executor.factory import choose_backend, make_executor
 from vbatch.engine.loader import resolve_model
-from vbatch.engine.model_loader import model_class_for
+from vbatch.engine.model_loader import check_supported, model_class_for
 from vbatch.engine.output_processor import OutputProcessor
 from vbatch.engine.outputs import RequestOutput
 from vbatch.engine.platform import resolve_block_size, resolve_device, resolve_dtype
@@ -75,6 +75,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = resolve_block_size(config.block_size, self.device)
         self.max_model_len = self._derive_max_model_len()
+        check_supported(self.hf_config, self.max_model_len)   # before any worker starts
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192,
                                                                            self.max_model_len)
         if self.max_num_batched_tokens < self.max_model_len:

@@ -24,6 +24,29 @@ def model_class_for(hf_config) -> type[nn.Module]:
     return by_model_type[model_type]
 
 
+def check_supported(hf_config, max_model_len: int) -> None:
+    """Refuse, before any weight loads, a config whose math vbatch does not implement for this
+    `max_model_len` (a wrong output is worse than a refusal); ValueError naming the field.
+
+    `sliding_window` W (Mistral): each position attends to the last W positions only. Until
+    the attention kernels implement the window, a model runs only where it cannot matter:
+    max_model_len <= W (no position ever has more than W positions before it).
+    """
+    model_class_for(hf_config)
+    model_type = getattr(hf_config, "model_type", None)
+    window = getattr(hf_config, "sliding_window", None)
+    if window is not None and getattr(hf_config, "use_sliding_window", True) \
+            and window < max_model_len:
+        raise ValueError(
+            f"{model_type} config: sliding_window={window} is not implemented yet (positions "
+            f"more than {window} tokens apart would attend to each other and the outputs would "
+            f"differ from the model's); run with --max-model-len {window} or less, where the "
+            f"window never applies")
+    if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError(f"{model_type} config: scale_attn_by_inverse_layer_idx=True is not "
+                         "implemented")
+
+
 class CheckpointTensor:
     """A checkpoint tensor read lazily: `.shape`, and `.narrow()` reads only that slice."""
 
