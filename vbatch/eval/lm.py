@@ -22,6 +22,7 @@ by the job runner's work queue (`vbatch.eval.replicas`). Results come back in re
 from __future__ import annotations
 
 import copy
+import weakref
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -85,6 +86,9 @@ class VBatchLM(TemplateLM):
         if str(device) == "cpu":
             engine_args.setdefault("device", "cpu")
         self.runner = make_request_runner(str(pretrained), int(data_parallel_size), engine_args)
+        # lm-eval never closes a model: stop the engine's workers when this LM goes away (or
+        # at exit), not only when the process ends
+        self._finalizer = weakref.finalize(self, self.runner.shutdown)
         self.tokenizer = self.runner.tokenizer
         self._max_length = int(max_length) if max_length else self.runner.max_model_len - 2
         if not 1 <= self._max_length <= self.runner.max_model_len - 2:
@@ -93,6 +97,10 @@ class VBatchLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = _as_bool(add_bos_token)
         self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
+
+    def shutdown(self) -> None:
+        """Stop the engine (its tp x pp workers); idempotent."""
+        self._finalizer()
 
     # --- tokenizer facts lm-eval asks for -------------------------------------------------
     @property
