@@ -251,6 +251,20 @@ def test_installed_console_script_and_python_m():
     assert probe.stdout.strip() == "False"
 
 
+def test_help_lists_eval_and_serve_without_importing_them():
+    """`vbatch --help` names the lazily imported commands with their help, loading neither
+    lm-eval, the server nor torch."""
+    code = ("import sys; from click.testing import CliRunner; from vbatch.jobs.cli import main; "
+            "out = CliRunner().invoke(main, ['--help']).output; print(out); "
+            "print(sorted(m for m in ('torch', 'lm_eval', 'fastapi') if m in sys.modules))")
+    probe = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert "eval   Run lm-evaluation-harness" in probe.stdout
+    assert "serve  Serve a model over an OpenAI-compatible HTTP API" in probe.stdout
+    assert probe.stdout.strip().endswith("[]")
+
+
 # --- progress ------------------------------------------------------------------------------------
 
 class FakeClock:

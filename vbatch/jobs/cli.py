@@ -65,15 +65,31 @@ def is_debug_enabled() -> bool:
 
 
 class _LazyGroup(click.Group):
-    """A group whose other commands are imported only when run (or listed by --help): they
-    pull in heavy libraries (lm-eval, the server), and their modules import this one."""
+    """A group whose other commands are imported only when run: they pull in heavy libraries
+    (lm-eval, the server), and their modules import this one. `vbatch --help` lists them
+    from `lazy_help` without importing them."""
 
     #: command name -> "module:attribute" of its click command
     lazy_commands = {"eval": "vbatch.eval.cli:eval_command",
                      "serve": "vbatch.entrypoints.openai.cli:serve_command"}
+    #: their one-line help in `vbatch --help` (each command's own -h has the rest)
+    lazy_help = {"eval": "Run lm-evaluation-harness tasks on vbatch's engine.",
+                 "serve": "Serve a model over an OpenAI-compatible HTTP API."}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)   # as click's own
+        rows = []
+        for name in names:
+            if name in self.commands:
+                rows.append((name, self.commands[name].get_short_help_str(limit)))
+            else:
+                rows.append((name, self.lazy_help[name]))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy_commands and name not in self.commands:
