@@ -18,7 +18,7 @@ from vbatch.engine.config import (
 from vbatch.engine.executor.base import PendingResult
 from vbatch.engine.executor.factory import choose_backend, make_executor
 from vbatch.engine.loader import resolve_model
-from vbatch.engine.model_loader import check_supported, model_class_for
+from vbatch.engine.models.registry import check_supported, model_class_for
 from vbatch.engine.output_processor import OutputProcessor
 from vbatch.engine.outputs import RequestOutput
 from vbatch.engine.platform import resolve_block_size, resolve_device, resolve_dtype
