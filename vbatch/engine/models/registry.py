@@ -7,20 +7,24 @@ max_model_len). Fields are checked generically (any architecture) and per model 
 """
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
 from vbatch.engine.layers.rotary import rope_parameters
-from vbatch.engine.models.gpt2 import GPT2LMHeadModel
-from vbatch.engine.models.llama import LlamaForCausalLM
-from vbatch.engine.models.qwen2 import Qwen2ForCausalLM
-from vbatch.engine.models.qwen3 import Qwen3ForCausalLM
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": Qwen2ForCausalLM,
-    "qwen3": Qwen3ForCausalLM,
-    "gpt2": GPT2LMHeadModel,
+# model_type -> (module under vbatch.engine.models, class): imported on first use only.
+MODEL_CLASSES: dict[str, tuple[str, str]] = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "mistral": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+    "gemma3_text": ("gemma3", "Gemma3ForCausalLM"),
+    "phi3": ("phi3", "Phi3ForCausalLM"),
+    "mixtral": ("mixtral", "MixtralForCausalLM"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "gpt2": ("gpt2", "GPT2LMHeadModel"),
 }
 
 _ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope", "proportional"}
@@ -33,7 +37,9 @@ def model_class_for(hf_config) -> type[nn.Module]:
         archs = ", ".join(getattr(hf_config, "architectures", None) or [str(model_type)])
         raise ValueError(f"unsupported model architecture {archs} (model_type {model_type!r}); "
                          f"vbatch runs model types {', '.join(sorted(MODEL_CLASSES))}")
-    return MODEL_CLASSES[model_type]
+    module_name, class_name = MODEL_CLASSES[model_type]
+    module = importlib.import_module(f"vbatch.engine.models.{module_name}")
+    return getattr(module, class_name)
 
 
 def _truthy(config, name: str) -> bool:
