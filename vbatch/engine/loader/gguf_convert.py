@@ -1,9 +1,12 @@
-"""Convert a LLaMA-architecture GGUF file, once, into a cached Hugging Face-style directory.
+"""Convert a llama, qwen2 or qwen3 GGUF file, once, into a cached Hugging Face-style directory.
 
-The output directory holds `config.json` (a `LlamaConfig`), `model.safetensors` (every tensor
-dequantized to float32 under Hugging Face LLaMA names, q/k weights un-permuted from GGUF's RoPE
-layout), the tokenizer files (with the chat template), `generation_config.json`, and
-`vbatch_source.json` (where it came from and the sha256 of the GGUF's bytes).
+The output directory holds `config.json` (a `LlamaConfig`, `Qwen2Config` or `Qwen3Config`, built
+by `gguf_configs`), `model.safetensors` (every tensor dequantized to float32 under the Hugging
+Face names; for llama the q/k rows are un-permuted from GGUF's interleaved RoPE layout, qwen2 and
+qwen3 store them in Hugging Face's layout already), the tokenizer files (with the chat template),
+`generation_config.json`, and `vbatch_source.json` (where it came from and the sha256 of the
+GGUF's bytes). The tensors must be exactly the Hugging Face model's parameters (names and shapes),
+else the conversion is refused.
 
 It is written into a temporary directory next to its final place and renamed into place, so a
 reader never sees half a conversion; when two processes race, the first rename wins and the
@@ -23,6 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vbatch.engine.loader.gguf_configs import (
+    GGUF_ARCHITECTURES,
+    build_config,
+    gguf_field,
+    supported_architectures,
+)
 from vbatch.errors import VBatchUsageError, one_line
 
 # Bump when the conversion output changes, so old caches are not reused.
@@ -32,9 +41,12 @@ _STALE_TEMP_S = 24 * 3600
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
+# The same llama.cpp names in every supported architecture; which of them a file must hold is
+# checked against the Hugging Face model (`_check_tensors`).
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",  # qwen3
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
@@ -60,7 +72,8 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
 
     The first call converts (seconds); later calls for the unchanged file only check that the
     cache directory exists. Raises `VBatchUsageError` for a file that is missing, is not a
-    readable GGUF, or is not a LLaMA-architecture model.
+    readable GGUF, is not of a supported architecture (`general.architecture` llama, qwen2 or
+    qwen3), or holds what the Hugging Face model cannot (see `gguf_configs.build_config`).
     """
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -105,7 +118,7 @@ def read_source_info(converted_dir: Path) -> dict[str, Any]:
 
 
 def hf_tensor_name(gguf_name: str) -> str:
-    """Map a GGUF LLaMA tensor name (`blk.3.attn_q.weight`) to its Hugging Face name.
+    """Map a GGUF tensor name (`blk.3.attn_q.weight`) to its Hugging Face name.
 
     Raises `VBatchUsageError` for a tensor this converter does not know.
     """
@@ -115,7 +128,8 @@ def hf_tensor_name(gguf_name: str) -> str:
         return f"{_GLOBAL_NAMES[parts[0]]}.{suffix}"
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
         return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.{suffix}"
-    raise VBatchUsageError(f"GGUF tensor '{gguf_name}' is not part of a LLaMA model")
+    raise VBatchUsageError(f"GGUF tensor '{gguf_name}' is not part of a "
+                           f"{supported_architectures()} model")
 
 
 def unpermute_rope(weight: Any, num_heads: int) -> Any:
@@ -137,14 +151,16 @@ def _convert_into(gguf_path: Path, out_dir: Path) -> None:
         reader = gguf.GGUFReader(gguf_path)
     except Exception as exc:  # the reader raises assorted errors for non-GGUF bytes
         raise VBatchUsageError(f"cannot read '{gguf_path}' as GGUF: {one_line(exc)}") from exc
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
+    arch = gguf_field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
         raise VBatchUsageError(
-            f"GGUF architecture '{arch}' of '{gguf_path.name}' is not supported; only llama is"
+            f"GGUF architecture '{arch}' of '{gguf_path.name}' is not supported; supported: "
+            f"{supported_architectures()}"
         )
-    config = _llama_config(reader)
+    config = build_config(reader, arch)
     config.save_pretrained(out_dir)
-    _write_weights(reader, config, out_dir / "model.safetensors")
+    _write_weights(reader, config, GGUF_ARCHITECTURES[arch].permuted_qk,
+                   out_dir / "model.safetensors")
     _write_generation_config(config, out_dir)
     _write_tokenizer(gguf_path, out_dir)
     info = {
@@ -157,97 +173,12 @@ def _convert_into(gguf_path: Path, out_dir: Path) -> None:
     (out_dir / SOURCE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _llama_config(reader: Any) -> Any:
-    """Build a transformers `LlamaConfig` from the `llama.*` and tokenizer GGUF metadata."""
-    from transformers import LlamaConfig  # noqa: PLC0415 - start-up: transformers loads only when a GGUF is converted
-
-    def get(key: str, default: Any = None) -> Any:
-        return _field(reader, f"llama.{key}", default)
-
-    names = {t.name for t in reader.tensors}
-    num_heads = int(get("attention.head_count"))
-    hidden_size = int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", hidden_size // num_heads))
-    rotary_dim = int(get("rope.dimension_count", head_dim))
-    if rotary_dim != head_dim:
-        raise VBatchUsageError(f"GGUF with partial rotary embeddings ({rotary_dim} of {head_dim}) "
-                               "is not supported")
-    vocab_size = get("vocab_size")
-    if vocab_size is None:
-        embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-        vocab_size = int(embd.shape[-1])
-    rope_theta = float(get("rope.freq_base", 10000.0))
-    rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
-    rope_parameters.update(_rope_scaling(reader, get, rope_theta, head_dim))
-    return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        vocab_size=int(vocab_size),
-        hidden_size=hidden_size,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")),
-        num_attention_heads=num_heads,
-        num_key_value_heads=int(get("attention.head_count_kv", num_heads)),
-        head_dim=head_dim,
-        max_position_embeddings=int(get("context_length", 2048)),
-        rms_norm_eps=_short_float32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_parameters=rope_parameters,
-        attention_bias="blk.0.attn_q.bias" in names,
-        mlp_bias="blk.0.ffn_up.bias" in names,
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-        dtype="float32",
-    )
-
-
-def _rope_scaling(reader: Any, get: Any, rope_theta: float, head_dim: int) -> dict[str, Any]:
-    """Return the rope scaling entries (`rope_type`, `factor`, ...) the GGUF asks for, if any."""
-    kind = get("rope.scaling.type")
-    factor = get("rope.scaling.factor", get("rope.scale_linear"))
-    original = get("rope.scaling.original_context_length")
-    if kind in (None, "none") and factor is not None and float(factor) != 1.0:
-        kind = "linear"
-    if kind in ("linear", "yarn") and factor is None:
-        raise VBatchUsageError(f"GGUF rope scaling '{kind}' has no rope.scaling.factor")
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
-    if kind == "yarn":
-        out = {"rope_type": "yarn", "factor": float(factor)}
-        if original is not None:
-            out["original_max_position_embeddings"] = int(original)
-        return out
-    if kind not in (None, "none"):
-        raise VBatchUsageError(f"GGUF rope scaling type '{kind}' is not supported")
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    return {} if freqs is None else _llama3_rope(freqs, rope_theta, head_dim)
-
-
-def _llama3_rope(freqs_tensor: Any, rope_theta: float, head_dim: int) -> dict[str, Any]:
-    """Recover llama3 rope parameters from llama.cpp's `rope_freqs` factors (default knobs).
-
-    llama.cpp stores factor f_i = 1 / ((1 - s_i) / factor + s_i) per frequency, with
-    s_i = clip((8192 / wavelen_i - low) / (high - low), 0, 1), low = 1, high = 4.
-    """
-    import numpy as np  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
-    from gguf.quants import dequantize  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
-
-    stored = np.asarray(dequantize(freqs_tensor.data, freqs_tensor.tensor_type), np.float64).ravel()
-    factor, original = float(stored.max()), 8192
-    wavelen = 2 * math.pi * rope_theta ** (np.arange(0, head_dim, 2) / head_dim)
-    smooth = np.clip((original / wavelen - 1.0) / 3.0, 0.0, 1.0)
-    expected = 1.0 / ((1 - smooth) / factor + smooth)
-    if expected.shape != stored.shape or not np.allclose(stored, expected, rtol=1e-4):
-        raise VBatchUsageError("GGUF rope_freqs factors do not match llama3 rope scaling; "
-                               "not supported")
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": original}
-
-
-def _write_weights(reader: Any, config: Any, path: Path) -> None:
+def _write_weights(reader: Any, config: Any, permuted_qk: bool, path: Path) -> None:
     """Stream every parameter tensor, dequantized to float32, into one safetensors file.
 
     Written by hand (header, then each tensor's bytes) so only one tensor is in memory at a time.
+    With `permuted_qk` the q/k rows are un-permuted (llama). The tensors are checked against
+    `config`'s model first.
     """
     import numpy as np  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
     from gguf.quants import dequantize  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
@@ -261,6 +192,7 @@ def _write_weights(reader: Any, config: Any, path: Path) -> None:
         num_bytes = 4 * math.prod(shape)
         entries.append((hf_tensor_name(tensor.name), shape, offset, num_bytes, tensor))
         offset += num_bytes
+    _check_tensors(config, {name: shape for name, shape, *_ in entries})
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     for name, shape, start, num_bytes, _ in entries:
         header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [start, start + num_bytes]}
@@ -277,15 +209,41 @@ def _write_weights(reader: Any, config: Any, path: Path) -> None:
                     f"GGUF tensor {tensor.name} uses type {tensor.tensor_type.name}, "
                     "which gguf cannot dequantize"
                 ) from exc
-            if ".attn_q." in tensor.name:
+            if permuted_qk and ".attn_q." in tensor.name:
                 weight = unpermute_rope(weight, config.num_attention_heads)
-            elif ".attn_k." in tensor.name:
+            elif permuted_qk and ".attn_k." in tensor.name:
                 weight = unpermute_rope(weight, config.num_key_value_heads)
             weight = np.ascontiguousarray(weight.reshape(shape))
             if weight.nbytes != num_bytes:
                 raise RuntimeError(f"GGUF tensor {tensor.name} dequantized to {weight.nbytes} "
                                    f"bytes, expected {num_bytes}")
             f.write(memoryview(weight).cast("B"))
+
+
+def _check_tensors(config: Any, shapes: dict[str, list[int]]) -> None:
+    """Refuse tensors that are not exactly the parameters of `config`'s model (names, shapes).
+
+    The model is built on the meta device (no memory). Without this, Hugging Face would fill a
+    missing tensor (say a Qwen2 q_proj bias) with random values and drop an unexpected one.
+    """
+    import torch  # noqa: PLC0415 - start-up: torch/transformers load only when a GGUF is converted
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - start-up: transformers loads only when a GGUF is converted
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    problems = [f"missing {n}" for n in sorted(expected.keys() - shapes.keys())]
+    problems += [f"unexpected {n}" for n in sorted(shapes.keys() - expected.keys())]
+    problems += [f"{n} has shape {shapes[n]}, expected {expected[n]}"
+                 for n in sorted(expected.keys() & shapes.keys()) if shapes[n] != expected[n]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise VBatchUsageError(
+            f"GGUF tensors do not match a {config.architectures[0]} with the file's metadata: "
+            f"{'; '.join(problems[:3])}{more}"
+        )
 
 
 def _write_generation_config(config: Any, out_dir: Path) -> None:
@@ -309,19 +267,6 @@ def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
         raise VBatchUsageError(f"cannot build the tokenizer of '{gguf_path.name}': "
                                f"{one_line(exc)}") from exc
     tokenizer.save_pretrained(out_dir)
-
-
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    """Return the value of GGUF metadata `key` (scalar, string or list), or `default`."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _short_float32(value: float) -> float:
-    """Return the shortest decimal that rounds to the same float32 (9.99999974e-06 -> 1e-05)."""
-    import numpy as np  # noqa: PLC0415 - start-up: gguf/numpy load only when a GGUF is converted
-
-    return float(str(np.float32(value)))
 
 
 def _file_sha256(path: Path) -> str:
