@@ -24,7 +24,7 @@ class LlamaDecoderLayer(nn.Module):
     stream carried separately: forward(x, residual, ctx) -> (mlp output, residual)."""
 
     def __init__(self, config, ps: ParallelState, dtype: torch.dtype, rotary: RotaryEmbedding,
-                 options: AttentionOptions):
+                 options: AttentionOptions, *, mlp_bias: bool = False):
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(hidden, eps, dtype, ps.device)
@@ -33,8 +33,7 @@ class LlamaDecoderLayer(nn.Module):
                                        ps, dtype, options)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, ps.device)
         self.mlp = GatedMLP(hidden, config.intermediate_size,
-                            getattr(config, "hidden_act", "silu"), ps, dtype,
-                            bias=bool(getattr(config, "mlp_bias", False)))
+                            getattr(config, "hidden_act", "silu"), ps, dtype, bias=mlp_bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
         if residual is None:
@@ -61,7 +60,8 @@ class LlamaForCausalLM(DecoderForCausalLM):
 
     def make_layer(self, layer_index: int, ps: ParallelState, dtype: torch.dtype) -> nn.Module:
         return LlamaDecoderLayer(self.config, ps, dtype, self.rotary_emb,
-                                 self.attention_options(layer_index))
+                                 self.attention_options(layer_index),
+                                 mlp_bias=bool(getattr(self.config, "mlp_bias", False)))
 
     def make_norm(self, ps: ParallelState, dtype: torch.dtype) -> nn.Module:
         return RMSNorm(self.config.hidden_size, self.config.rms_norm_eps, dtype, ps.device)

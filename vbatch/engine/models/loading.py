@@ -66,3 +66,49 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, object]],
         raise ValueError(f"checkpoint is missing weights for: {', '.join(sorted(missing)[:5])}"
                          + (" ..." if len(missing) > 5 else ""))
     return loaded_names
+
+
+class NarrowedView:
+    """Rows (or columns) [start, start + length) along `dim` of a checkpoint tensor, still read
+    lazily: a part of a fused checkpoint tensor (Phi-3's qkv_proj, gate_up_proj) seen as a
+    tensor of its own, so the sharded loaders take their slice of each part and read only it.
+
+    `inner` is anything with `.shape` and `.narrow(dim, start, length)` (a torch.Tensor, a
+    lazy checkpoint tensor, another view)."""
+
+    def __init__(self, inner, dim: int, start: int, length: int):
+        shape = list(inner.shape)
+        if not 0 <= dim < len(shape):
+            raise ValueError(f"cannot narrow dimension {dim} of a tensor of shape {tuple(shape)}")
+        if start < 0 or length < 0 or start + length > shape[dim]:
+            raise ValueError(f"[{start}, {start + length}) is out of range for dimension {dim} "
+                             f"of a tensor of shape {tuple(shape)}")
+        self.inner, self.dim, self.start = inner, dim, start
+        shape[dim] = length
+        self.shape = tuple(shape)
+
+    def narrow(self, dim: int, start: int, length: int):
+        if start < 0 or length < 0 or start + length > self.shape[dim]:
+            raise ValueError(f"[{start}, {start + length}) is out of range for dimension {dim} "
+                             f"of a view of shape {self.shape}")
+        if dim == self.dim:
+            return self.inner.narrow(dim, self.start + start, length)
+        # Read this part only, then the slice of the other dimension from it.
+        return self.inner.narrow(self.dim, self.start, self.shape[self.dim]).narrow(
+            dim, start, length)
+
+
+def split_fused(name: str, tensor, fused: str, parts: list[tuple[str, int]], dim: int = 0):
+    """(name, view) for each part of a fused checkpoint tensor: `fused` in `name` replaced by
+    each part's name, the parts of the given sizes laid out one after another along `dim`.
+    ValueError if the sizes do not add up to the tensor's."""
+    total = sum(size for _, size in parts)
+    if tuple(tensor.shape)[dim] != total:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; expected "
+                         f"{total} ({' + '.join(f'{p} {s}' for p, s in parts)}) along dimension "
+                         f"{dim}")
+    start, views = 0, []
+    for part, size in parts:
+        views.append((name.replace(fused, part), NarrowedView(tensor, dim, start, size)))
+        start += size
+    return views
