@@ -35,13 +35,15 @@ class RMSNorm(nn.Module):
         self.scale: torch.Tensor | None = None   # the effective multiplier, set after loading
 
     def process_weights_after_loading(self) -> None:
-        """Fix the multiplier once the checkpoint is in: w, or 1 + w computed in float32."""
+        """Fix the multiplier once the checkpoint is in: w, or 1 + w kept in float32 (HF
+        multiplies the float32 normalised value by float32 1 + w and rounds once; rounding
+        1 + w to bf16 first would move a third of the outputs by an ulp)."""
         weight = self.weight.data
-        self.scale = (weight.float() + 1.0).to(weight.dtype) if self.unit_offset else weight
+        self.scale = weight.float() + 1.0 if self.unit_offset else weight
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         scale = self.scale if self.scale is not None else self.weight
-        if self.kernels is not None and x.dim() == 2:
+        if self.kernels is not None and x.dim() == 2 and scale.dtype == x.dtype:
             out = self.kernels.rms_norm(x, scale, self.eps, residual)
             return out if residual is None else (out, residual)
         if residual is not None:
