@@ -10,6 +10,11 @@ PyTorch time, the native time and their ratio:
 - prefill attention: 64 prompts of 32 tokens and 4 prompts of 512;
 - residual add + RMSNorm, SiLU-and-multiply, rotary embedding at 256 tokens.
 
+Then the native attention kernel alone with the per-layer options, against itself without
+them, at decode over 32 sequences of 2048 cached tokens: a sliding window longer than the
+context (4096: must cost nothing), a window of 512 (reads a quarter of the keys: should take
+about a quarter of the time) and a logit softcap of 50 (Gemma 2: a tanh per score).
+
 Run from the repository root (after `pip install -e .`), on an otherwise idle machine:
 
     python benchmarks/cpu_kernels.py [--dtype float32] [--repeats 50]
@@ -39,13 +44,16 @@ def timed(fn, repeats: int) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def attention_case(seq_lens, query_lens, dtype, kernels):
-    """(PyTorch call, native call) of one attention layer over the given sequences."""
-    from vbatch.engine.attention import PagedAttention, allocate_kv_cache
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 8
+
+
+def attention_inputs(seq_lens, query_lens, dtype):
+    """(cache, metadata, q, k, v) of one layer's step over the given sequences."""
+    from vbatch.engine.attention import allocate_kv_cache
     from vbatch.engine.model_runner import ModelRunner
     from vbatch.engine.sequence import ScheduledSequence
 
-    heads, kv_heads, head_dim, block_size = 9, 3, 64, 8
+    heads, kv_heads, head_dim, block_size = HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE
     gen = torch.Generator().manual_seed(0)
     blocks_needed = sum(-(-n // block_size) for n in seq_lens)
     free = (torch.randperm(blocks_needed + 1, generator=gen) + 1).tolist()
@@ -64,20 +72,45 @@ def attention_case(seq_lens, query_lens, dtype, kernels):
     q = torch.randn(tokens, heads * head_dim, generator=gen).to(dtype)
     k = torch.randn(tokens, kv_heads * head_dim, generator=gen).to(dtype)
     v = torch.randn(tokens, kv_heads * head_dim, generator=gen).to(dtype)
+    return cache, meta, q, k, v
+
+
+def attention_case(seq_lens, query_lens, dtype, kernels):
+    """(PyTorch call, native call) of one attention layer over the given sequences."""
+    from vbatch.engine.attention import PagedAttention
+
+    cache, meta, q, k, v = attention_inputs(seq_lens, query_lens, dtype)
     layers = []
     for native in (False, True):
-        layer = PagedAttention(heads, kv_heads, head_dim, head_dim ** -0.5)
+        layer = PagedAttention(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM ** -0.5)
         layer.bind_cache(cache)
         layer.kernels = kernels if native else None
         layers.append(layer)
     return [lambda layer=layer: layer(q, k, v, meta) for layer in layers]
 
 
+def layer_option_cases(dtype, kernels):
+    """{label: native attention call} at decode, 32 sequences x 2048 cached tokens; the first
+    has no options (the baseline of the others)."""
+    from vbatch.engine.attention import PagedAttention
+
+    cache, meta, q, k, v = attention_inputs([2048] * 32, [1] * 32, dtype)
+    options = {"no window, no softcap": {}, "window 4096 (> context)": {"sliding_window": 4096},
+               "window 512": {"sliding_window": 512}, "softcap 50": {"logit_softcap": 50.0}}
+    calls = {}
+    for label, kwargs in options.items():
+        layer = PagedAttention(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM ** -0.5, **kwargs)
+        layer.bind_cache(cache)
+        layer.kernels = kernels
+        calls[label] = lambda layer=layer: layer(q, k, v, meta)
+    return calls
+
+
 def elementwise_cases(dtype, kernels):
     """{name: (PyTorch call, native call)} at 256 tokens."""
     from types import SimpleNamespace
 
-    from vbatch.engine.rotary import RotaryEmbedding
+    from vbatch.engine.layers.rotary import RotaryEmbedding
     gen = torch.Generator().manual_seed(1)
     tokens, hidden, inter = 256, 576, 1536
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
@@ -88,8 +121,9 @@ def elementwise_cases(dtype, kernels):
     positions = torch.randint(0, 2048, (tokens,), generator=gen)
     config = SimpleNamespace(rope_theta=100000.0, rope_scaling=None)
     cpu = torch.device("cpu")
-    rope_torch = RotaryEmbedding(config, 64, 2048, dtype, cpu, None)
-    rope_native = RotaryEmbedding(config, 64, 2048, dtype, cpu, kernels)
+    rope_torch = RotaryEmbedding(config, 64, 2048, dtype, cpu)
+    rope_torch.kernels = None                       # the PyTorch path, for the baseline
+    rope_native = RotaryEmbedding(config, 64, 2048, dtype, cpu)
     return {
         "residual add + RMSNorm": (
             lambda: F.rms_norm(x + residual, (hidden,), weight, 1e-5),
@@ -134,7 +168,17 @@ def main() -> int:
                      "speedup": round(torch_s / native_s, 2)})
         print(f"  {name:42} {torch_s * 1e3:11.3f} {native_s * 1e3:10.3f} "
               f"{torch_s / native_s:8.2f}x")
-    print(json.dumps({"dtype": args.dtype, "threads": torch.get_num_threads(), "rows": rows}))
+    option_rows, baseline = [], None
+    print("native attention with layer options, decode 32 seqs x 2048 ctx")
+    print(f"  {'options':42} {'native ms':>11} {'vs none':>10}")
+    for label, call in layer_option_cases(dtype, kernels).items():
+        seconds = timed(call, args.repeats)
+        baseline = baseline or seconds
+        option_rows.append({"options": label, "native_ms": round(seconds * 1e3, 3),
+                            "ratio": round(seconds / baseline, 3)})
+        print(f"  {label:42} {seconds * 1e3:11.3f} {seconds / baseline:9.3f}x")
+    print(json.dumps({"dtype": args.dtype, "threads": torch.get_num_threads(), "rows": rows,
+                      "layer_options": option_rows}))
     return 0
 
 

@@ -10,6 +10,12 @@ block but the null block 0 starts out holding large finite garbage (what a freed
 from its previous owner), so any key read past a sequence's context that the mask failed to
 hide would change the result. Also checks the metadata itself (positions, which logits are
 sampled) and the zero-filled cache allocation.
+
+Per-layer sliding windows and attention-logit soft-capping: the same steps (prompts longer than
+the window, chunked prefill, decode across block boundaries) on both paths, in float32 and
+bfloat16, against the dense reference with Hugging Face's window (query p sees keys k with
+p - k < W) and Gemma 2's cap (c * tanh(s / c) before the mask); each such world also checks
+that the option changed some output, so a path that ignored it would fail.
 """
 from __future__ import annotations
 
@@ -41,14 +47,21 @@ def scheduled(seq_id: int, num_new: int, start: int, block_table: list[int]) -> 
                              min_p=0.0, seed=0, row_key=str(seq_id), output_index=0)
 
 
-def dense_reference(q, k, v, scale):
-    """Causal attention over one whole sequence: q [n, H, d], k/v [n, Hkv, d] -> [n, H, d]."""
+def dense_reference(q, k, v, scale, window=None, softcap=None):
+    """Causal attention over one whole sequence: q [n, H, d], k/v [n, Hkv, d] -> [n, H, d];
+    with `window`, query i sees keys j with i - window < j <= i; with `softcap` c, scores s
+    become c * tanh(s / c) before masking."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1).double()
     v = v.repeat_interleave(group, dim=1).double()
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     n = q.shape[0]
     causal = torch.ones(n, n, dtype=torch.bool).tril()
+    if window is not None:
+        i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+        causal &= i - j < window
     scores = scores.masked_fill(~causal, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
@@ -57,14 +70,18 @@ class World:
     """A paged cache, one attention layer, and the full q/k/v of every sequence."""
 
     def __init__(self, *, num_heads=4, num_kv_heads=2, head_dim=8, block_size=4,
-                 num_blocks=64, seed=0, native=False):
+                 num_blocks=64, seed=0, native=False, dtype=torch.float32, tolerance=1e-5,
+                 sliding_window=None, logit_softcap=None):
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.h, self.hkv, self.d, self.bs = num_heads, num_kv_heads, head_dim, block_size
         self.scale = 1 / math.sqrt(head_dim)
-        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, self.scale)
-        cache = allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim,
-                                  torch.float32, CPU)
+        self.dtype, self.tolerance = dtype, tolerance
+        self.window, self.softcap = sliding_window, logit_softcap
+        self.option_changed_output = False
+        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, self.scale,
+                                   sliding_window=sliding_window, logit_softcap=logit_softcap)
+        cache = allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, CPU)
         assert cache.shape == (2, num_kv_heads, num_blocks, block_size, head_dim)
         # stale values of previous owners in every block except the null block 0
         cache[:, :, 1:] = torch.randn(cache[:, :, 1:].shape, generator=self.gen) * 100
@@ -79,9 +96,10 @@ class World:
         self.q, self.k, self.v, self.tables = {}, {}, {}, {}
 
     def new_seq(self, seq_id: int, total_len: int) -> None:
-        self.q[seq_id] = torch.randn(total_len, self.h, self.d, generator=self.gen)
-        self.k[seq_id] = torch.randn(total_len, self.hkv, self.d, generator=self.gen)
-        self.v[seq_id] = torch.randn(total_len, self.hkv, self.d, generator=self.gen)
+        # in the world's dtype: the reference sees the same (rounded) inputs as the layer
+        for store, heads in ((self.q, self.h), (self.k, self.hkv), (self.v, self.hkv)):
+            store[seq_id] = torch.randn(total_len, heads, self.d, generator=self.gen).to(
+                self.dtype)
         self.tables[seq_id] = []
 
     def step(self, chunks: list[tuple[int, int, int]]) -> None:
@@ -99,15 +117,19 @@ class World:
         k = torch.cat([self.k[i][s:s + n] for i, s, n in chunks]).reshape(-1, self.hkv * self.d)
         v = torch.cat([self.v[i][s:s + n] for i, s, n in chunks]).reshape(-1, self.hkv * self.d)
         out = self.attn(q, k, v, meta)
-        assert out.shape == (len(expected_positions), self.h * self.d)
+        assert out.shape == (len(expected_positions), self.h * self.d) and out.dtype == q.dtype
         assert not out.isnan().any()
         row = 0
         for seq_id, start, num_new in chunks:
             ctx = start + num_new
-            ref = dense_reference(self.q[seq_id][:ctx], self.k[seq_id][:ctx],
-                                  self.v[seq_id][:ctx], self.scale)[start:ctx]
+            q_seq, k_seq, v_seq = self.q[seq_id][:ctx], self.k[seq_id][:ctx], self.v[seq_id][:ctx]
+            ref = dense_reference(q_seq, k_seq, v_seq, self.scale, self.window,
+                                  self.softcap)[start:ctx]
             got = out[row:row + num_new].view(num_new, self.h, self.d).double()
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, ref, rtol=self.tolerance, atol=self.tolerance)
+            if self.window is not None or self.softcap is not None:
+                plain = dense_reference(q_seq, k_seq, v_seq, self.scale)[start:ctx]
+                self.option_changed_output |= (plain - ref).abs().max().item() > 0.1
             row += num_new
         # the sampled logits come from each sequence's last new token
         ends = torch.tensor([n for _, _, n in chunks]).cumsum(0) - 1
@@ -184,6 +206,57 @@ def test_random_steps(seed, native):
             world.step(chunks)
 
 
+WINDOW_CASES = [(5, None), (None, 1.5), (5, 1.5)]     # (sliding_window, logit_softcap)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("options", WINDOW_CASES, ids=["window", "softcap", "both"])
+def test_sliding_window_and_softcap_match_dense_reference(options, dtype, native):
+    """Window 5 over blocks of 4 (windows start mid-block, whole blocks fall out of it),
+    prompts up to 31 tokens, a chunked prefill after a cached prefix, and decode steps."""
+    window, softcap = options
+    # bf16: the PyTorch path rounds q k^T to bf16 (as Hugging Face's eager attention does)
+    tolerance = 1e-5 if dtype == torch.float32 else (8e-3 if native else 3e-2)
+    world = World(num_heads=8, num_kv_heads=2, head_dim=16, block_size=4, seed=7,
+                  native=native, dtype=dtype, tolerance=tolerance, sliding_window=window,
+                  logit_softcap=softcap)
+    done = {0: 0, 1: 0, 2: 0, 3: 0, 4: 0}
+    for seq_id in done:
+        world.new_seq(seq_id, 40)
+
+    def step(*new: tuple[int, int]) -> None:
+        world.step([(seq_id, done[seq_id], n) for seq_id, n in new])
+        for seq_id, n in new:
+            done[seq_id] += n
+
+    step((0, 13), (1, 1), (2, 31), (3, 6))       # prompts, most longer than the window
+    step((4, 4), (0, 1), (2, 1))                 # a prompt's first chunk, next to decodes
+    step((4, 5), (1, 1), (3, 1))                 # its second chunk, after a cached prefix
+    for _ in range(5):                           # decode steps, across block boundaries
+        step(*((seq_id, 1) for seq_id in done))
+    assert world.option_changed_output
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"sliding_window": 0}, {"sliding_window": -4}, {"sliding_window": 4.0},
+    {"sliding_window": True}, {"logit_softcap": 0.0}, {"logit_softcap": -50.0},
+    {"logit_softcap": float("nan")}, {"logit_softcap": float("inf")}, {"logit_softcap": "50"},
+])
+def test_rejects_invalid_window_and_softcap(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"{name} must be a positive"):
+        PagedAttention(4, 2, 16, 0.25, **kwargs)
+
+
+def test_window_and_softcap_defaults_and_accepted_values():
+    plain = PagedAttention(4, 2, 16, 0.25)
+    assert plain.sliding_window is None and plain.logit_softcap is None
+    layer = PagedAttention(4, 2, 16, 0.25, sliding_window=4096, logit_softcap=50)
+    assert layer.sliding_window == 4096 and layer.logit_softcap == 50.0
+    assert isinstance(layer.logit_softcap, float)
+
+
 def test_no_head_mixing_mha_equals_gqa_with_repeated_kv():
     """GQA with k/v duplicated per query head equals MHA on the duplicated heads."""
     world_gqa = World(num_heads=4, num_kv_heads=2, head_dim=8, seed=5)
@@ -236,7 +309,7 @@ def test_half_precision_decode_path_matches_float32_reference():
     """bf16 decode (bmm + float32 softmax path) stays within bf16 rounding of float32 SDPA."""
     import torch.nn.functional as F
 
-    from vbatch.engine.attention import _decode_attention_half
+    from vbatch.engine.attention import _matmul_attention
 
     gen = torch.Generator().manual_seed(0)
     rows, lk, group, d = 12, 40, 3, 16
@@ -247,6 +320,6 @@ def test_half_precision_decode_path_matches_float32_reference():
     mask = (torch.arange(lk).view(1, -1) < lengths.view(-1, 1)).view(rows, 1, 1, lk)
     mask = mask.expand(rows, 1, group, lk)
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.25)
-    got = _decode_attention_half(q.bfloat16(), keys.bfloat16(), values.bfloat16(), mask, 0.25)
+    got = _matmul_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), mask, 0.25)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)

@@ -6,7 +6,10 @@ sizes 16..128, block sizes 1..16, context lengths 1 to several blocks (including
 multiples), shuffled block tables, rows strided inside larger tensors (as the model passes
 them), in float32 (1e-5) and bfloat16 (the output's own rounding). write_kv_cache equals
 advanced-index assignment. Also: peaked softmax (scores spread over hundreds, most weights
-underflow to 0), the build cache, and the fallback switches.
+underflow to 0), the build cache, and the fallback switches. With a sliding window W (token of
+context n sees positions n - W..n-1, windows starting mid-block) and a logit softcap c (scores
+c * tanh(s / c)), alone and together, against the same reference; cached positions before a
+token's window hold NaN in one test, so reading them at all would show.
 
 The fused elementwise kernels against the PyTorch op chains of Hugging Face's LLaMA
 (LlamaRMSNorm, silu(gate) * up, apply_rotary_pos_emb): bit-identical in bfloat16, within float32
@@ -43,8 +46,10 @@ def kernels(request, tmp_path_factory):
                                           ("-mno-avx512f",)))
 
 
-def reference_attention(q, cache, block_tables, token_seq, token_context, num_heads, scale):
-    """Per token, in float64: gather the sequence's visible keys/values and attend."""
+def reference_attention(q, cache, block_tables, token_seq, token_context, num_heads, scale,
+                        window=None, softcap=None):
+    """Per token, in float64: gather the sequence's visible keys/values and attend (with
+    `window`, only the last `window` of them; with `softcap` c, scores s -> c tanh(s / c))."""
     num_tokens = q.shape[0]
     _, num_kv_heads, _, block_size, head_dim = cache.shape
     group = num_heads // num_kv_heads
@@ -52,10 +57,14 @@ def reference_attention(q, cache, block_tables, token_seq, token_context, num_he
     for t in range(num_tokens):
         n = int(token_context[t])
         blocks = block_tables[int(token_seq[t]), : -(-n // block_size)]
-        keys = cache[0][:, blocks].reshape(num_kv_heads, -1, head_dim)[:, :n].double()
-        values = cache[1][:, blocks].reshape(num_kv_heads, -1, head_dim)[:, :n].double()
+        first = 0 if window is None else max(0, n - window)
+        keys = cache[0][:, blocks].reshape(num_kv_heads, -1, head_dim)[:, first:n].double()
+        values = cache[1][:, blocks].reshape(num_kv_heads, -1, head_dim)[:, first:n].double()
         queries = q[t].view(num_kv_heads, group, head_dim).double()
-        weights = torch.softmax(queries @ keys.transpose(-1, -2) * scale, dim=-1)
+        scores = queries @ keys.transpose(-1, -2) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        weights = torch.softmax(scores, dim=-1)
         out[t] = (weights @ values).reshape(num_heads, head_dim)
     return out.view(num_tokens, num_heads * head_dim)
 
@@ -111,6 +120,63 @@ def test_paged_attention_matches_float64_reference(kernels, case, dtype):
     torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
 
 
+WINDOW_CASES = [  # num_heads, num_kv_heads, head_dim, block_size, max_len, window, softcap
+    (8, 2, 32, 4, 40, 5, None),
+    (8, 2, 32, 4, 40, None, 2.0),
+    (8, 2, 32, 4, 40, 5, 2.0),
+    (9, 3, 64, 16, 90, 16, None),      # window = one block: its start moves through blocks
+    (4, 4, 16, 1, 12, 1, None),        # each token sees only itself
+    (6, 2, 80, 8, 30, 64, 30.0),       # window longer than every context
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", WINDOW_CASES,
+                         ids=lambda c: "h{}-kv{}-d{}-bs{}-len{}-w{}-cap{}".format(*c))
+def test_paged_attention_window_and_softcap_match_float64_reference(kernels, case, dtype):
+    num_heads, num_kv_heads, head_dim, block_size, max_len, window, softcap = case
+    gen = torch.Generator().manual_seed(block_size * max_len + head_dim)
+    q, cache, tables, token_seq, token_context, max_context = random_case(
+        gen, num_seqs=7, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, max_len=max_len, dtype=dtype, query_pad=head_dim)
+    q = q * 3.0       # scores of several units, so a softcap of 2 changes them noticeably
+    scale = 1 / math.sqrt(head_dim)
+    got = kernels.paged_attention(q, cache, tables, token_seq, token_context, max_context,
+                                  num_heads, scale, window=window or 0, softcap=softcap or 0.0)
+    expected = reference_attention(q, cache, tables, token_seq, token_context, num_heads,
+                                   scale, window, softcap)
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+    if max_len > (window or max_len) or (softcap is not None and softcap < 10):
+        plain = reference_attention(q, cache, tables, token_seq, token_context, num_heads, scale)
+        assert (plain - expected).abs().max() > 0.1        # the option mattered here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_never_reads_keys_before_the_window(kernels, dtype):
+    """Decode tokens (one per sequence) whose cached positions before their window are NaN:
+    any read of them (even one masked afterwards) would turn the output into NaN."""
+    gen = torch.Generator().manual_seed(11)
+    num_heads, num_kv_heads, head_dim, block_size, window = 4, 2, 32, 4, 6
+    q, cache, tables, _, _, max_context = random_case(
+        gen, num_seqs=6, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, max_len=37, dtype=dtype)
+    contexts = torch.tensor([1, 6, 7, 13, 24, 37])[: tables.shape[0]]
+    contexts = torch.minimum(contexts, torch.tensor(tables.shape[1] * block_size))
+    token_seq = torch.arange(len(contexts))
+    for s, n in enumerate(contexts.tolist()):
+        for position in range(max(0, n - window)):
+            block = tables[s, position // block_size]
+            cache[:, :, block, position % block_size] = float("nan")
+    got = kernels.paged_attention(q[: len(contexts)], cache, tables, token_seq, contexts,
+                                  max_context, num_heads, 0.2, window=window)
+    expected = reference_attention(q[: len(contexts)], cache, tables, token_seq, contexts,
+                                   num_heads, 0.2, window)
+    assert not got.isnan().any() and not expected.isnan().any()
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_peaked_softmax_and_underflowing_weights(kernels):
     """Scores spread over hundreds: most weights underflow to exactly 0 after exp, and the
     result is still the float64 softmax (including ties in the maximum) up to float32's
@@ -153,6 +219,10 @@ def test_rejects_tensors_it_cannot_read(kernels):
     with pytest.raises(ValueError, match="bfloat16"):
         kernels.paged_attention(torch.zeros(1, 16), cache.bfloat16(), torch.zeros(1, 1).long(),
                                 torch.tensor([0]), torch.tensor([1]), 4, 1, 1.0)
+    for bad in ({"window": -1}, {"softcap": -2.0}):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            kernels.paged_attention(torch.zeros(1, 16), cache, torch.zeros(1, 1).long(),
+                                    torch.tensor([0]), torch.tensor([1]), 4, 1, 1.0, **bad)
 
 
 def test_supports():
@@ -222,10 +292,12 @@ def test_silu_and_mul_matches_torch(kernels, dtype, width):
 def test_rotary_matches_hf_and_the_pytorch_fallback(kernels, dtype, head_dim):
     from types import SimpleNamespace
 
-    from vbatch.engine.rotary import RotaryEmbedding
+    from vbatch.engine.layers.rotary import RotaryEmbedding
     config = SimpleNamespace(rope_theta=10000.0, rope_scaling=None)
-    native = RotaryEmbedding(config, head_dim, 512, dtype, torch.device("cpu"), kernels)
-    fallback = RotaryEmbedding(config, head_dim, 512, dtype, torch.device("cpu"), None)
+    native = RotaryEmbedding(config, head_dim, 512, dtype, torch.device("cpu"))
+    assert native.kernels is not None          # it picks the native kernel itself
+    fallback = RotaryEmbedding(config, head_dim, 512, dtype, torch.device("cpu"))
+    fallback.kernels = None
     gen = torch.Generator().manual_seed(head_dim)
     num_tokens, heads, untouched = 23, 7, 3 * head_dim
     rows = torch.randn(num_tokens, heads * head_dim + untouched, generator=gen).to(dtype)

@@ -10,6 +10,10 @@ block at a time; positions past a sequence's context are masked out. Query i of 
 `context_len` tokens (the last `query_len` of them new) may attend to key positions
 <= context_len - query_len + i.
 
+Per layer, two options change the scores (see `PagedAttention`): a sliding window of W keys
+(Hugging Face's `sliding_window_overlay`: query at position p sees keys p - W < k <= p) and
+attention-logit soft-capping (Gemma 2: s = c * tanh(s / c) before masking and softmax).
+
 GQA without copying keys: the query heads sharing one KV head are folded into the query length,
 q: [num_kv_heads * B, 1, group * Lq, d] against k, v: [num_kv_heads * B, 1, Lk, d].
 
@@ -39,7 +43,10 @@ class AttentionMetadata:
 
     slot_mapping:     [T]      cache slot of each new token (T = all new tokens of the step)
     block_tables:     [B, Nb]  cache blocks of each sequence's context, padded with block 0
-    attn_mask:        [B, 1, Lq, Nb * block_size] bool, True where query may attend to key
+    attn_mask:        [B, 1, Lq, Nb * block_size] bool, True where query may attend to key;
+                      each row is a prefix of the keys (0..p for a query at position p; a
+                      padding row repeats its sequence's full context), which is what
+                      `window_mask` derives each query's position from
     query_pad_index:  [B, Lq]  index into the T new tokens for each padded query (None if Lq == 1)
     query_unpad_index:[T]      index into the flattened [B * Lq] padded queries (None if Lq == 1)
     chunks:           [(start, end, num_blocks)] groups of sequences attended together; each
@@ -71,16 +78,29 @@ class AttentionMetadata:
         """Upper bound on any token's context: the padded key length of the mask."""
         return self.attn_mask.shape[3]
 
+    def window_mask(self, window: int) -> torch.Tensor:
+        """attn_mask restricted to a sliding window: query at position p keeps key k iff
+        p - window < k <= p (p = the number of keys its causal row allows - 1). Cached."""
+        key = ("window", window)
+        mask = self._group_masks.get(key)
+        if mask is None:
+            visible = self.attn_mask.sum(-1, keepdim=True)             # [B, 1, Lq, 1]: p + 1
+            key_pos = torch.arange(self.attn_mask.shape[3], device=self.attn_mask.device)
+            mask = self.attn_mask & (key_pos >= visible - window)
+            self._group_masks[key] = mask
+        return mask
+
     def mask_for(self, num_kv_heads: int, group: int, chunk: tuple[int, int, int],
-                 block_size: int) -> torch.Tensor:
-        """attn_mask of one chunk laid out for head-major attention:
-        [num_kv_heads * n, 1, group * Lq, num_blocks * block_size]."""
-        key = (num_kv_heads, group, chunk)
+                 block_size: int, window: int | None = None) -> torch.Tensor:
+        """attn_mask (or `window_mask(window)`) of one chunk laid out for head-major
+        attention: [num_kv_heads * n, 1, group * Lq, num_blocks * block_size]."""
+        key = (num_kv_heads, group, chunk, window)
         mask = self._group_masks.get(key)
         if mask is None:
             start, end, num_blocks = chunk
             rows, lq = end - start, self.attn_mask.shape[2]
-            mask = self.attn_mask[start:end, :, :, : num_blocks * block_size]
+            full = self.attn_mask if window is None else self.window_mask(window)
+            mask = full[start:end, :, :, : num_blocks * block_size]
             mask = mask.view(1, rows, 1, lq, -1).expand(num_kv_heads, rows, group, lq, -1)
             mask = mask.reshape(num_kv_heads * rows, 1, group * lq, -1)
             self._group_masks[key] = mask
@@ -108,14 +128,24 @@ def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_
 
 
 class PagedAttention(nn.Module):
-    """softmax(q k^T * scale + mask) v over a sequence's cached context, for one rank's heads."""
+    """softmax(cap(q k^T * scale) + mask) v over a sequence's cached context, for one rank's
+    heads.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    mask: causal (query at position p sees keys k <= p); with `sliding_window` W also
+    k > p - W, Hugging Face's sliding window (Mistral, Qwen2, Gemma 2). cap(s) = s, or with
+    `logit_softcap` c, c * tanh(s / c) (Gemma 2's attention soft-capping). None (the default)
+    turns either off, and then nothing is computed differently from plain causal attention.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
+                 sliding_window: int | None = None, logit_softcap: float | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.sliding_window = _checked_window(sliding_window)
+        self.logit_softcap = _checked_softcap(logit_softcap)
         self.group = num_heads // num_kv_heads
         self.kv_cache: torch.Tensor | None = None
         self.kernels: CpuKernels | None = None
@@ -137,7 +167,8 @@ class PagedAttention(nn.Module):
             if meta.token_seq_index is not None:
                 return self.kernels.paged_attention(
                     q, self.kv_cache, meta.block_tables, meta.token_seq_index,
-                    meta.token_context_lens, meta.max_context, self.num_heads, self.scale)
+                    meta.token_context_lens, meta.max_context, self.num_heads, self.scale,
+                    window=self.sliding_window or 0, softcap=self.logit_softcap or 0.0)
         else:
             k_cache.view(hkv, -1, d)[:, meta.slot_mapping] = \
                 k.view(num_tokens, hkv, d).transpose(0, 1)
@@ -160,9 +191,10 @@ class PagedAttention(nn.Module):
             keys = k_cache.index_select(1, blocks).view(hkv * rows, 1, -1, d)
             values = v_cache.index_select(1, blocks).view(hkv * rows, 1, -1, d)
             q_chunk = q[start:end].permute(2, 0, 3, 1, 4).reshape(hkv * rows, 1, group * lq, d)
-            mask = meta.mask_for(hkv, group, chunk, block_size)
-            if lq == 1 and q.dtype != torch.float32:
-                attended = _decode_attention_half(q_chunk, keys, values, mask, self.scale)
+            mask = meta.mask_for(hkv, group, chunk, block_size, self.sliding_window)
+            if self.logit_softcap is not None or (lq == 1 and q.dtype != torch.float32):
+                attended = _matmul_attention(q_chunk, keys, values, mask, self.scale,
+                                             self.logit_softcap)
             else:
                 attended = F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask,
                                                           scale=self.scale)  # [Hkv*n,1,g*Lq,d]
@@ -173,15 +205,41 @@ class PagedAttention(nn.Module):
         return out
 
 
-def _decode_attention_half(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                           mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode attention in bf16/fp16 with float32 softmax: softmax(q k^T * scale) v.
+def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor, scale: float,
+                      softcap: float | None = None) -> torch.Tensor:
+    """Attention by explicit matmuls with a float32 softmax: softmax(cap(q k^T * scale)) v,
+    cap(s) = softcap * tanh(s / softcap) (in float32), or s without a softcap.
 
     The same numerics as Hugging Face's eager attention (q k^T rounded to the model dtype,
-    softmax in float32). On CPU it is ~3x faster than the flash kernel of
-    `scaled_dot_product_attention` for a few query rows per KV head, where that kernel's per-head
-    set-up dominates. float32 models keep SDPA, so float32 results stay reference-exact.
+    softmax in float32). Used for bf16/fp16 decode: on CPU it is ~3x faster than the flash
+    kernel of `scaled_dot_product_attention` for a few query rows per KV head, where that
+    kernel's per-head set-up dominates (float32 models keep SDPA, so float32 results stay
+    reference-exact). Also for every soft-capped layer, since SDPA cannot cap its scores.
     """
     scores = torch.matmul(q, keys.transpose(-1, -2)).float()
-    scores.mul_(scale).masked_fill_(~mask, float("-inf"))
+    scores.mul_(scale)
+    if softcap is not None:
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+    scores.masked_fill_(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), values)
+
+
+def _checked_window(window) -> int | None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window <= 0):
+        raise ValueError(f"sliding_window must be a positive int (how many of the latest keys "
+                         f"each query sees, itself included) or None for full causal "
+                         f"attention, got {window!r}")
+    return window
+
+
+def _checked_softcap(softcap) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
+            or not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"logit_softcap must be a positive finite float (scores become "
+                         f"c * tanh(s / c), e.g. 50.0 for Gemma 2) or None for no capping, "
+                         f"got {softcap!r}")
+    return float(softcap)

@@ -45,7 +45,7 @@ HEAD_DIM_MULTIPLE = 16  # VEC in cpu_attention.c
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 _ATTENTION_ARGS = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
-                   _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _int]
+                   _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _i64, _f32, _int]
 _WRITE_ARGS = [_ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64]
 _RMS_NORM_ARGS = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _f32, _int]
 _SILU_ARGS = [_ptr, _i64, _ptr, _i64, _i64, _i64, _int]
@@ -196,20 +196,27 @@ class CpuKernels:
 
     def paged_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                         token_seq: torch.Tensor, token_context: torch.Tensor, max_context: int,
-                        num_heads: int, scale: float) -> torch.Tensor:
-        """q [T, H*d] -> out [T, H*d]: token t attends to the first token_context[t] cached
-        positions of sequence token_seq[t] (whose blocks are block_tables[token_seq[t]])."""
+                        num_heads: int, scale: float, *, window: int = 0,
+                        softcap: float = 0.0) -> torch.Tensor:
+        """q [T, H*d] -> out [T, H*d]: softmax(cap(scale q K^T)) V, where token t with
+        n = token_context[t] attends to cached positions max(0, n - window)..n-1 of sequence
+        token_seq[t] (whose blocks are block_tables[token_seq[t]]); window 0 means all of
+        0..n-1. cap(s) = softcap * tanh(s / softcap), or s when softcap is 0."""
         _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
         _check_rows(q, num_heads * head_dim, kv_cache.dtype)
         if block_tables.dtype != torch.int64 or not block_tables.is_contiguous():
             raise ValueError("block_tables must be a contiguous int64 tensor")
+        if window < 0 or softcap < 0:
+            raise ValueError(f"paged_attention: window ({window}) and softcap ({softcap}) must "
+                             "be >= 0 (0 = no window / no soft-capping)")
         out = torch.empty((q.shape[0], num_heads * head_dim), dtype=q.dtype)
         seq, context = token_seq.contiguous(), token_context.contiguous()
         self._attention[q.dtype](
             out.data_ptr(), out.stride(0), q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(),
             kv_cache[1].data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
             seq.data_ptr(), context.data_ptr(), q.shape[0], num_heads, num_kv_heads, head_dim,
-            num_blocks, block_size, max_context, scale, torch.get_num_threads())
+            num_blocks, block_size, max_context, scale, window, softcap,
+            torch.get_num_threads())
         return out
 
 
