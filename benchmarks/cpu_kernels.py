@@ -49,7 +49,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 8
 
 def attention_inputs(seq_lens, query_lens, dtype):
     """(cache, metadata, q, k, v) of one layer's step over the given sequences."""
-    from vbatch.engine.attention import allocate_kv_cache
+    from vbatch.engine.layers.attention import allocate_kv_cache
     from vbatch.engine.model_runner import ModelRunner
     from vbatch.engine.sequence import ScheduledSequence
 
@@ -77,7 +77,7 @@ def attention_inputs(seq_lens, query_lens, dtype):
 
 def attention_case(seq_lens, query_lens, dtype, kernels):
     """(PyTorch call, native call) of one attention layer over the given sequences."""
-    from vbatch.engine.attention import PagedAttention
+    from vbatch.engine.layers.attention import PagedAttention
 
     cache, meta, q, k, v = attention_inputs(seq_lens, query_lens, dtype)
     layers = []
@@ -92,7 +92,7 @@ def attention_case(seq_lens, query_lens, dtype, kernels):
 def layer_option_cases(dtype, kernels):
     """{label: native attention call} at decode, 32 sequences x 2048 cached tokens; the first
     has no options (the baseline of the others)."""
-    from vbatch.engine.attention import PagedAttention
+    from vbatch.engine.layers.attention import PagedAttention
 
     cache, meta, q, k, v = attention_inputs([2048] * 32, [1] * 32, dtype)
     options = {"no window, no softcap": {}, "window 4096 (> context)": {"sliding_window": 4096},

@@ -25,8 +25,8 @@ import random
 import pytest
 import torch
 
-from vbatch.engine.attention import AttentionMetadata, PagedAttention, allocate_kv_cache
 from vbatch.engine.block_manager import num_blocks_for
+from vbatch.engine.layers.attention import AttentionMetadata, PagedAttention, allocate_kv_cache
 from vbatch.engine.model_runner import ModelRunner
 from vbatch.engine.sequence import ScheduledSequence
 
@@ -309,7 +309,7 @@ def test_half_precision_decode_path_matches_float32_reference():
     """bf16 decode (bmm + float32 softmax path) stays within bf16 rounding of float32 SDPA."""
     import torch.nn.functional as F
 
-    from vbatch.engine.attention import _matmul_attention
+    from vbatch.engine.layers.attention import _matmul_attention
 
     gen = torch.Generator().manual_seed(0)
     rows, lk, group, d = 12, 40, 3, 16

@@ -6,7 +6,7 @@ from collections import deque
 
 import torch
 
-from vbatch.engine.attention import AttentionMetadata, allocate_kv_cache
+from vbatch.engine.layers.attention import AttentionMetadata, allocate_kv_cache
 from vbatch.engine.logprobs import SampledLogprobs, prompt_logprobs
 from vbatch.engine.penalties import apply_penalties
 from vbatch.engine.sampler import SamplingMetadata, sample

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vbatch.engine.attention import AttentionMetadata
+from vbatch.engine.layers.attention import AttentionMetadata
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vbatch.engine.attention import PagedAttention
+from vbatch.engine.layers.attention import PagedAttention
 from vbatch.engine.layers.forward_context import ForwardContext
 from vbatch.engine.layers.norm import RMSNorm
 from vbatch.engine.layers.rotary import RotaryEmbedding

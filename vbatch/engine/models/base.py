@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from vbatch.engine.attention import AttentionMetadata, PagedAttention
+from vbatch.engine.layers.attention import AttentionMetadata, PagedAttention
 from vbatch.engine.layers.forward_context import ForwardContext
 from vbatch.engine.models.loading import StackedParam, load_named_weights
 from vbatch.parallel.embedding import ParallelLMHead, VocabParallelEmbedding

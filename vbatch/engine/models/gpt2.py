@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from vbatch.engine.attention import PagedAttention
+from vbatch.engine.layers.attention import PagedAttention
 from vbatch.engine.layers.forward_context import ForwardContext
 from vbatch.engine.layers.norm import LayerNorm
 from vbatch.engine.models.base import DecoderForCausalLM
