@@ -8,13 +8,14 @@ numbers are about the decoder):
   qwen3      the same, plus q_norm/k_norm (per-head RMSNorm before rotary)
   qwen3_moe  the same attention, 8 experts of width 768, top-2 (the same active MLP width,
              2 x 768 = 1536, as the dense models), router softmax, renormalised
-  mistral    the LLaMA with a sliding window of 128 on every layer (prompts + outputs reach
-             ~200 positions, so the window acts in the second half of decoding)
+  mistral    the LLaMA with a sliding window of 64 on every layer (prompts of ~65 tokens +
+             64 generated: the window acts on every decode step, over up to half the context)
 
 Workload: 64 prompts of ~60 tokens, 64 greedy tokens each (EOS ignored), `vbatch.LLM` in one
-process, bf16 on CPU (the native kernels). Each model runs twice after a warm-up; the faster
-run is kept. tok/s = generated tokens / wall time of `generate`. Prints a table, the CPU, and
-one JSON line last.
+process, bf16 on CPU (the native kernels). All four engines are built first; after a warm-up
+they run in interleaved rounds (llama, qwen3, qwen3_moe, mistral, llama, ...; 3 by default)
+and each keeps its fastest round, so machine drift affects all alike. tok/s = generated
+tokens / wall time of `generate`. Prints a table, the CPU, and one JSON line last.
 
     python benchmarks/architectures.py [--num-prompts 64] [--max-tokens 64]
 """
@@ -45,7 +46,7 @@ def build(kind: str, path: Path, tokenizer) -> Path:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(intermediate_size=1536, **common))
     elif kind == "mistral":
         model = tf.MistralForCausalLM(tf.MistralConfig(intermediate_size=1536,
-                                                       sliding_window=128, **common))
+                                                       sliding_window=64, **common))
     elif kind == "qwen3":
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(intermediate_size=1536, **common))
     elif kind == "qwen3_moe":
@@ -64,39 +65,40 @@ def build(kind: str, path: Path, tokenizer) -> Path:
     return path
 
 
-def measure(path: Path, prompts: list[str], max_tokens: int) -> float:
-    """Best-of-two generated tok/s after a warm-up."""
-    from vbatch import LLM, SamplingParams
-    llm = LLM(str(path), dtype="bfloat16", kv_cache_memory_gb=1.0, max_model_len=512,
-              enable_prefix_caching=False)
+def generate_tok_s(llm, prompts: list[str], max_tokens: int) -> float:
+    """Generated tok/s of one `generate` over all prompts."""
+    from vbatch import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompts[:8], params)
-    best = 0.0
-    for _ in range(2):
-        started = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - started
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        best = max(best, tokens / elapsed)
-    llm.llm_engine.shutdown()
-    return best
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - started
+    return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     from conftest import CORPUS, build_tokenizer
     from sampling_features import cpu_flags, cpu_name
     tokenizer = build_tokenizer()
     text = " ".join(CORPUS[:5])
     prompts = [f"{i}: {text[i % 40:][:260]}" for i in range(args.num_prompts)]
-    results = {}
+    from vbatch import LLM
+    kinds = ("llama", "qwen3", "qwen3_moe", "mistral")
+    results = dict.fromkeys(kinds, 0.0)
     with tempfile.TemporaryDirectory() as root:
-        for kind in ("llama", "qwen3", "qwen3_moe", "mistral"):
-            path = build(kind, Path(root) / kind, tokenizer)
-            results[kind] = measure(path, prompts, args.max_tokens)
+        engines = {kind: LLM(str(build(kind, Path(root) / kind, tokenizer)), dtype="bfloat16",
+                             kv_cache_memory_gb=1.0, max_model_len=512,
+                             enable_prefix_caching=False) for kind in kinds}
+        for llm in engines.values():                  # warm-up
+            generate_tok_s(llm, prompts[:8], args.max_tokens)
+        for _ in range(args.rounds):                  # interleaved, so drift hits all alike
+            for kind, llm in engines.items():
+                results[kind] = max(results[kind],
+                                    generate_tok_s(llm, prompts, args.max_tokens))
     print(f"CPU: {cpu_name()} ({cpu_flags() or 'no AVX-512 BF16/VNNI, no AMX'})")
     print(f"{args.num_prompts} prompts x {args.max_tokens} greedy tokens, bf16")
     print(f"{'model':<11} {'tok/s':>8} {'vs llama':>9}")
