@@ -5,7 +5,7 @@ and the lazy fused-tensor views that split qkv_proj / gate_up_proj per tensor-pa
 
 HF is the oracle (float32, eager attention): rotary tables (short factors times the longrope
 attention factor), ragged prefill and paged-decode logits within 1e-4, greedy tokens equal to
-HF `generate`, with native kernels and PyTorch ops; tp=2 and pp=2 equal to tp=1 (slow).
+HF `generate`, with native kernels and PyTorch ops (tp=2 and pp=2: test_architectures).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from arch_checkpoints import LONGROPE_ORIGINAL_MAX, save_arch_checkpoint
-from conftest import build_tokenizer, last_stage_logits, without_native_kernels
+from conftest import build_tokenizer, without_native_kernels
 from transformers import AutoModelForCausalLM
 
 from vbatch import LLM, SamplingParams
@@ -196,10 +196,14 @@ def test_hf_longrope_factors_window_and_tied_head_bite(models, hf):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_refused_past_original_max_position_embeddings(variant, models):
+    """By default the engine takes original_max_position_embeddings as max_model_len (not
+    max_position_embeddings); asking for more is refused."""
     original = VARIANTS[variant][0]
-    for kwargs in ({}, {"max_model_len": original + 1}):     # {}: max_position_embeddings
-        with pytest.raises(ValueError, match=f"longrope.*--max-model-len {original} or less"):
-            LLM(str(models[variant]), dtype="float32", kv_cache_memory_gb=0.01, **kwargs)
+    llm = LLM(str(models[variant]), dtype="float32", kv_cache_memory_gb=0.01)
+    assert llm.llm_engine.max_model_len == original
+    with pytest.raises(ValueError, match=f"longrope.*--max-model-len {original} or less"):
+        LLM(str(models[variant]), dtype="float32", kv_cache_memory_gb=0.01,
+            max_model_len=original + 1)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -265,24 +269,3 @@ def test_greedy_identical_to_hf_generate(variant, mode, engines, hf):
                                  pad_token_id=model.config.pad_token_id)
         expected.append(out[0, n:].tolist())
     assert _greedy(engines(variant, mode), variant) == expected
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_tp2_and_pp2_match_tp1(variant, layout, models, engines):
-    reference = engines(variant, "native-kernels")
-    expected = _greedy(reference, variant)
-    ids = token_ids(VARIANTS[variant][0])
-    expected_logits = _runner(reference).compute_logits(
-        [_scheduled(ids, 0, list(range(1, 1 + -(-len(ids) // 4))))])
-    tp, pp = layout
-    llm = LLM(str(models[variant]), dtype="float32", kv_cache_memory_gb=0.01,
-              max_model_len=VARIANTS[variant][0], tensor_parallel_size=tp,
-              pipeline_parallel_size=pp)
-    try:
-        assert _greedy(llm, variant) == expected
-        torch.testing.assert_close(last_stage_logits(llm, ids), expected_logits, atol=1e-4,
-                                   rtol=0)
-    finally:
-        llm.llm_engine.shutdown()

@@ -18,7 +18,7 @@ from vbatch.engine.config import (
 from vbatch.engine.executor.base import PendingResult
 from vbatch.engine.executor.factory import choose_backend, make_executor
 from vbatch.engine.loader import resolve_model
-from vbatch.engine.models.registry import check_supported, model_class_for
+from vbatch.engine.models.registry import check_supported, longrope_original_length, model_class_for
 from vbatch.engine.output_processor import OutputProcessor
 from vbatch.engine.outputs import RequestOutput
 from vbatch.engine.platform import resolve_block_size, resolve_device, resolve_dtype
@@ -338,14 +338,17 @@ class LLMEngine:
 
 def derive_max_model_len(hf_config, wanted: int | None) -> int:
     """The engine's max_model_len: `wanted`, or the model config's own maximum; a `wanted`
-    beyond the model's maximum raises ValueError."""
+    beyond the model's maximum raises ValueError. By default a longrope model (Phi-3-128k,
+    Phi-3.5, Phi-4-mini) gets its original_max_position_embeddings, the longest context vbatch
+    implements for it (asking for more explicitly is refused by check_supported)."""
     limits = [getattr(hf_config, name) for name in
               ("max_position_embeddings", "n_positions") if getattr(hf_config, name, None)]
     model_limit = min(limits) if limits else None
     if wanted is None:
         if model_limit is None:
             raise ValueError("the model config gives no maximum length; pass max_model_len")
-        return model_limit
+        original = longrope_original_length(hf_config)
+        return min(model_limit, original) if original else model_limit
     if model_limit is not None and wanted > model_limit:
         raise ValueError(f"max_model_len={wanted} exceeds the model's maximum of {model_limit}")
     return wanted

@@ -46,6 +46,20 @@ def _truthy(config, name: str) -> bool:
     return bool(getattr(config, name, None))
 
 
+def longrope_original_length(hf_config) -> int | None:
+    """original_max_position_embeddings of a longrope config (the longest context vbatch
+    implements for it, see generic_refusals), else None."""
+    for layer_type in sorted(set(getattr(hf_config, "layer_types", None) or ())) or [None]:
+        try:
+            params = rope_parameters(hf_config, layer_type)
+        except ValueError:
+            continue
+        if params.get("rope_type") == "longrope":
+            return (params.get("original_max_position_embeddings")
+                    or getattr(hf_config, "original_max_position_embeddings", None))
+    return None
+
+
 def generic_refusals(hf_config, max_model_len: int) -> list[str]:
     """Config fields of any architecture that change the math and are not implemented."""
     refused = []
