@@ -185,3 +185,26 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     with pytest.raises(VBatchUsageError, match="'qwen2moe'.*not supported; supported: "
                                                "llama, qwen2, qwen3"):
         convert_gguf(tmp_path / "moe.gguf", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_vbatch_runs_a_qwen_gguf_like_the_original_model(tmp_path, monkeypatch, arch):
+    """`LLM("x.gguf")` on a Qwen2/Qwen3 GGUF: prompt logits within 1e-4 of the original HF
+    model's, greedy tokens equal to its `generate`."""
+    from vbatch import LLM, SamplingParams
+    monkeypatch.setenv("VBATCH_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_qwen(arch, tie=False)
+    write_qwen_gguf(tmp_path / "tiny.gguf", model, arch)
+    llm = LLM(str(tmp_path / "tiny.gguf"), dtype="float32", kv_cache_memory_gb=0.01)
+    prompt = PROMPT[0].tolist()
+    [out] = llm.generate([{"prompt_token_ids": prompt}],
+                         SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                        prompt_logprobs=0))
+    with torch.no_grad():
+        expected = model.generate(PROMPT, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                  pad_token_id=2)[0, PROMPT.shape[1]:]
+        logprobs = torch.log_softmax(model(PROMPT).logits[0].double(), -1)
+    assert out.outputs[0].token_ids == expected.tolist()
+    for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        token = prompt[position]
+        assert abs(entry[token].logprob - logprobs[position - 1, token].item()) < 1e-4
