@@ -333,18 +333,23 @@ def test_structured_outputs_logprobs_and_samples(arch, engines, hf):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 @pytest.mark.parametrize("arch", ENGINE_ARCHS)
-def test_tp2_and_pp2_match_tp1(arch, layout, arch_models, engines, hf):
-    """tp=2 splits the 4 query / 2 KV heads (and the experts' FFNs); pp=2 gives each stage 2
-    layers (for gemma3: [sliding, full] | [sliding, sliding])."""
+def test_tp2_and_pp2_match_tp1(arch, layout, arch_models, engines, hf, monkeypatch):
+    """tp=2 splits the 4 query / 2 KV heads (and the experts' FFNs), its ranks on the native
+    kernels; pp=2 gives each stage 2 layers (for gemma3: [sliding, full] | [sliding, sliding]),
+    its ranks on PyTorch ops only (VBATCH_CPU_KERNELS=0, inherited by the worker processes)."""
     reference = engines(arch, "native-kernels")
     expected = _greedy(reference)
     ids = hf(arch)[1].encode(LONG)
     expected_logits = _runner(reference).compute_logits(
         [_scheduled(ids, 0, list(range(1, 1 + -(-len(ids) // 4))))])
     tp, pp = layout
+    if pp > 1:
+        monkeypatch.setenv("VBATCH_CPU_KERNELS", "0")
     llm = LLM(str(arch_models[arch]), dtype="float32", kv_cache_memory_gb=0.01,
               tensor_parallel_size=tp, pipeline_parallel_size=pp)
     try:
+        native = llm.llm_engine.executor.collective_rpc("uses_native_kernels")
+        assert all(native) == (pp == 1) and any(native) == (pp == 1), native
         assert _greedy(llm) == expected
         torch.testing.assert_close(last_stage_logits(llm, ids), expected_logits, atol=1e-4,
                                    rtol=0)

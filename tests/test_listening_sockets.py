@@ -4,8 +4,8 @@ Proves, through the installed `vbatch` command, with the listening TCP sockets o
 whole process tree sampled while it runs: a `--tp 2` job (mp ranks: torch's rendezvous store,
 gloo's pairs) opens no socket outside 127.0.0.0/8 and ::1, even where gloo would pick an external
 interface (GLOO_SOCKET_IFNAME naming one, as on a host whose name resolves to its external
-address); nor does a `--runner ray` job on its private Ray (GCS, raylet, workers, agents), nor a
-`--distributed-executor-backend ray --tp 2` job (rank actors on a private Ray).
+address); nor does a `--runner ray --distributed-executor-backend ray --tp 2` job on its
+private Ray (GCS, raylet, workers, agents, replica actors and their rank actors).
 """
 from __future__ import annotations
 
@@ -104,21 +104,13 @@ def test_tensor_parallel_job_listens_on_loopback_only(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_runner_job_listens_on_loopback_only(tiny_models, tmp_path):
+def test_ray_runner_and_executor_job_listens_on_loopback_only(tiny_models, tmp_path):
+    """One job on both Ray paths: replicas as Ray Data actors, each with tp=2 rank actors."""
     pytest.importorskip("ray")
     rc, stderr, listeners = _run_and_watch(
-        _job_args(tiny_models, tmp_path, "--runner", "ray"), tmp_path)
+        _job_args(tiny_models, tmp_path, "--runner", "ray", "--tp", "2",
+                  "--distributed-executor-backend", "ray"), tmp_path)
     assert rc == 0, stderr
     _assert_loopback_only(listeners, must_include="gcs_server")
     assert any("raylet" in name for *_, name in listeners), listeners
-
-
-@pytest.mark.slow
-def test_ray_executor_job_listens_on_loopback_only(tiny_models, tmp_path):
-    pytest.importorskip("ray")
-    rc, stderr, listeners = _run_and_watch(
-        _job_args(tiny_models, tmp_path, "--tp", "2", "--distributed-executor-backend", "ray"),
-        tmp_path)
-    assert rc == 0, stderr
-    _assert_loopback_only(listeners, must_include="gcs_server")
     assert any("RankActor" in name for *_, name in listeners), listeners

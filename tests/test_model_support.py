@@ -20,7 +20,6 @@ def _llama(**overrides):
 
 
 @pytest.mark.parametrize("config, field", [
-    (_llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "'dynamic'"),
     (_llama(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config"),
     (GPT2Config(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
     (_llama(attention_chunk_size=64), "attention_chunk_size"),
@@ -61,19 +60,19 @@ def test_unknown_architecture_lists_the_supported_ones():
 
 @pytest.fixture(scope="module")
 def refused_model(tmp_path_factory):
-    """A tiny random LLaMA checkpoint whose config asks for dynamic NTK rope scaling."""
+    """A tiny random LLaMA checkpoint whose config asks for chunked attention (Llama 4's
+    `attention_chunk_size`, which vbatch does not implement)."""
     from transformers import LlamaForCausalLM
     path = tmp_path_factory.mktemp("refused")
     tokenizer = build_tokenizer()
-    config = _llama(vocab_size=len(tokenizer),
-                    rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    config = _llama(vocab_size=len(tokenizer), attention_chunk_size=8)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
 def test_llm_refuses_before_loading_weights(refused_model):
-    with pytest.raises(ValueError, match="rope_type='dynamic' is not implemented"):
+    with pytest.raises(ValueError, match="attention_chunk_size=8 is not implemented"):
         LLM(str(refused_model), dtype="float32", kv_cache_memory_gb=0.01)
 
 
@@ -88,4 +87,38 @@ def test_a_job_on_such_a_model_exits_2_in_one_line(refused_model, tmp_path):
                              "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1 and "dynamic" in lines[0]
+    assert len(lines) == 1 and "attention_chunk_size" in lines[0]
+
+
+def test_dynamic_ntk_rope_runs_as_hf_within_max_position_embeddings(tmp_path):
+    """Dynamic NTK scaling changes HF's frequencies only past max_position_embeddings, which
+    max_model_len cannot exceed: within it, vbatch's greedy tokens equal HF `generate`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from vbatch import SamplingParams
+    tokenizer = build_tokenizer()
+    torch.manual_seed(5)
+    config = _llama(vocab_size=len(tokenizer), max_position_embeddings=64,
+                    rope_scaling={"rope_type": "dynamic", "factor": 4.0},
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.2)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompt = "Paris is the capital of France; Berlin is the capital of Germany. 0123456789"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    new_tokens = 64 - ids.shape[1]
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01)
+    [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens,
+                                                  ignore_eos=True))
+    with torch.no_grad():
+        expected = model.eval().generate(ids, max_new_tokens=new_tokens,
+                                         min_new_tokens=new_tokens, do_sample=False,
+                                         pad_token_id=0)[0, ids.shape[1]:]
+    assert out.outputs[0].token_ids == expected.tolist()
+    with pytest.raises(ValueError, match="exceeds the model's maximum of 64"):
+        LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01, max_model_len=65)

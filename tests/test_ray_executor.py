@@ -68,11 +68,11 @@ def _all_cpus_free(ray) -> bool:
     return ray.available_resources().get("CPU", 0) == NUM_CPUS
 
 
-@pytest.mark.parametrize("kind, tp, pp", [("llama-gqa-untied", 2, 1), ("llama-gqa-untied", 4, 1),
-                                          ("llama-gqa-untied", 2, 2), ("gpt2", 2, 2)])
+@pytest.mark.parametrize("kind, tp, pp", [("llama-gqa-untied", 2, 1), ("llama-gqa-untied", 2, 2)])
 def test_ray_matches_single_rank(tiny_models, ray_instance, kind, tp, pp):
-    """tp=2 and 4 (4 > the 2 KV heads: replicated), and tp=2 x pp=2 (several steps in
-    flight: each actor must run its calls in order), for LLaMA and GPT-2."""
+    """tp=2, and tp=2 x pp=2 (several steps in flight: each actor must run its calls in
+    order). Models and tp=4 (KV heads replicated) run on the mp executor in
+    test_tensor_parallel / test_pipeline_parallel: the executor does not change the math."""
     path = tiny_models[kind]
     expected = _tokens(_llm(path, 1))
     llm = _llm(path, tp, "ray", pp=pp)

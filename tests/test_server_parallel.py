@@ -1,8 +1,8 @@
-"""`python -m vbatch.entrypoints.openai.api_server` with vLLM's flags on a tp=2 engine (mp
-executor, two worker processes): concurrent streamed requests give the single-rank engine's
-greedy text; a dropped stream frees its KV blocks; a killed worker turns requests and /health
-into 503s. (Aborting inside pipeline steps in flight is
-tested on the engine, tests/test_engine_abort_stream.py: a pp server costs 20 s more here.)"""
+"""`python -m vbatch.entrypoints.openai.api_server` with vLLM's flags on a tp=3 x pp=2 engine
+(mp executor, six worker processes): concurrent streamed requests give the single-rank
+engine's greedy text; a dropped stream leaves no KV blocks held; a killed worker turns
+requests and /health into 503s. (Aborting while pipeline steps are in flight is tested on the
+engine, where it can be timed: tests/test_engine_abort_stream.py.)"""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +12,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from conftest import save_tp3_llama
 from server_process import metric, running_server
 
 from vbatch import LLM, SamplingParams
@@ -20,16 +21,17 @@ PROMPTS = [f"Row {i}: the quick brown fox" for i in range(6)]
 
 
 @pytest.mark.slow
-def test_tp2_server_matches_single_rank_greedy(tiny_models, tmp_path):
-    model_dir = tiny_models["llama-gqa-untied"]
+def test_tp3_pp2_server_matches_single_rank_greedy(tmp_path):
+    model_dir = save_tp3_llama(tmp_path / "model")     # 6 heads / 3 KV heads, 4 layers
     reference = LLM(str(model_dir), dtype="float32", kv_cache_memory_gb=0.01)
     try:
         expected = [o.outputs[0].text for o in reference.generate(
             PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))]
     finally:
         reference.llm_engine.shutdown()
-    args = ["--model", str(model_dir), "--dtype", "float32", "--tensor-parallel-size", "2",
-            "--distributed-executor-backend", "mp", "--kv-cache-memory-gb", "0.05"]
+    args = ["--model", str(model_dir), "--dtype", "float32", "--tensor-parallel-size", "3",
+            "--pipeline-parallel-size", "2", "--distributed-executor-backend", "mp",
+            "--kv-cache-memory-gb", "0.05"]
     with running_server(args, tmp_path / "server.log") as base_url:
         idle = metric(base_url, "vbatch_kv_free_blocks")
 
@@ -44,8 +46,9 @@ def test_tp2_server_matches_single_rank_greedy(tiny_models, tmp_path):
                 return await asyncio.gather(*(one(p) for p in PROMPTS))
         assert asyncio.run(stream_all()) == expected
         with httpx.stream("POST", f"{base_url}/v1/completions", timeout=30, json={
-                "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True,
+                "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True,
                 "stream": True}) as response:
+            assert response.status_code == 200
             next(response.iter_lines())
         deadline = time.monotonic() + 30
         while metric(base_url, "vbatch_kv_free_blocks") != idle:
@@ -62,11 +65,12 @@ def test_tp2_server_matches_single_rank_greedy(tiny_models, tmp_path):
 
 
 def _workers(base_url: str) -> list[psutil.Process]:
-    """The server's tp worker processes (its children, Python's resource tracker aside)."""
+    """The server's tp x pp worker processes (its children, Python's resource tracker
+    aside)."""
     port = int(base_url.rsplit(":", 1)[1])
     [pid] = [c.pid for c in psutil.net_connections("tcp")
              if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     workers = [child for child in psutil.Process(pid).children(recursive=True)
                if "resource_tracker" not in " ".join(child.cmdline())]
-    assert len(workers) == 2, [w.cmdline() for w in workers]
+    assert len(workers) == 6, [w.cmdline() for w in workers]
     return workers

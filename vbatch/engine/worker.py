@@ -79,6 +79,11 @@ class Worker:
         input was ready (after the receive from the previous pipeline stage)."""
         return list(self.model_runner.step_times)
 
+    def uses_native_kernels(self) -> bool:
+        """Whether this rank's attention runs the native CPU kernels (else PyTorch ops)."""
+        return all(layer.kernels is not None
+                   for layer in self.model_runner.model.attention_layers())
+
     def compute_logits(self, seqs: list[ScheduledSequence]):
         """Logits of every new token of a step on the last pipeline stage (every TP rank of it
         holds them all), None on the other stages; for tests."""

@@ -7,7 +7,9 @@ x_j sin(p f_j); dimensions r..head_dim-1 pass unchanged (partial rotary, Phi-3's
 `partial_rotary_factor`). Frequencies of scaled types (linear, llama3, yarn, longrope, ...)
 come from transformers' own rope functions, so every type a config can name is computed exactly
 as Hugging Face does (cos/sin in float32, times the type's attention scaling, then cast to the
-model dtype). A config may give per-layer-type parameters (Gemma 3: `rope_parameters`
+model dtype). `dynamic` NTK scaling changes the frequencies only for sequences longer than
+max_position_embeddings, which max_model_len never exceeds: within it, its frequencies are
+the unscaled ones HF computes at start-up. A config may give per-layer-type parameters (Gemma 3: `rope_parameters`
 {"sliding_attention": ..., "full_attention": ...}): one embedding per `layer_type`.
 """
 from __future__ import annotations
@@ -54,9 +56,6 @@ def inverse_frequencies(config, head_dim: int, layer_type: str | None = None
         dim = rotary_dim_of(config, head_dim, layer_type)
         exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
         return 1.0 / (params["rope_theta"] ** exponent), 1.0
-    if rope_type == "dynamic":
-        raise ValueError("rope_type 'dynamic' (NTK scaling that changes with the sequence "
-                         "length) is not implemented")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: PLC0415 - start-up: transformers loads when a model is built
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope_type {rope_type!r} is not implemented")

@@ -27,7 +27,7 @@ MODEL_CLASSES: dict[str, tuple[str, str]] = {
     "gpt2": ("gpt2", "GPT2LMHeadModel"),
 }
 
-_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope"}
+_ROPE_TYPES = {"default", "linear", "dynamic", "llama3", "yarn", "longrope"}
 
 
 def model_class_for(hf_config) -> type[nn.Module]:
