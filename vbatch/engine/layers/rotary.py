@@ -9,8 +9,9 @@ come from transformers' own rope functions, so every type a config can name is c
 as Hugging Face does (cos/sin in float32, times the type's attention scaling, then cast to the
 model dtype). `dynamic` NTK scaling changes the frequencies only for sequences longer than
 max_position_embeddings, which max_model_len never exceeds: within it, its frequencies are
-the unscaled ones HF computes at start-up. A config may give per-layer-type parameters (Gemma 3: `rope_parameters`
-{"sliding_attention": ..., "full_attention": ...}): one embedding per `layer_type`.
+the unscaled ones HF computes at start-up. A config may give per-layer-type parameters
+(Gemma 3: `rope_parameters` {"sliding_attention": ..., "full_attention": ...}): one embedding
+per `layer_type`.
 """
 from __future__ import annotations
 
