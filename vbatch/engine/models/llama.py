@@ -21,10 +21,12 @@ from vbatch.parallel.state import ParallelState
 
 class LlamaDecoderLayer(nn.Module):
     """input_layernorm -> self_attn -> post_attention_layernorm -> mlp, with the residual
-    stream carried separately: forward(x, residual, ctx) -> (mlp output, residual)."""
+    stream carried separately: forward(x, residual, ctx) -> (mlp output, residual). `mlp`
+    replaces the gated MLP (a sparse MoE block: Mixtral, Qwen3-MoE)."""
 
     def __init__(self, config, ps: ParallelState, dtype: torch.dtype, rotary: RotaryEmbedding,
-                 options: AttentionOptions, *, mlp_bias: bool = False):
+                 options: AttentionOptions, *, mlp_bias: bool = False,
+                 mlp: nn.Module | None = None):
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(hidden, eps, dtype, ps.device)
@@ -32,8 +34,9 @@ class LlamaDecoderLayer(nn.Module):
                                        config.num_key_value_heads, head_dim_of(config), rotary,
                                        ps, dtype, options)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, ps.device)
-        self.mlp = GatedMLP(hidden, config.intermediate_size,
-                            getattr(config, "hidden_act", "silu"), ps, dtype, bias=mlp_bias)
+        self.mlp = mlp if mlp is not None else GatedMLP(
+            hidden, config.intermediate_size, getattr(config, "hidden_act", "silu"), ps, dtype,
+            bias=mlp_bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
         if residual is None:

@@ -19,42 +19,15 @@ import torch
 from torch import nn
 
 from vbatch.engine.layers.activation import gated_activation
-from vbatch.engine.layers.forward_context import ForwardContext
 from vbatch.engine.layers.moe import (
     SparseMoeBlock,
     check_experts_loaded,
     expert_checkpoint_tensors,
 )
-from vbatch.engine.layers.norm import RMSNorm
-from vbatch.engine.layers.self_attention import AttentionOptions, SelfAttention
-from vbatch.engine.models.base import head_dim_of, sliding_window_of
-from vbatch.engine.models.llama import LlamaForCausalLM
+from vbatch.engine.layers.self_attention import AttentionOptions
+from vbatch.engine.models.base import sliding_window_of
+from vbatch.engine.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vbatch.parallel.state import ParallelState
-
-
-class MoeDecoderLayer(nn.Module):
-    """LLaMA's decoder layer with a given feed-forward module `mlp` (sparse MoE or dense):
-    forward(x, residual, ctx) -> (mlp output, residual)."""
-
-    def __init__(self, config, ps: ParallelState, dtype: torch.dtype, rotary,
-                 options: AttentionOptions, mlp: nn.Module):
-        super().__init__()
-        hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = RMSNorm(hidden, eps, dtype, ps.device)
-        self.self_attn = SelfAttention(hidden, config.num_attention_heads,
-                                       config.num_key_value_heads, head_dim_of(config), rotary,
-                                       ps, dtype, options)
-        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, ps.device)
-        self.mlp = mlp
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, ctx)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
@@ -95,9 +68,9 @@ class MixtralForCausalLM(LlamaForCausalLM):
                               weights_in_hidden_dtype=False)
 
     def make_layer(self, layer_index: int, ps: ParallelState, dtype: torch.dtype) -> nn.Module:
-        return MoeDecoderLayer(self.config, ps, dtype, self.rotary_emb,
-                               self.attention_options(layer_index),
-                               self.make_mlp(layer_index, ps, dtype))
+        return LlamaDecoderLayer(self.config, ps, dtype, self.rotary_emb,
+                                 self.attention_options(layer_index),
+                                 mlp=self.make_mlp(layer_index, ps, dtype))
 
     def checkpoint_tensors(self, weights: Iterable[tuple[str, object]]
                            ) -> Iterator[tuple[str, object]]:
