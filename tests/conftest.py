@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# the S3 test server's fixtures (`s3_server`, `s3_bucket`)
+pytest_plugins = ["s3_server"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # OpenMP threads that finish a parallel region sleep instead of spinning for the next one. The

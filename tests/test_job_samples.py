@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_offline, vbatch_command, write_prompt_jsonl
 
-from vbatch.io.manifest import job_fingerprint, load_resume_state, part_counts
+from vbatch.io.fingerprint import job_fingerprint
+from vbatch.io.manifest import load_resume_state, part_counts
 from vbatch.io.parts import ParquetPartWriter
 from vbatch.io.positions import POSITION_COLUMN
 from vbatch.io.schema import (

@@ -32,7 +32,8 @@ import vbatch.jobs
 from vbatch.engine.sampling_params import SamplingParams
 from vbatch.engine.structured_output import StructuredOutputsParams
 from vbatch.errors import VBatchUsageError
-from vbatch.io.manifest import job_fingerprint, load_resume_state
+from vbatch.io.fingerprint import job_fingerprint
+from vbatch.io.manifest import load_resume_state
 from vbatch.io.parts import ParquetPartWriter
 from vbatch.jobs.cli import main
 from vbatch.jobs.commit import generation_settings

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_offline, small_job_command
 
-from vbatch.io.manifest import ResumeState, job_fingerprint, load_resume_state
+from vbatch.io.fingerprint import job_fingerprint
+from vbatch.io.manifest import ResumeState, load_resume_state
 from vbatch.io.parts import ParquetPartWriter
 from vbatch.io.positions import IntervalSet
 

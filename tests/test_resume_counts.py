@@ -23,7 +23,8 @@ import pytest
 from conftest import run_offline, small_job_command
 
 from vbatch.errors import TooManyRowErrors
-from vbatch.io.manifest import job_fingerprint, load_resume_state
+from vbatch.io.fingerprint import job_fingerprint
+from vbatch.io.manifest import load_resume_state
 from vbatch.io.parts import ParquetPartWriter
 from vbatch.io.positions import POSITION_COLUMN
 from vbatch.jobs.output_tally import OutputTally

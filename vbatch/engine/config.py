@@ -88,6 +88,13 @@ class EngineConfig:
     trust_remote_code: bool = option(
         False, fingerprint=False,
         help="Allow code shipped with the model (config auto_map). Only for models you trust.")
+    storage_options: str | None = option(
+        None, metavar="JSON_OR_YAML", fingerprint=False, env="VBATCH_STORAGE_OPTIONS",
+        help="Options of the object-store filesystem (s3fs / gcsfs / adlfs keyword arguments, "
+             'e.g. \'{"endpoint_url": "http://minio:9000"}\'): JSON or YAML text or a file. '
+             "Used for s3:// gs:// az:// inputs, outputs and models; credentials otherwise "
+             "come the SDKs' usual way (AWS_* variables, profiles, "
+             "GOOGLE_APPLICATION_CREDENTIALS).")
     allow_pickle: bool = option(
         False, fingerprint=False,
         help="Allow pickle checkpoints (*.bin, *.pt), read with torch's weights-only loader. "

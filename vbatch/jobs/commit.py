@@ -19,7 +19,8 @@ import transformers
 
 import vbatch
 from vbatch.io.directory import OutputDirectory
-from vbatch.io.manifest import FINGERPRINT_KEY, ResumeState, job_fingerprint, load_resume_state
+from vbatch.io.fingerprint import job_fingerprint
+from vbatch.io.manifest import FINGERPRINT_KEY, ResumeState, load_resume_state
 from vbatch.io.output_dir import clear_output_dir
 from vbatch.io.parts import ParquetPartWriter
 from vbatch.io.positions import IntervalSet
