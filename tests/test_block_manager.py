@@ -232,6 +232,12 @@ TestBlockManagerMachine = BlockManagerMachine.TestCase
 
 # ---- prefix caching ------------------------------------------------------------------------
 
+def allocate_and_compute(bm: BlockManager, seq: Sequence) -> None:
+    """Allocate `seq` and compute all its tokens, as a scheduled prefill step does."""
+    bm.allocate(seq)
+    bm.cache_blocks(seq, seq.num_tokens)
+
+
 def _seq_with(seq_id, tokens):
     seq = make_seq(seq_id, len(tokens))
     seq.token_ids = list(tokens)
@@ -243,10 +249,10 @@ def test_shared_prefix_blocks_are_reused_and_reference_counted():
     prefix = [7, 7, 7, 7, 8, 8, 8, 8]
     a = _seq_with(0, prefix + [1, 2])
     b = _seq_with(1, prefix + [3])
-    bm.allocate(a)
+    allocate_and_compute(bm, a)
     assert a.num_computed_tokens == 0 and len(a.block_table) == 3
     free_before = bm.num_free_blocks
-    bm.allocate(b)
+    allocate_and_compute(bm, b)
     assert b.block_table[:2] == a.block_table[:2]           # both prefix blocks shared
     assert b.num_computed_tokens == 8                        # only the last token is computed
     assert bm.num_free_blocks == free_before - 1
@@ -259,40 +265,54 @@ def test_shared_prefix_blocks_are_reused_and_reference_counted():
 def test_last_token_is_always_computed():
     bm = BlockManager(10, 4)
     tokens = [5] * 8
-    bm.allocate(_seq_with(0, tokens))
+    allocate_and_compute(bm, _seq_with(0, tokens))
     again = _seq_with(1, tokens)
-    bm.allocate(again)
+    allocate_and_compute(bm, again)
     assert again.num_computed_tokens == 4                    # block 2 holds the last token
 
 
 def test_freed_blocks_keep_their_hash_until_reused():
     bm = BlockManager(4, 2)                                  # 3 usable blocks
     first = _seq_with(0, [1, 2, 3, 4, 9])
-    bm.allocate(first)
+    allocate_and_compute(bm, first)
     bm.free(first)
     hit = _seq_with(1, [1, 2, 3, 4, 5])
-    bm.allocate(hit)
+    allocate_and_compute(bm, hit)
     assert hit.num_computed_tokens == 4 and bm.num_free_blocks == 0
     bm.free(hit)
     other = _seq_with(2, [6, 6, 6, 6, 6, 6])                # takes every block: hashes evicted
-    bm.allocate(other)
+    allocate_and_compute(bm, other)
     bm.free(other)
     miss = _seq_with(3, [1, 2, 3, 4, 5])
-    bm.allocate(miss)
+    allocate_and_compute(bm, miss)
     assert miss.num_computed_tokens == 0
 
 
 def test_chained_hash_differs_after_a_different_block():
     bm = BlockManager(10, 2)
-    bm.allocate(_seq_with(0, [1, 1, 2, 2, 0]))
+    allocate_and_compute(bm, _seq_with(0, [1, 1, 2, 2, 0]))
     other = _seq_with(1, [9, 9, 2, 2, 0])                   # same 2nd block, other prefix
-    bm.allocate(other)
+    allocate_and_compute(bm, other)
     assert other.num_computed_tokens == 0
 
 
 def test_can_allocate_counts_hits_on_live_blocks_as_free_of_charge():
     bm = BlockManager(4, 2)                                  # 3 usable blocks
-    bm.allocate(_seq_with(0, [1, 2, 3, 4, 5]))               # uses all 3
+    allocate_and_compute(bm, _seq_with(0, [1, 2, 3, 4, 5]))               # uses all 3
     twin = _seq_with(1, [1, 2, 3, 4, 7])
     assert not bm.can_allocate(twin)                         # needs 1 new block, none free
     assert not bm.can_allocate(_seq_with(3, [8, 8, 8]))
+
+
+def test_blocks_are_offered_only_once_a_step_computes_them():
+    bm = BlockManager(10, 4)
+    prefix = [7, 7, 7, 7, 8, 8, 8, 8]
+    first = _seq_with(0, prefix + [1])
+    bm.allocate(first)                                       # not computed by any step yet
+    early = _seq_with(1, prefix + [2])
+    bm.allocate(early)
+    assert early.num_computed_tokens == 0                    # nothing shared
+    bm.cache_blocks(first, 5)                                # a chunk of 5 tokens: block 0
+    later = _seq_with(2, prefix + [3])
+    bm.allocate(later)
+    assert later.num_computed_tokens == 4 and later.block_table[0] == first.block_table[0]

@@ -11,7 +11,11 @@ its end, h_i = hash(h_{i-1}, tokens of block i). When a new sequence's leading f
 hashes already in the cache, it shares those blocks (reference counted) and skips computing
 them, e.g. a chat template's system prompt shared by every row. A freed block keeps its hash
 and can still be hit until the block is handed out again. The last prompt token is always
-computed (its logits are needed), so at most (n - 1) // block_size blocks are shared.
+computed (its logits are needed), so at most (n - 1) // block_size blocks are shared. A block
+enters the index only once a scheduled step computes it (`cache_blocks`, called by the
+scheduler for the tokens it schedules): a prompt prefilled in chunks over several steps never
+offers a block whose keys/values are not written yet. (Within one step every layer writes all
+new keys/values before attending, so a block computed in a step may be shared in that step.)
 
 Samples of one request share blocks too: `fork` gives a new sample the parent's block table
 (reference counted), and a shared block is copied before it is written (copy-on-write:
@@ -108,14 +112,21 @@ class BlockManager:
             self.ref_counts[block_id] += 1
             table.append(block_id)
             num_hit_blocks += 1
-        for index in range(num_hit_blocks, num_blocks_for(seq.num_tokens, self.block_size)):
-            block_id = self._take_free_block()
-            if index < len(hashes):
-                self._register(block_id, *hashes[index])
-            table.append(block_id)
+        for _ in range(num_hit_blocks, num_blocks_for(seq.num_tokens, self.block_size)):
+            table.append(self._take_free_block())
         seq.block_table = table
+        seq.block_hashes = hashes
+        seq.num_cached_blocks = num_hit_blocks
         seq.num_computed_tokens = num_hit_blocks * self.block_size
         self.num_cached_token_hits += seq.num_computed_tokens
+
+    def cache_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Enter `seq`'s full prompt blocks within its first `num_tokens` tokens into the
+        prefix index: the step being scheduled computes them (see module docstring)."""
+        end = min(len(seq.block_hashes), num_tokens // self.block_size)
+        for index in range(seq.num_cached_blocks, end):
+            self._register(seq.block_table[index], *seq.block_hashes[index])
+        seq.num_cached_blocks = max(seq.num_cached_blocks, end)
 
     def _take_free_block(self) -> int:
         block_id = self.free_block_ids.pop()
@@ -137,6 +148,8 @@ class BlockManager:
             if self.ref_counts[block_id] == 0:
                 self.free_block_ids.append(block_id)
         seq.block_table = []
+        seq.block_hashes = []
+        seq.num_cached_blocks = 0
         seq.num_computed_tokens = 0
 
     def fork(self, parent: Sequence, child: Sequence) -> None:

@@ -55,8 +55,9 @@ class EngineConfig:
         help="Maximum number of sequences in one engine batch.")
     max_num_batched_tokens: int | None = option(
         None, checks=at_least(1, INT64_MAX), env="VBATCH_MAX_NUM_BATCHED_TOKENS", fingerprint=False,
-        help="Maximum number of tokens processed in one engine step. "
-             "Default: max(8192, max-model-len).")
+        help="Maximum number of tokens processed in one engine step (decodes plus prompt "
+             "chunks: a longer prompt is prefilled in chunks over several steps; one that asks "
+             "for prompt logprobs must fit). Default: max(8192, max-model-len).")
     kv_cache_memory_gb: float | None = option(
         None, checks=greater_than(0), metavar="GB", env="VBATCH_KV_CACHE_MEMORY_GB",
         fingerprint=False,

@@ -64,7 +64,8 @@ class LLMEngine:
         check_environment()     # the VBATCH_* variables, as `vbatch run` checks them
         self.config = config
         self.resolved_model = resolve_model(config.model, allow_pickle=config.allow_pickle,
-                                            trust_remote_code=config.trust_remote_code)
+                                            trust_remote_code=config.trust_remote_code,
+                                            storage_options=config.storage_options)
         model_dir = self.resolved_model.path
         self.hf_config = AutoConfig.from_pretrained(model_dir,
                                                     trust_remote_code=config.trust_remote_code)
@@ -78,9 +79,6 @@ class LLMEngine:
         check_supported(self.hf_config, self.max_model_len)   # before any worker starts
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192,
                                                                            self.max_model_len)
-        if self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                             f"max_model_len ({self.max_model_len})")
         self.eos_token_ids = self._eos_token_ids(model_dir)
         self.executor = self._make_executor(model_dir)
         self.num_kv_blocks = self._init_kv_cache()
@@ -292,13 +290,11 @@ class LLMEngine:
             return []
         ve = self._in_flight.popleft()
         (scheduled, pending), ve.in_flight = ve.in_flight, None
-        if scheduled.is_prefill:
-            self.num_prefill_tokens += sum(s.num_tokens - s.num_computed_tokens
-                                           for s in scheduled.seqs if not s.is_finished)
+        self.num_prefill_tokens += scheduled.num_prefill_tokens
         return self.output_processor.process(ve.scheduler, scheduled, pending.driver_result())
 
     def _step_input(self, scheduled: SchedulerOutput) -> StepInput:
-        batch = [self._slim(seq) for seq in scheduled.seqs]
+        batch = [self._slim(seq, n) for seq, n in zip(scheduled.seqs, scheduled.num_new_tokens)]
         bitmask = None
         constrained = [(slim, seq) for slim, seq in zip(batch, scheduled.seqs)
                        if seq.grammar is not None]
@@ -310,10 +306,11 @@ class LLMEngine:
                 slim.grammar_row = row
         return StepInput(batch, scheduled.blocks_to_copy, bitmask)
 
-    def _slim(self, seq: Sequence) -> ScheduledSequence:
+    def _slim(self, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
         params = seq.sampling_params
+        start = seq.num_computed_tokens
         slim = ScheduledSequence(
-            seq_id=seq.seq_id, token_ids=seq.token_ids[seq.num_computed_tokens:],
+            seq_id=seq.seq_id, token_ids=seq.token_ids[start:start + num_new_tokens],
             start_position=seq.num_computed_tokens, block_table=seq.block_table,
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             min_p=params.min_p, seed=seq.seed, row_key=seq.row_key,

@@ -87,10 +87,12 @@ class OutputProcessor:
         finished: list[RequestOutput] = []
         streamed: dict[str, RequestState] = {}
         logprobs = result.logprobs
-        for index, seq in enumerate(scheduled.seqs):
+        for index, (seq, num_new) in enumerate(zip(scheduled.seqs, scheduled.num_new_tokens)):
             if seq.is_finished:     # aborted while this step was in flight
                 continue
-            seq.num_computed_tokens = seq.num_tokens
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue            # a prefill chunk: the prompt's next chunk runs next step
             state = self.requests[seq.request_id]
             if state.stream:
                 streamed[state.request_id] = state

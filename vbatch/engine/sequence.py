@@ -43,6 +43,10 @@ class Sequence:
         self.num_samples_to_fork = sampling_params.n
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        # prefix-cache hashes of the prompt's full blocks (block_manager.py), and how many of
+        # them are in the index already
+        self.block_hashes: list[tuple[int, tuple[int, ...]]] = []
+        self.num_cached_blocks = 0
         self.num_computed_tokens = 0
         self.has_prefilled = False
         self.finish_reason: str | None = None
