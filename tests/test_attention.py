@@ -284,10 +284,11 @@ def test_hand_built_metadata_decode():
     cache[0, :, 2, 1] = cache[1, :, 2, 1] = 99.0       # stale: must be overwritten
     cache[:, :, 3] = 1e4                               # padding block of the table: masked
     q = torch.randn(1, 2 * d, generator=gen)
-    meta = AttentionMetadata(slot_mapping=torch.tensor([2 * bs + 1]),
-                             block_tables=torch.tensor([[5, 2, 3]]),
-                             attn_mask=torch.tensor([[[[True] * 4 + [False] * 2]]]),
-                             query_pad_index=None, query_unpad_index=None)
+    meta = AttentionMetadata.build(slot_mapping=torch.tensor([2 * bs + 1]),
+                                   block_tables=torch.tensor([[5, 2, 3]]),
+                                   token_seq_index=torch.tensor([0]),
+                                   token_context_lens=torch.tensor([4]), query_lens=[1],
+                                   context_lens=[4], block_size=bs, rows_per_chunk=128)
     out = attn(q, keys[3].reshape(1, -1), values[3].reshape(1, -1), meta).view(2, d)
     assert torch.equal(cache[0, :, 2, 1], keys[3]) and torch.equal(cache[1, :, 2, 1], values[3])
     scores = torch.einsum("hd,kd->hk", q.view(2, d), keys[:, 0]) * 0.5

@@ -70,8 +70,9 @@ class ModelRunner:
         if step.blocks_to_copy:
             self._copy_blocks(step.blocks_to_copy)
         seqs = step.seqs
-        order = sorted(range(len(seqs)),
-                       key=lambda i: seqs[i].start_position + len(seqs[i].token_ids))
+        # decodes first, then prefills, each by context length (attention chunks, PyTorch path)
+        order = sorted(range(len(seqs)), key=lambda i: (
+            len(seqs[i].token_ids) > 1, seqs[i].start_position + len(seqs[i].token_ids)))
         seqs = [seqs[i] for i in order]
         input_ids, positions, meta, logits_index = self._prepare(seqs)
         hidden = self._run_stage(input_ids, positions, meta)
@@ -177,52 +178,26 @@ class ModelRunner:
         self.stage.send_to_next(hidden)
         return None
 
-    def _chunks(self, context_lens: list[int]) -> list[tuple[int, int, int]]:
-        """(start, end, num_blocks) per group of up to ROWS_PER_CHUNK consecutive sequences."""
-        chunks = []
-        for start in range(0, len(context_lens), ROWS_PER_CHUNK):
-            end = min(start + ROWS_PER_CHUNK, len(context_lens))
-            chunks.append((start, end, -(-max(context_lens[start:end]) // self.block_size)))
-        return chunks
-
     def _prepare(self, seqs: list[ScheduledSequence]):
         device, bs = self.device, self.block_size
         query_lens = [len(s.token_ids) for s in seqs]
         starts = [s.start_position for s in seqs]
         context_lens = [st + q for st, q in zip(starts, query_lens)]
-        batch, max_q, max_ctx = len(seqs), max(query_lens), max(context_lens)
-        max_blocks = -(-max_ctx // bs)
+        max_blocks = -(-max(context_lens) // bs)
         block_tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(
             s.block_table[:max_blocks])) for s in seqs], dtype=torch.int64)
         input_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.int64)
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
-        seq_index = torch.repeat_interleave(torch.arange(batch), q_lens)
+        seq_index = torch.repeat_interleave(torch.arange(len(seqs)), q_lens)
         cu_q = torch.cumsum(q_lens, 0) - q_lens          # first new token of each sequence
         offset_in_seq = torch.arange(len(input_ids)) - cu_q[seq_index]
         positions = torch.tensor(starts, dtype=torch.int64)[seq_index] + offset_in_seq
         slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
-        max_keys = max_blocks * bs
-        key_pos = torch.arange(max_keys)
-        if max_q == 1:
-            mask = (key_pos.unsqueeze(0) < ctx_lens.unsqueeze(1)).view(batch, 1, 1, max_keys)
-            pad_index = unpad_index = None
-        else:
-            q_offsets = torch.arange(max_q)
-            q_pos = (ctx_lens - q_lens).unsqueeze(1) + q_offsets.unsqueeze(0)     # [B, Lq]
-            mask = key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)
-            mask &= key_pos.view(1, 1, -1) < ctx_lens.view(-1, 1, 1)
-            mask = mask.unsqueeze(1)
-            pad_index = cu_q.unsqueeze(1) + torch.minimum(q_offsets.unsqueeze(0),
-                                                          (q_lens - 1).unsqueeze(1))
-            unpad_index = seq_index * max_q + offset_in_seq
-        meta = AttentionMetadata(
+        meta = AttentionMetadata.build(
             slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
-            attn_mask=mask.to(device),
-            query_pad_index=None if pad_index is None else pad_index.to(device),
-            query_unpad_index=None if unpad_index is None else unpad_index.to(device),
-            token_seq_index=seq_index.to(device), token_context_lens=(positions + 1).to(device))
-        meta.chunks = self._chunks(context_lens)
+            token_seq_index=seq_index.to(device), token_context_lens=(positions + 1).to(device),
+            query_lens=query_lens, context_lens=context_lens, block_size=bs,
+            rows_per_chunk=ROWS_PER_CHUNK)
         logits_index = (cu_q + q_lens - 1).to(device)
         return input_ids.to(device), positions.to(device), meta, logits_index
 

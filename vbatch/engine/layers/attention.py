@@ -15,7 +15,9 @@ Per layer, two options change the scores (see `PagedAttention`): a sliding windo
 attention-logit soft-capping (Gemma 2: s = c * tanh(s / c) before masking and softmax).
 
 GQA without copying keys: the query heads sharing one KV head are folded into the query length,
-q: [num_kv_heads * B, 1, group * Lq, d] against k, v: [num_kv_heads * B, 1, Lk, d].
+q: [num_kv_heads * B, 1, group * Lq, d] against k, v: [num_kv_heads * B, 1, Lk, d]. The PyTorch
+path attends in `AttentionChunk`s of consecutive sequences (all decodes or all prefills), each
+padded to its own longest query and context, its masks built on first use on the device.
 
 On CPU, when the native kernels are available (kernels/cpu_kernels.py), the kernels write the
 new keys/values and every token attends straight from the cache blocks over its own causal
@@ -38,73 +40,131 @@ from vbatch.engine.kernels.cpu_kernels import CpuKernels, cpu_kernels_for
 
 
 @dataclass
+class AttentionChunk:
+    """Consecutive sequences the PyTorch path attends together: block-table rows [start, end),
+    their new tokens [token_start, token_end) of the step, each one's query and context
+    lengths; it reads only its first `num_blocks` block-table columns. Queries are padded to
+    the chunk's own longest query (`max_query_len`): decodes (1 token) and prefills are never
+    in one chunk, so a decode is never padded to a prompt's length. Masks and padding indices
+    are built on first use (the native kernels need none), on the lengths' device, once per
+    step for all layers."""
+
+    start: int
+    end: int
+    num_blocks: int
+    token_start: int
+    token_end: int
+    max_query_len: int
+    query_lens: torch.Tensor      # [rows] int64
+    context_lens: torch.Tensor    # [rows] int64
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        return self.end - self.start
+
+    def pad_index(self) -> torch.Tensor:
+        """[rows, Lq] index into the chunk's new tokens of each padded query (a padding query
+        repeats its sequence's last token)."""
+        index = self._cache.get("pad")
+        if index is None:
+            offsets = torch.arange(self.max_query_len, device=self.query_lens.device)
+            first = torch.cumsum(self.query_lens, 0) - self.query_lens
+            index = first.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0),
+                                                       (self.query_lens - 1).unsqueeze(1))
+            self._cache["pad"] = index
+        return index
+
+    def unpad_index(self) -> torch.Tensor:
+        """[tokens] index into the flattened [rows * Lq] padded queries of each real one."""
+        index = self._cache.get("unpad")
+        if index is None:
+            device = self.query_lens.device
+            rows = torch.repeat_interleave(torch.arange(self.num_rows, device=device),
+                                           self.query_lens)
+            first = torch.cumsum(self.query_lens, 0) - self.query_lens
+            offset = torch.arange(int(rows.numel()), device=device) - first[rows]
+            index = rows * self.max_query_len + offset
+            self._cache["unpad"] = index
+        return index
+
+    def mask(self, block_size: int, window: int | None = None) -> torch.Tensor:
+        """[rows, 1, Lq, num_blocks * block_size] bool, True where a query may attend: query i
+        of a sequence with context c (the last q new) sees keys k <= c - q + i (a padding
+        query its whole context) and, with a sliding `window`, only k > its position - W."""
+        key = ("mask", block_size, window)
+        mask = self._cache.get(key)
+        if mask is None:
+            device = self.query_lens.device
+            key_pos = torch.arange(self.num_blocks * block_size, device=device)
+            offsets = torch.arange(self.max_query_len, device=device)
+            last = (self.context_lens - 1).unsqueeze(1)
+            q_pos = torch.minimum(last - self.query_lens.unsqueeze(1) + 1 + offsets, last)
+            mask = key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)            # [rows, Lq, K]
+            if window is not None:
+                mask &= key_pos.view(1, 1, -1) > q_pos.unsqueeze(-1) - window
+            mask = mask.unsqueeze(1)
+            self._cache[key] = mask
+        return mask
+
+    def head_major_mask(self, num_kv_heads: int, group: int, block_size: int,
+                        window: int | None = None) -> torch.Tensor:
+        """`mask` laid out for head-major attention: [num_kv_heads * rows, 1, group * Lq, K]."""
+        key = ("head_major", num_kv_heads, group, block_size, window)
+        mask = self._cache.get(key)
+        if mask is None:
+            rows, lq = self.num_rows, self.max_query_len
+            mask = self.mask(block_size, window).view(1, rows, 1, lq, -1)
+            mask = mask.expand(num_kv_heads, rows, group, lq, -1)
+            mask = mask.reshape(num_kv_heads * rows, 1, group * lq, -1)
+            self._cache[key] = mask
+        return mask
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step tensors shared by every attention layer (see module docstring).
 
-    slot_mapping:     [T]      cache slot of each new token (T = all new tokens of the step)
-    block_tables:     [B, Nb]  cache blocks of each sequence's context, padded with block 0
-    attn_mask:        [B, 1, Lq, Nb * block_size] bool, True where query may attend to key;
-                      each row is a prefix of the keys (0..p for a query at position p; a
-                      padding row repeats its sequence's full context), which is what
-                      `window_mask` derives each query's position from
-    query_pad_index:  [B, Lq]  index into the T new tokens for each padded query (None if Lq == 1)
-    query_unpad_index:[T]      index into the flattened [B * Lq] padded queries (None if Lq == 1)
-    chunks:           [(start, end, num_blocks)] groups of sequences attended together; each
-                      reads only its own first `num_blocks` block-table columns
-    token_seq_index:  [T]      block_tables row of each new token
-    token_context_lens: [T]    cache positions each new token may attend to (its position + 1)
+    slot_mapping:       [T]      cache slot of each new token (T = all new tokens of the step)
+    block_tables:       [B, Nb]  cache blocks of each sequence's context, padded with block 0
+    token_seq_index:    [T]      block_tables row of each new token
+    token_context_lens: [T]      cache positions each new token may attend to (its position + 1)
+    max_context:        Nb * block_size, an upper bound on any token's context
+    chunks:             the `AttentionChunk`s of the PyTorch path, covering all B sequences
     """
 
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
-    attn_mask: torch.Tensor
-    query_pad_index: torch.Tensor | None
-    query_unpad_index: torch.Tensor | None
-    token_seq_index: torch.Tensor | None = None
-    token_context_lens: torch.Tensor | None = None
-    chunks: list[tuple[int, int, int]] = field(default_factory=list)
-    _group_masks: dict = field(default_factory=dict, repr=False)
+    token_seq_index: torch.Tensor
+    token_context_lens: torch.Tensor
+    max_context: int
+    chunks: list[AttentionChunk]
 
-    def __post_init__(self) -> None:
-        if not self.chunks:
-            self.chunks = [(0, self.block_tables.shape[0], self.block_tables.shape[1])]
-
-    @property
-    def max_query_len(self) -> int:
-        return self.attn_mask.shape[2]
-
-    @property
-    def max_context(self) -> int:
-        """Upper bound on any token's context: the padded key length of the mask."""
-        return self.attn_mask.shape[3]
-
-    def window_mask(self, window: int) -> torch.Tensor:
-        """attn_mask restricted to a sliding window: query at position p keeps key k iff
-        p - window < k <= p (p = the number of keys its causal row allows - 1). Cached."""
-        key = ("window", window)
-        mask = self._group_masks.get(key)
-        if mask is None:
-            visible = self.attn_mask.sum(-1, keepdim=True)             # [B, 1, Lq, 1]: p + 1
-            key_pos = torch.arange(self.attn_mask.shape[3], device=self.attn_mask.device)
-            mask = self.attn_mask & (key_pos >= visible - window)
-            self._group_masks[key] = mask
-        return mask
-
-    def mask_for(self, num_kv_heads: int, group: int, chunk: tuple[int, int, int],
-                 block_size: int, window: int | None = None) -> torch.Tensor:
-        """attn_mask (or `window_mask(window)`) of one chunk laid out for head-major
-        attention: [num_kv_heads * n, 1, group * Lq, num_blocks * block_size]."""
-        key = (num_kv_heads, group, chunk, window)
-        mask = self._group_masks.get(key)
-        if mask is None:
-            start, end, num_blocks = chunk
-            rows, lq = end - start, self.attn_mask.shape[2]
-            full = self.attn_mask if window is None else self.window_mask(window)
-            mask = full[start:end, :, :, : num_blocks * block_size]
-            mask = mask.view(1, rows, 1, lq, -1).expand(num_kv_heads, rows, group, lq, -1)
-            mask = mask.reshape(num_kv_heads * rows, 1, group * lq, -1)
-            self._group_masks[key] = mask
-        return mask
+    @classmethod
+    def build(cls, *, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+              token_seq_index: torch.Tensor, token_context_lens: torch.Tensor,
+              query_lens: list[int], context_lens: list[int], block_size: int,
+              rows_per_chunk: int) -> AttentionMetadata:
+        """The step's metadata for sequences in the given order (`query_lens`, `context_lens`
+        per sequence; tensors already on the step's device). A chunk holds at most
+        `rows_per_chunk` consecutive sequences, all decodes or all prefills."""
+        device = block_tables.device
+        chunks, start, token_start = [], 0, 0
+        while start < len(query_lens):
+            is_decode = query_lens[start] == 1
+            end = start + 1
+            while (end < len(query_lens) and end - start < rows_per_chunk
+                   and (query_lens[end] == 1) == is_decode):
+                end += 1
+            num_tokens = sum(query_lens[start:end])
+            chunks.append(AttentionChunk(
+                start, end, -(-max(context_lens[start:end]) // block_size), token_start,
+                token_start + num_tokens, max(query_lens[start:end]),
+                torch.tensor(query_lens[start:end], dtype=torch.int64, device=device),
+                torch.tensor(context_lens[start:end], dtype=torch.int64, device=device)))
+            start, token_start = end, token_start + num_tokens
+        return cls(slot_mapping, block_tables, token_seq_index, token_context_lens,
+                   block_tables.shape[1] * block_size, chunks)
 
 
 def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -164,44 +224,40 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]     # [Hkv, blocks, block, d]
         if self.kernels is not None:
             self.kernels.write_kv_cache(self.kv_cache, k, v, meta.slot_mapping)
-            if meta.token_seq_index is not None:
-                return self.kernels.paged_attention(
-                    q, self.kv_cache, meta.block_tables, meta.token_seq_index,
-                    meta.token_context_lens, meta.max_context, self.num_heads, self.scale,
-                    window=self.sliding_window or 0, softcap=self.logit_softcap or 0.0)
+            return self.kernels.paged_attention(
+                q, self.kv_cache, meta.block_tables, meta.token_seq_index,
+                meta.token_context_lens, meta.max_context, self.num_heads, self.scale,
+                window=self.sliding_window or 0, softcap=self.logit_softcap or 0.0)
         else:
             k_cache.view(hkv, -1, d)[:, meta.slot_mapping] = \
                 k.view(num_tokens, hkv, d).transpose(0, 1)
             v_cache.view(hkv, -1, d)[:, meta.slot_mapping] = \
                 v.view(num_tokens, hkv, d).transpose(0, 1)
-        batch, lq = meta.block_tables.shape[0], meta.max_query_len
         block_size = k_cache.shape[2]
         q = q.view(num_tokens, hkv, group, d)
-        if meta.query_pad_index is not None:
-            q = q[meta.query_pad_index]                               # [B, Lq, Hkv, g, d]
-        else:
-            q = q.view(batch, 1, hkv, group, d)
-        out = torch.empty_like(q)
+        out = torch.empty(num_tokens, hkv * group * d, dtype=q.dtype, device=q.device)
         # Gather and attend a chunk of sequences at a time: the gathered keys/values stay in
         # cache between the copy and the attention that reads them.
         for chunk in meta.chunks:
-            start, end, num_blocks = chunk
-            rows = end - start
-            blocks = meta.block_tables[start:end, :num_blocks].reshape(-1)
+            rows, lq = chunk.num_rows, chunk.max_query_len
+            q_chunk = q[chunk.token_start:chunk.token_end]
+            q_chunk = (q_chunk.view(rows, 1, hkv, group, d) if lq == 1
+                       else q_chunk[chunk.pad_index()])                 # [n, Lq, Hkv, g, d]
+            blocks = meta.block_tables[chunk.start:chunk.end, :chunk.num_blocks].reshape(-1)
             keys = k_cache.index_select(1, blocks).view(hkv * rows, 1, -1, d)
             values = v_cache.index_select(1, blocks).view(hkv * rows, 1, -1, d)
-            q_chunk = q[start:end].permute(2, 0, 3, 1, 4).reshape(hkv * rows, 1, group * lq, d)
-            mask = meta.mask_for(hkv, group, chunk, block_size, self.sliding_window)
+            q_chunk = q_chunk.permute(2, 0, 3, 1, 4).reshape(hkv * rows, 1, group * lq, d)
+            mask = chunk.head_major_mask(hkv, group, block_size, self.sliding_window)
             if self.logit_softcap is not None or (lq == 1 and q.dtype != torch.float32):
                 attended = _matmul_attention(q_chunk, keys, values, mask, self.scale,
                                              self.logit_softcap)
             else:
                 attended = F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask,
                                                           scale=self.scale)  # [Hkv*n,1,g*Lq,d]
-            out[start:end] = attended.view(hkv, rows, group, lq, d).permute(1, 3, 0, 2, 4)
-        out = out.view(batch * lq, hkv * group * d)
-        if meta.query_unpad_index is not None:
-            out = out[meta.query_unpad_index]
+            attended = attended.view(hkv, rows, group, lq, d).permute(1, 3, 0, 2, 4)
+            attended = attended.reshape(rows * lq, hkv * group * d)
+            out[chunk.token_start:chunk.token_end] = (attended if lq == 1
+                                                      else attended[chunk.unpad_index()])
         return out
 
 
