@@ -142,7 +142,10 @@ class LLMEngine:
         spec = WorkerSpec(model_dir=str(model_dir), hf_config=self.hf_config, dtype=self.dtype,
                           device=str(self.device), block_size=self.block_size,
                           max_position=self.max_model_len, seed=self.config.seed,
-                          num_threads=NUM_THREADS.read())
+                          num_threads=NUM_THREADS.read(), model_source=self.config.model or "",
+                          model_fingerprint=self.resolved_model.fingerprint,
+                          storage_options=self.config.storage_options,
+                          allow_pickle=self.config.allow_pickle)
         return make_executor(spec, tp_size=tp_size, pp_size=pp_size,
                              backend=self.executor_backend)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from vbatch.engine.loader import resolve_model
 from vbatch.engine.model_loader import load_model
 from vbatch.engine.model_runner import ModelRunner
 from vbatch.engine.sequence import ScheduledSequence, StepInput, StepOutput
@@ -14,7 +15,13 @@ from vbatch.parallel.state import ParallelState, init_parallel_state
 
 @dataclass
 class WorkerSpec:
-    """What a worker needs to build its rank of the model (picklable, sent to every rank)."""
+    """What a worker needs to build its rank of the model (picklable, sent to every rank).
+
+    `model_dir` is the checkpoint on the engine's node. A rank on another node (Ray) that does
+    not see that directory resolves `model_source` (the `--model` given, with
+    `storage_options` / `allow_pickle`) on its own node: an object-store model is fetched into
+    that node's cache, a GGUF converted there; its fingerprint must equal `model_fingerprint`.
+    """
 
     model_dir: str
     hf_config: object
@@ -24,6 +31,25 @@ class WorkerSpec:
     max_position: int
     seed: int
     num_threads: int | None = None
+    model_source: str | None = None
+    model_fingerprint: str | None = None
+    storage_options: str | None = None
+    allow_pickle: bool = False
+
+
+def local_model_dir(spec: WorkerSpec) -> Path:
+    """This node's copy of the spec's checkpoint (see `WorkerSpec`). Raises ValueError when
+    the model resolved here is not the one the engine resolved."""
+    model_dir = Path(spec.model_dir)
+    if model_dir.is_dir() or spec.model_source is None:
+        return model_dir
+    resolved = resolve_model(spec.model_source, allow_pickle=spec.allow_pickle,
+                             storage_options=spec.storage_options)
+    if spec.model_fingerprint is not None and resolved.fingerprint != spec.model_fingerprint:
+        raise ValueError(f"model {spec.model_source} resolves to a different checkpoint on this "
+                         f"node than on the engine's ({resolved.path}); make every node see the "
+                         "same model")
+    return Path(resolved.path)
 
 
 class Worker:
@@ -38,7 +64,7 @@ class Worker:
             torch.set_num_threads(spec.num_threads)
         torch.manual_seed(spec.seed)
         self.parallel_state = parallel_state or ParallelState.single(self.device)
-        model = load_model(Path(spec.model_dir), spec.hf_config, self.parallel_state, spec.dtype,
+        model = load_model(local_model_dir(spec), spec.hf_config, self.parallel_state, spec.dtype,
                            spec.max_position)
         self.model_runner = ModelRunner(model, block_size=spec.block_size, device=self.device,
                                         dtype=spec.dtype, is_driver=self.parallel_state.is_driver,

@@ -90,7 +90,8 @@ class ReplicaRunner:
 
         self.model, self.replicas, self.engine_args = model, replicas, dict(engine_args)
         trust = bool(engine_args.get("trust_remote_code"))
-        model_dir = resolve_model(model, allow_pickle=False, trust_remote_code=trust).path
+        model_dir = resolve_model(model, allow_pickle=False, trust_remote_code=trust,
+                                  storage_options=engine_args.get("storage_options")).path
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
         self.max_model_len = derive_max_model_len(
             AutoConfig.from_pretrained(model_dir, trust_remote_code=trust),

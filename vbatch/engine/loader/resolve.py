@@ -1,10 +1,15 @@
 """Turn the user's `--model` string into a local Hugging Face-style model directory.
 
-Accepted, in this order: an existing directory (config.json + safetensors, or holding exactly one
-`.gguf`), an existing `.gguf` file, an alias of the default model (`smollm2`, `llama`, or
-nothing), and a Hugging Face hub id (`org/name`) found in the local hub cache or, when online,
-downloaded. GGUF files are converted once into the vbatch cache (`gguf_convert`). Everything the
-user can fix raises `VBatchUsageError` with a one-line message.
+Accepted, in this order: an object-store URI (`s3://`, `gs://`, `az://`...) of a model
+directory or of a `.gguf` object, an existing directory (config.json + safetensors, or holding
+exactly one `.gguf`), an existing `.gguf` file, an alias of the default model (`smollm2`,
+`llama`, or nothing), and a Hugging Face hub id (`org/name`) found in the local hub cache or,
+when online, downloaded. A URI is fetched once per node into the vbatch cache
+(`vbatch.storage.model_cache`: content-addressed, safe for concurrent processes) and the local
+copy is resolved like a local path; its fingerprint is the listing's content address, so it is
+the same on every node and changes when a remote object changes. GGUF files are converted once
+into the vbatch cache (`gguf_convert`). Everything the user can fix raises `VBatchUsageError`
+with a one-line message.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from vbatch.engine.loader.gguf_convert import convert_gguf, read_source_info
-from vbatch.engine.loader.weights import pickle_files, safetensors_files
+from vbatch.engine.loader.weights import PICKLE_SUFFIXES, pickle_files, safetensors_files
 from vbatch.env import CACHE_DIR, DEFAULT_CACHE_DIR
 from vbatch.errors import VBatchUsageError, one_line
+from vbatch.storage.filesystem import is_object_store_uri, open_location, parse_storage_options
+from vbatch.storage.model_cache import fetch_directory, fetch_file
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +74,22 @@ def resolve_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
+    storage_options: str | dict | None = None,
 ) -> ResolvedModel:
-    """Resolve `model` (path, .gguf, alias, or hub id) to a `ResolvedModel` on local disk.
+    """Resolve `model` (object-store URI, path, .gguf, alias, or hub id) to a `ResolvedModel`
+    on local disk.
 
-    GGUF conversions go to `cache_dir`, else `$VBATCH_CACHE_DIR`, else `~/.cache/vbatch`.
-    Pickle-only checkpoints need `allow_pickle`; configs with `auto_map` (remote code) need
-    `trust_remote_code`. Raises `VBatchUsageError` (one line) for anything the user can fix.
+    Fetched URIs and GGUF conversions go to `cache_dir`, else `$VBATCH_CACHE_DIR`, else
+    `~/.cache/vbatch`. `storage_options` (`--storage-options`: JSON/YAML text, a file, or a
+    mapping) configures the object-store filesystem of a URI. Pickle-only checkpoints need
+    `allow_pickle`; configs with `auto_map` (remote code) need `trust_remote_code`. Raises
+    `VBatchUsageError` (one line) for anything the user can fix.
     """
     cache_root = cache_root_dir(cache_dir)
     text = "" if model is None else str(model).strip()
+    if is_object_store_uri(text):
+        return _resolve_remote(text, cache_root, parse_storage_options(storage_options),
+                               allow_pickle, trust_remote_code)
     if not text or text.lower() in DEFAULT_MODEL_ALIASES:
         return _resolve_gguf(default_model_file(), cache_root)
     path = Path(text).expanduser()
@@ -153,6 +167,49 @@ def _resolve_dir(path: Path, cache_root: Path, allow_pickle: bool,
     if missing:
         raise VBatchUsageError(f"directory '{path}' is missing weight shards: {', '.join(missing)}")
     return ResolvedModel(path, str(path), _fingerprint_dir(path, weights), fmt)
+
+
+def _resolve_remote(uri: str, cache_root: Path, storage_options: dict[str, Any],
+                    allow_pickle: bool, trust_remote_code: bool) -> ResolvedModel:
+    """Fetch `uri` (a model directory prefix, or one `.gguf` object) into the cache, then
+    resolve the local copy; `source` is the URI as given, `fingerprint` its content address."""
+    location = open_location(uri, storage_options)
+    is_gguf = location.path.lower().endswith(".gguf")
+    if is_gguf:
+        local = fetch_file(location, cache_root)
+        address = local.parent.name
+    else:
+        local = fetch_directory(location, cache_root, check=lambda names: (
+            _check_remote_listing(uri, names, allow_pickle)))
+        address = local.name
+    try:
+        resolved = (_resolve_gguf(local, cache_root) if is_gguf
+                    else _resolve_dir(local, cache_root, allow_pickle, trust_remote_code))
+    except VBatchUsageError as exc:   # name the URI the user gave, not the cache entry
+        raise VBatchUsageError(str(exc).replace(str(local.resolve()), uri)) from None
+    return ResolvedModel(resolved.path, uri, address, resolved.format)
+
+
+def _check_remote_listing(uri: str, names: list[str], allow_pickle: bool) -> None:
+    """Refuse, before downloading anything, a prefix that cannot be a model directory."""
+    top = [name for name in names if "/" not in name]
+    if "config.json" not in top:
+        ggufs = [name for name in top if name.lower().endswith(".gguf")]
+        if len(ggufs) == 1:
+            return
+        if ggufs:
+            raise VBatchUsageError(f"{uri} holds several GGUF files ({', '.join(ggufs)}); "
+                                   "pass one of them")
+        raise VBatchUsageError(f"{uri} has no config.json (nor one .gguf file); it is not a "
+                               "Hugging Face model directory")
+    if any(name.endswith(".safetensors") for name in top):
+        return
+    pickles = [name for name in top if name.endswith(PICKLE_SUFFIXES)]
+    if not pickles:
+        raise VBatchUsageError(f"{uri} has no *.safetensors weight files")
+    if not allow_pickle:
+        raise VBatchUsageError(f"{uri} has only pickle weights ({pickles[0]}); convert them to "
+                               "safetensors, or pass --allow-pickle if you trust the files")
 
 
 def _check_config(path: Path, trust_remote_code: bool) -> None:
