@@ -16,6 +16,9 @@ import pytest
 pytest_plugins = ["s3_server"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The CPU suite runs on CPU even on a GPU host (every engine, replica and worker a test starts
+# inherits it); the `gpu` tests pass their device explicitly.
+os.environ.setdefault("VBATCH_DEVICE", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # OpenMP threads that finish a parallel region sleep instead of spinning for the next one. The
 # suite runs many torch processes on few cores at once (tp x pp ranks of one engine, each with

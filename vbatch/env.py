@@ -61,6 +61,13 @@ def _parse_layer_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _parse_device(text: str) -> str:
+    kind, _, index = text.lower().partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(text)
+    return text.lower()
+
+
 def _parse_directory(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
@@ -115,13 +122,18 @@ DEBUG = EnvVar(
 CACHE_DIR = EnvVar(
     "VBATCH_CACHE_DIR", "a directory (created when missing)", _parse_directory, None,
     f"Where converted GGUF models and built kernels go. Default: {DEFAULT_CACHE_DIR}.")
+DEVICE = EnvVar(
+    "VBATCH_DEVICE", "cpu, cuda or cuda:N", _parse_device, None,
+    "The torch device when none is given (`device=` / the job's plan): `cpu` keeps a job, its "
+    "replicas and workers off the GPUs of a GPU host (the CPU test suite sets it). Default: "
+    "cuda when available, else cpu.")
 API_KEY = EnvVar(
     "VBATCH_API_KEY", "any text", str, None,
     "`vbatch serve`: the API key clients must send (as --api-key; the flag wins).")
 
 #: Every variable declared here, in the order `check_environment` checks them.
 ENV_VARS: tuple[EnvVar, ...] = (NUM_THREADS, CPU_KERNELS, PACK_WEIGHTS, PP_LAYER_PARTITION,
-                                DEBUG, CACHE_DIR, API_KEY)
+                                DEBUG, CACHE_DIR, DEVICE, API_KEY)
 
 
 def check_environment(environ: Mapping[str, str] | None = None) -> None:

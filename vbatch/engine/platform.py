@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from vbatch.env import DEVICE
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -18,9 +20,9 @@ def resolve_block_size(block_size: int | None, device: torch.device) -> int:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """`None` -> cuda if available, else cpu."""
+    """`None` -> `$VBATCH_DEVICE` if set, else cuda if available, else cpu."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = DEVICE.read() or ("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", 0)   # set_device and mem_get_info need an index
@@ -34,13 +36,21 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """True on GPUs of compute capability 8.0 or later (Ampere on): older ones (V100, T4)
+    only emulate bfloat16, which `torch.cuda.is_bf16_supported()` also counts."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on GPUs that support it and on CPUs with AMX / AVX512-BF16, else float32.
+    """`auto`: bfloat16 on GPUs of compute capability >= 8.0 (float16 on older ones) and on CPUs
+    with AMX / AVX512-BF16, else float32.
 
     Explicit names are honoured as given (float32 is the reference-exact setting).
     """
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vbatch.engine.executor import backend as backend_rule
+from vbatch.env import DEVICE
 from vbatch.errors import VBatchUsageError
 from vbatch.jobs.config import JobConfig
 
@@ -50,10 +51,12 @@ class Resources:
 
 
 def local_resources() -> Resources:
-    """This node's CPUs and the GPUs torch can see (honouring `CUDA_VISIBLE_DEVICES`)."""
+    """This node's CPUs and the GPUs torch can see (honouring `CUDA_VISIBLE_DEVICES`; none
+    when `VBATCH_DEVICE=cpu`)."""
     import torch  # noqa: PLC0415 - start-up: keeps `vbatch --help` free of torch
 
-    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    pinned_to_cpu = DEVICE.read() == "cpu"
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() and not pinned_to_cpu else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         ids = [item.strip() for item in visible.split(",") if item.strip()][:num_gpus]

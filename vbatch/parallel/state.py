@@ -77,8 +77,14 @@ def init_parallel_state(*, world_rank: int, tp_size: int, pp_size: int, init_met
         use_loopback_interfaces()
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
+    bound = {}
+    if device.type == "cuda":
+        # The rank's GPU first, and bound to the group: NCCL then creates its communicators
+        # on it (never on cuda:0 of every rank) and eagerly, at init.
+        torch.cuda.set_device(device)
+        bound["device_id"] = device
     dist.init_process_group(backend=backend, init_method=init_method, rank=world_rank,
-                            world_size=world_size, timeout=timeout)
+                            world_size=world_size, timeout=timeout, **bound)
     grid = rank_grid(tp_size, pp_size)
     tp_group = pp_group = None
     tp_ranks = pp_ranks = [world_rank]
