@@ -10,7 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vbatch.errors import InputError
-from vbatch.io.csv_quoting import check_csv_quoting, find_quoting_error
+from vbatch.io.csv_quoting import (
+    check_csv_quoting,
+    find_quoting_error,
+    find_quoting_error_in_pieces,
+)
 
 
 @pytest.mark.parametrize("data", [
@@ -52,3 +56,18 @@ def test_anything_csv_writer_quotes_passes(rows):
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
     assert find_quoting_error(buffer.getvalue().encode()) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40).map(lambda raw: bytes(b'",\n\r a\t'[byte % 7] for byte in raw)),
+       st.lists(st.integers(min_value=1, max_value=6), max_size=8), st.booleans())
+def test_walking_in_pieces_finds_what_the_whole_walk_finds(data, piece_sizes, bom):
+    """An object-store CSV is walked in pieces as it is read: same answer, wherever it is cut."""
+    data = (b"\xef\xbb\xbf" if bom else b"") + data
+    pieces, start = [], 0
+    for size in piece_sizes:
+        size = max(size, 3) if not pieces else size       # the byte order mark in one piece
+        pieces.append(data[start:start + size])
+        start += size
+    pieces.append(data[start:])
+    assert find_quoting_error_in_pieces(pieces) == find_quoting_error(data)

@@ -266,7 +266,8 @@ def test_missing_inputs_raise_one_line_errors(tmp_path):
     message = input_error(resolve_input_files, str(tmp_path / "notes.txt"))
     assert "unsupported file type '.txt'" in message
     assert "matches no" in input_error(resolve_input_files, str(tmp_path / "*.txt"))
-    assert "remote" in input_error(resolve_input_files, "s3://bucket/data.parquet")
+    assert "unsupported URL scheme" in input_error(resolve_input_files, "http://h/data.parquet")
+    assert "no such file" in input_error(resolve_input_files, f"file://{tmp_path}/nope.jsonl")
 
 
 BAD_FILES = {

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_offline, vbatch_command, write_prompt_jsonl
 
+from vbatch.io.commit_log import committed_parts
 from vbatch.io.fingerprint import job_fingerprint
 from vbatch.io.manifest import load_resume_state, part_counts
 from vbatch.io.parts import ParquetPartWriter
@@ -360,8 +361,8 @@ def test_a_row_alone_samples_as_inside_a_batch(n_inputs, in_one_batch, tiny_mode
 
 def _num_committed_parts(output: Path) -> int:
     try:
-        return len(json.loads((output / "_manifest.json").read_text())["output"]["part_files"])
-    except (OSError, ValueError, KeyError):
+        return len(committed_parts(output))
+    except (OSError, ValueError):
         return 0
 
 
@@ -379,7 +380,7 @@ def test_two_replicas_killed_and_resumed_sample_the_same(n_inputs, in_one_batch,
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     assert not (output / "_SUCCESS").exists(), "the job finished before it could be killed"
-    committed = json.loads((output / "_manifest.json").read_text())["output"]["part_files"]
+    committed = committed_parts(output)
     for part in committed:           # whole rows only: every committed row has its 4 samples
         rows = pq.read_table(output / part["name"]).to_pylist()
         assert len(rows) == N * part["num_rows"]

@@ -27,6 +27,7 @@ import pytest
 from conftest import run_offline, vbatch_command
 
 from vbatch.errors import InputError, VBatchUsageError
+from vbatch.io.commit_log import committed_parts
 from vbatch.io.formats import detect_input_format
 from vbatch.io.openai_batch import LINE_ERROR, openai_batch_batches
 from vbatch.jobs.config import load_job_config
@@ -188,8 +189,8 @@ def test_a_mixed_batch_file_to_openai_output(tiny_models, tmp_path):
 
 def _num_committed_parts(output) -> int:
     try:
-        return len(json.loads((output / "_manifest.json").read_text())["output"]["part_files"])
-    except (OSError, ValueError, KeyError):
+        return len(committed_parts(output))
+    except (OSError, ValueError):
         return 0
 
 

@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from conftest import vbatch_command
 
 from vbatch.errors import VBatchUsageError
+from vbatch.io.commit_log import checkpoint_name, committed_parts
 from vbatch.io.output_dir import locked_output_dir
 from vbatch.io.output_lock import LOCK_FILE
 from vbatch.io.parts import ParquetPartWriter
@@ -154,7 +155,9 @@ def test_writer_of_a_job_marks_the_directory_unfinished_first(tmp_path):
     (tmp_path / "_manifest.json").write_text(json.dumps({"status": "complete"}))
     ParquetPartWriter(tmp_path, existing_parts=[], job_info={"fingerprint": {}}).abort()
     assert not (tmp_path / "_SUCCESS").exists()
-    assert _manifest(tmp_path)["status"] == "running"
+    # the commit log (fingerprint, no part yet) replaced the finished job's manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_name(0)]
+    assert committed_parts(tmp_path) == []
 
 
 def test_forced_resume_that_appends_removes_success_before_its_first_part(tiny_models,
@@ -164,23 +167,24 @@ def test_forced_resume_that_appends_removes_success_before_its_first_part(tiny_m
     source = _write_prompts(tmp_path / "in.jsonl", "a", 4)
     assert _run(_args(source, model, output)).returncode == 0
     old_parts = len(_manifest(output)["output"]["part_files"])
+    assert committed_parts(output) == []              # finished: the log made way for the manifest
     _write_prompts(source, "a", 20, start=4)                  # more input: a different job
     process = _start(_args(source, model, output, "--resume", "--force", "--max-tokens", "16"))
     deadline = time.monotonic() + 120
     while process.poll() is None:
         assert time.monotonic() < deadline, "no new part was committed"
         try:
-            if len(_manifest(output)["output"]["part_files"]) > old_parts:
+            if len(committed_parts(output)) > old_parts:
                 break
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             pass
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL, "the job finished before it could be killed"
-    assert len(_manifest(output)["output"]["part_files"]) > old_parts
+    assert len(committed_parts(output)) > old_parts
     assert not (output / "_SUCCESS").exists()
-    assert _manifest(output)["status"] == "running"
+    assert not (output / "_manifest.json").exists()   # the finished run's: replaced by the log
 
 
 @pytest.mark.parametrize("extra", [(), ("--resume",)], ids=["new-job", "resume"])

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_offline, small_job_command
 
+from vbatch.io.commit_log import checkpoint_name, committed_parts, record_name
 from vbatch.io.fingerprint import job_fingerprint
 from vbatch.io.manifest import ResumeState, load_resume_state
 from vbatch.io.parts import ParquetPartWriter
@@ -36,11 +37,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _num_committed_parts(output: Path) -> int:
-    try:
-        manifest = json.loads((output / "_manifest.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    return len(manifest["output"]["part_files"])
+    return len(committed_parts(output))
 
 
 def _texts(output: Path) -> dict[str, str]:
@@ -125,14 +122,15 @@ def test_uncommitted_parts_are_dropped_on_resume(tmp_path):
                                   vbatch_version="0")
     writer = ParquetPartWriter(tmp_path, rows_per_file=2, job_info={"fingerprint": fingerprint})
     writer.write(pa.record_batch({"id": ["a", "b", "c"], POSITION_COLUMN: [0, 1, 5]}))
-    # killed here: part 0 is committed (listed); a part renamed but not yet listed is an orphan
+    # killed here: part 0 is committed (logged); a part renamed but not yet logged is an orphan
     (tmp_path / "part-00001.parquet").write_bytes(b"half a job")
     (tmp_path / ".part-00002.parquet.tmp").write_bytes(b"")
     state = load_resume_state(tmp_path, fingerprint, force=False)
     assert isinstance(state, ResumeState)
     assert state.committed == IntervalSet([(0, 2)])
     assert state.num_committed_rows == 2 and not state.was_complete
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_manifest.json", "part-00000.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        checkpoint_name(0), record_name(1), "part-00000.parquet"]
     resumed = ParquetPartWriter(tmp_path, rows_per_file=2, existing_parts=state.parts,
                                 job_info={"fingerprint": fingerprint})
     resumed.write(pa.record_batch({"id": ["c"], POSITION_COLUMN: [5]}))

@@ -6,7 +6,7 @@ resume that completes reports the job's totals (earlier rows included) in `_mani
 `_run_summary.json` and the printed summary, with `resumed_rows` and `this_run`; a job killed
 and resumed ends with the same counts as an uninterrupted run; each committed part records
 its error-row and token counts, and a manifest without them (an earlier version) is counted
-from the part files.
+from the part files and recorded in the resumed run's commit log.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ import pytest
 from conftest import run_offline, small_job_command
 
 from vbatch.errors import TooManyRowErrors
+from vbatch.io.commit_log import committed_parts
 from vbatch.io.fingerprint import job_fingerprint
-from vbatch.io.manifest import load_resume_state
+from vbatch.io.manifest import load_resume_state, write_manifest
 from vbatch.io.parts import ParquetPartWriter
 from vbatch.io.positions import POSITION_COLUMN
 from vbatch.jobs.output_tally import OutputTally
@@ -64,7 +65,7 @@ def test_resume_does_not_bypass_max_error_rate(tiny_models, tmp_path):
     first = _run(args)
     assert first.returncode == 3, first.stderr
     assert not (output / "_SUCCESS").exists()
-    committed = _manifest(output)["output"]["part_files"]
+    committed = committed_parts(output)       # a failed job: its commit log
     num_committed = sum(part["num_rows"] for part in committed)
     num_committed_errors = sum(part["num_error_rows"] for part in committed)
     assert num_committed_errors > 2           # more than 0.1 of 20: the budget is spent
@@ -124,7 +125,7 @@ def test_killed_and_resumed_job_counts_like_an_uninterrupted_one(tiny_models, tm
     deadline = time.monotonic() + 120
     while process.poll() is None:
         try:
-            if len(_manifest(output)["output"]["part_files"]) >= 2:
+            if len(committed_parts(output)) >= 2:
                 break
         except (OSError, ValueError):
             pass
@@ -163,21 +164,28 @@ def test_parts_record_their_counts_and_old_manifests_are_counted_from_the_files(
     writer.write(_output_batch(["a", "b", "c"], [None, "empty_prompt: x", "empty_prompt: y"],
                                [0, 1, 2]))
     writer.close()
-    parts = _manifest(tmp_path)["output"]["part_files"]
+    parts = committed_parts(tmp_path)
     assert [(p["num_rows"], p["num_error_rows"], p["num_prompt_tokens"], p["num_output_tokens"])
             for p in parts] == [(2, 1, 3, 5), (1, 1, 0, 0)]
     state = load_resume_state(tmp_path, fingerprint, force=False)
     assert (state.num_committed_rows, state.num_error_rows, state.num_prompt_tokens,
             state.num_output_tokens) == (3, 2, 3, 5)
 
-    manifest = _manifest(tmp_path)    # as an earlier version wrote it: no per-part counts
-    for part in manifest["output"]["part_files"]:
-        for key in ("num_error_rows", "num_prompt_tokens", "num_output_tokens"):
-            del part[key]
-    (tmp_path / "_manifest.json").write_text(json.dumps(manifest))
+    # as an earlier version left it: a running manifest without per-part counts, no log
+    for name in tmp_path.glob("_*.json"):
+        name.unlink()
+    old_parts = [{key: value for key, value in part.items()
+                  if key not in ("num_error_rows", "num_prompt_tokens", "num_output_tokens")}
+                 for part in parts]
+    write_manifest(tmp_path, {"fingerprint": fingerprint, "status": "running"}, old_parts)
     old = load_resume_state(tmp_path, fingerprint, force=False)
     assert (old.num_error_rows, old.num_prompt_tokens, old.num_output_tokens) == (2, 3, 5)
-    assert old.parts == state.parts                # recorded when the manifest is rewritten
+    assert old.parts == state.parts
+    # the resumed run's log records them (the writer's starting checkpoint)
+    ParquetPartWriter(tmp_path, existing_parts=old.parts,
+                      job_info={"fingerprint": fingerprint}).abort()
+    assert not (tmp_path / "_manifest.json").exists()
+    assert committed_parts(tmp_path) == state.parts
 
 
 def test_error_budget_counts_the_earlier_runs():

@@ -139,5 +139,5 @@ def test_batches_cross_process_queues_as_compact_ipc():
     batch = table.combine_chunks().to_batches(max_chunksize=64)[7]
     payload = to_ipc(tag_batch(batch, 7))
     assert len(payload) < 10_000
-    seq, back = untag_batch(from_ipc(payload))
-    assert seq == 7 and back.equals(batch)
+    seq, rows, back = untag_batch(from_ipc(payload))
+    assert seq == 7 and back.equals(batch) and rows.tolist() == list(range(64))

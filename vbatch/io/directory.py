@@ -140,6 +140,13 @@ class OutputDirectory:
         except FileNotFoundError:
             pass
 
+    def read_bytes(self, name: str) -> bytes:
+        """The content of the file `name` in the directory (a symlink is not followed: OSError
+        ELOOP). Raises FileNotFoundError when it is missing."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.fd)
+        with os.fdopen(fd, "rb") as file:
+            return file.read()
+
     def write_atomically(self, name: str, write: Callable[[BinaryIO], None]) -> Path:
         """Create `name` atomically (io/atomic.py: `.NAME.tmp`, fsync, rename, fsync the
         directory; temporary file removed on failure): `write(file)` writes the content to a

@@ -1,22 +1,45 @@
 """The job fingerprint: what must be unchanged for `--resume` to be safe, and what differs.
 
-The fingerprint holds the input files' identities (path, size, modification time), the model
-identity, and every setting that changes which rows exist or what they generate.
+The fingerprint holds the input files' identities (path, size, modification time; for an
+object in a store its URI, size, ETag and version or modification time as the store reports
+them), the model identity, and every setting that changes which rows exist or what they
+generate.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from vbatch.io.input_file import InputFile, RemoteFile
 
-def file_identity(path: Path) -> dict:
-    """What identifies one input file's content cheaply: absolute path, size, mtime."""
+#: fsspec `info()` keys that change when an object is rewritten: s3fs, gcsfs, adlfs spellings.
+_OBJECT_VERSION_KEYS = {"etag": ("ETag", "etag"),
+                        "version": ("VersionId", "generation", "version_id"),
+                        "modified": ("LastModified", "updated", "last_modified", "mtime")}
+
+
+def file_identity(path: InputFile) -> dict:
+    """What identifies one input file's content cheaply: absolute path, size, mtime; for an
+    object its URI, size and whichever of ETag, version and modification time the store
+    gives (from the listing that found it, else asked of the store)."""
+    if isinstance(path, RemoteFile):
+        return _object_identity(path)
     stat = os.stat(path)
     return {"path": str(Path(path).resolve()), "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns}
 
 
-def job_fingerprint(*, files: list[Path], model: dict, generation: dict,
+def _object_identity(file: RemoteFile) -> dict:
+    info = file.info if file.info.get("size") is not None else file.fs.info(file.path)
+    identity: dict = {"path": file.uri, "size": int(info["size"])}
+    for name, keys in _OBJECT_VERSION_KEYS.items():
+        value = next((info[key] for key in keys if info.get(key) not in (None, "")), None)
+        if value is not None:
+            identity[name] = str(value)
+    return identity
+
+
+def job_fingerprint(*, files: list[InputFile], model: dict, generation: dict,
                     vbatch_version: str) -> dict:
     """The fingerprint of a job: resuming is only safe when it is unchanged. `generation`
     holds every setting that changes which rows exist or what they generate."""
@@ -36,7 +59,8 @@ def fingerprint_differences(old: dict, new: dict) -> list[str]:
         elif after is None:
             differences.append(f"input file {path} is gone")
         elif before != after:
-            differences.append(f"input file {path} changed (size or modification time)")
+            differences.append(f"input file {path} changed (size or modification time"
+                               f"{', ETag' if 'etag' in after else ''})")
     if [f["path"] for f in old.get("input_files", [])] != \
             [f["path"] for f in new.get("input_files", [])] and not differences:
         differences.append("input file order changed")

@@ -3,7 +3,10 @@
 Formats: Parquet (`.parquet`), JSON lines (`.jsonl`, `.ndjson`, `.json`), CSV (`.csv`) and
 Arrow IPC (`.arrow`, as written by `datasets.save_to_disk`). Memory stays bounded: Parquet is
 read row group by row group, CSV through pyarrow's streaming reader, JSON lines in chunks of
-whole lines (about `BLOCK_SIZE` bytes each), Arrow through a memory map.
+whole lines (about `BLOCK_SIZE` bytes each), Arrow through a memory map. A file is a local
+`Path` or a `RemoteFile` (an object-store object, io/input_file.py): the same readers take
+either, an object through its filesystem (random access for Parquet and Arrow, streams for
+text).
 
 CSV cells are text unless the job asks for inference (`--csv-infer-types`), so codes such as
 zip `02134` survive. JSON lines (and inferred CSV) carry no schema, so pyarrow infers one per
@@ -19,7 +22,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -28,6 +30,7 @@ import pyarrow.parquet as pq
 from vbatch.errors import InputError, one_line
 from vbatch.io.column_types import unify_input_schemas
 from vbatch.io.csv_quoting import check_csv_quoting
+from vbatch.io.input_file import InputFile, RemoteFile, arrow_input, file_size, open_input
 from vbatch.io.jsonl import jsonl_tables
 from vbatch.io.mixed_text import is_mixed_text
 from vbatch.io.openai_batch import (
@@ -54,20 +57,26 @@ _MESSAGE_LIMIT = 300
 
 
 @contextmanager
-def input_errors(file: Path | str) -> Iterator[None]:
+def input_errors(file: InputFile | str) -> Iterator[None]:
     """Turn pyarrow/OS errors raised while reading `file` into one-line InputErrors
-    ("<file>: <message>"); InputErrors pass through unchanged."""
+    ("<file>: <message>"); InputErrors pass through unchanged. For an object-store file any
+    error is one (its SDK raises its own types: no credentials, no connection, ...)."""
     try:
         yield
     except InputError:
         raise
     except (pa.ArrowException, OSError, ValueError, UnicodeError) as error:
         raise InputError(f"{file}: {one_line(error, _MESSAGE_LIMIT)}") from None
+    except Exception as error:
+        if not isinstance(file, RemoteFile):
+            raise
+        raise InputError(f"{file}: {type(error).__name__}: "
+                         f"{one_line(error, _MESSAGE_LIMIT)}") from None
 
 
-def _is_blank(path: Path) -> bool:
+def _is_blank(path: InputFile) -> bool:
     """True when the file holds nothing but whitespace (and maybe a byte order mark)."""
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         while data := handle.read(1 << 16):
             if data.replace(b"\xef\xbb\xbf", b"").strip():
                 return False
@@ -77,9 +86,11 @@ def _is_blank(path: Path) -> bool:
 # --- CSV and Arrow ---------------------------------------------------------------------------
 
 
-def _open_csv(path: Path, column_types: dict[str, pa.DataType]) -> pa_csv.CSVStreamingReader:
-    return pa_csv.open_csv(
-        path,
+@contextmanager
+def _open_csv(path: InputFile,
+              column_types: dict[str, pa.DataType]) -> Iterator[pa_csv.CSVStreamingReader]:
+    with arrow_input(path, seekable=False) as source, pa_csv.open_csv(
+        source,
         read_options=pa_csv.ReadOptions(block_size=BLOCK_SIZE),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),  # multi-line prompts
         # An unquoted empty cell is null in every column (an empty per-row sampling cell keeps
@@ -87,11 +98,25 @@ def _open_csv(path: Path, column_types: dict[str, pa.DataType]) -> pa_csv.CSVStr
         convert_options=pa_csv.ConvertOptions(column_types=column_types, null_values=[""],
                                               strings_can_be_null=True,
                                               quoted_strings_can_be_null=False),
-    )
+    ) as reader:
+        yield reader
+
+
+def _read_all_csv(path: InputFile, column_types: dict[str, pa.DataType]) -> None:
+    """Convert every block of `path` with `column_types` (raises where a value does not fit)."""
+    with _open_csv(path, column_types) as reader:
+        for _ in reader:
+            pass
 
 
 @contextmanager
-def _csv_utf8_errors(path: Path) -> Iterator[None]:
+def _parquet_file(path: InputFile) -> Iterator[pq.ParquetFile]:
+    with arrow_input(path) as source, pq.ParquetFile(source) as parquet_file:
+        yield parquet_file
+
+
+@contextmanager
+def _csv_utf8_errors(path: InputFile) -> Iterator[None]:
     """Name the line of the first invalid UTF-8 byte (pyarrow names none, or a row of a block)."""
     try:
         yield
@@ -103,7 +128,7 @@ def _csv_utf8_errors(path: Path) -> Iterator[None]:
                          "text)") from None
 
 
-def _csv_schema(path: Path, *, text_columns: Sequence[str], exact: bool, infer_types: bool,
+def _csv_schema(path: InputFile, *, text_columns: Sequence[str], exact: bool, infer_types: bool,
                 allow_promotion: bool) -> pa.Schema:
     """Every column as string, or (`infer_types`) the types pyarrow infers from the first block
     with `text_columns` as strings. `exact`: a file larger than a block is read in full, so a
@@ -115,13 +140,12 @@ def _csv_schema(path: Path, *, text_columns: Sequence[str], exact: bool, infer_t
     if not infer_types:
         with _open_csv(path, {name: pa.string() for name in schema.names}) as reader:
             schema = reader.schema  # the first block, read as text: its UTF-8 is checked
-    if not exact or path.stat().st_size <= BLOCK_SIZE or len(set(schema.names)) < len(schema):
+    if not exact or file_size(path) <= BLOCK_SIZE or len(set(schema.names)) < len(schema):
         return schema
     if infer_types and allow_promotion:
         return _csv_schema_of_all_blocks(path, schema)
     try:
-        for _ in _open_csv(path, {field.name: field.type for field in schema}):
-            pass
+        _read_all_csv(path, {field.name: field.type for field in schema})
     except pa.ArrowInvalid as error:
         match = _CSV_CONVERSION_ERROR.search(str(error))
         if not match:
@@ -135,14 +159,13 @@ def _csv_schema(path: Path, *, text_columns: Sequence[str], exact: bool, infer_t
     return schema
 
 
-def _csv_schema_of_all_blocks(path: Path, first_block: pa.Schema) -> pa.Schema:
+def _csv_schema_of_all_blocks(path: InputFile, first_block: pa.Schema) -> pa.Schema:
     """Stream the whole CSV, widening a column's type (int -> double -> string) whenever a later
     block holds values the first block's inferred type cannot convert."""
     types = {field.name: field.type for field in first_block}
     for _ in range(2 * len(types) + 1):
         try:
-            for _ in _open_csv(path, types):
-                pass
+            _read_all_csv(path, types)
             break
         except pa.ArrowInvalid as error:
             match = _CSV_CONVERSION_ERROR.search(str(error))
@@ -153,20 +176,28 @@ def _csv_schema_of_all_blocks(path: Path, first_block: pa.Schema) -> pa.Schema:
     return pa.schema([(name, data_type) for name, data_type in types.items()])
 
 
-def _arrow_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    source = pa.memory_map(str(path))
+def _open_arrow(path: InputFile) -> pa.NativeFile:
+    """A local file memory-mapped, an object opened for random access."""
+    if isinstance(path, RemoteFile):
+        return path.arrow_fs.open_input_file(path.path)
+    return pa.memory_map(str(path))
+
+
+def _arrow_batches(path: InputFile) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    source = _open_arrow(path)
     try:
         reader = pa.ipc.open_stream(source)
         return reader.schema, iter(reader)
     except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        source.close()
+        reader = pa.ipc.open_file(_open_arrow(path))
         return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
 
 
 # --- one file's schema and batches; row counts -----------------------------------------------
 
 
-def detect_input_format(files: Sequence[Path], requested: str) -> str:
+def detect_input_format(files: Sequence[InputFile], requested: str) -> str:
     """"rows" or "openai" (OpenAI batch files, io/openai_batch.py) for the job's `files`:
     `requested` unless "auto", then "openai" when every file is a JSON lines file that looks
     like one. Raises InputError when "openai" is asked of a file that is not JSON lines, or
@@ -194,7 +225,7 @@ def detect_input_format(files: Sequence[Path], requested: str) -> str:
     return OPENAI
 
 
-def file_schema(path: Path, *, text_columns: Sequence[str], exact: bool,
+def file_schema(path: InputFile, *, text_columns: Sequence[str], exact: bool,
                 prompt_column: str | None = None, csv_infer_types: bool = False,
                 allow_promotion: bool = False, input_format: str = "rows") -> pa.Schema | None:
     """The schema `file_batches` yields for `path`, or None for an empty text file.
@@ -219,12 +250,12 @@ def file_schema(path: Path, *, text_columns: Sequence[str], exact: bool,
     return schema
 
 
-def _read_file_schema(path: Path, *, text_columns: Sequence[str], exact: bool,
+def _read_file_schema(path: InputFile, *, text_columns: Sequence[str], exact: bool,
                       prompt_column: str | None, csv_infer_types: bool,
                       allow_promotion: bool) -> pa.Schema | None:
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
-        with pq.ParquetFile(path) as parquet_file:
+        with _parquet_file(path) as parquet_file:
             return parquet_file.schema_arrow
     if suffix in ARROW_SUFFIXES:
         return _arrow_batches(path)[0]
@@ -233,7 +264,7 @@ def _read_file_schema(path: Path, *, text_columns: Sequence[str], exact: bool,
     if suffix in CSV_SUFFIXES:
         return _csv_schema(path, text_columns=text_columns, exact=exact,
                            infer_types=csv_infer_types, allow_promotion=allow_promotion)
-    first_only = not exact or path.stat().st_size <= BLOCK_SIZE
+    first_only = not exact or file_size(path) <= BLOCK_SIZE
     tables = jsonl_tables(path, block_size=BLOCK_SIZE, prompt_column=prompt_column,
                           first_only=first_only)
     chunk_schemas = {f"{path} (lines from {line})": table.schema for line, table in tables}
@@ -248,7 +279,7 @@ def _mixed_text_column(schema: pa.Schema) -> str | None:
                  and field.name not in MIXED_COLUMNS), None)
 
 
-def file_batches(path: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
+def file_batches(path: InputFile, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
     """Yield `path`'s rows as batches with the file's own types: `schema` is what
     `file_schema(path, exact=True)` returned. Parquet batches hold at most `batch_size` rows;
     other formats yield their blocks as they come. Raises InputError on malformed data."""
@@ -257,7 +288,7 @@ def file_batches(path: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.
         if is_openai_batch_schema(schema):
             yield from openai_batch_batches(path, batch_size)
         elif suffix in PARQUET_SUFFIXES:
-            with pq.ParquetFile(path) as parquet_file:
+            with _parquet_file(path) as parquet_file:
                 yield from parquet_file.iter_batches(batch_size=batch_size)
         elif suffix in ARROW_SUFFIXES:
             yield from _arrow_batches(path)[1]
@@ -274,7 +305,7 @@ def file_batches(path: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.
                 yield from table.to_batches()
 
 
-def count_rows(files: Sequence[Path]) -> int | None:
+def count_rows(files: Sequence[InputFile]) -> int | None:
     """Total number of input rows when it is cheap to know (Parquet footers, Arrow files),
     None when a text file would have to be read in full. Raises InputError on unreadable files."""
     total = 0
@@ -282,7 +313,7 @@ def count_rows(files: Sequence[Path]) -> int | None:
         suffix = path.suffix.lower()
         with input_errors(path):
             if suffix in PARQUET_SUFFIXES:
-                with pq.ParquetFile(path) as parquet_file:
+                with _parquet_file(path) as parquet_file:
                     total += parquet_file.metadata.num_rows
             elif suffix in ARROW_SUFFIXES:
                 total += sum(batch.num_rows for batch in _arrow_batches(path)[1])

@@ -1,7 +1,9 @@
 """Finding the input files: INPUT (a file, a directory or a glob) -> a sorted list of files.
 
 Supported: Parquet, JSON lines, CSV, and Arrow files (including `datasets.save_to_disk`
-directories), and `hf://NAME[:SPLIT]` datasets (`hf_inputs.py`). Row keys are relative to
+directories), `hf://NAME[:SPLIT]` datasets (`hf_inputs.py`), and objects in an object store
+(`s3://`, `gs://`, `az://`...: `object_store_inputs.py`, the same rules on the store's listing,
+files as `RemoteFile`s). `file://PATH` is the local PATH. Row keys are relative to
 `input_root(INPUT)`.
 """
 
@@ -12,10 +14,14 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from vbatch.errors import InputError
 from vbatch.io.formats import SUPPORTED_SUFFIXES
 from vbatch.io.hf_inputs import hf_dataset_files, is_hf_uri
+from vbatch.io.input_file import InputFile
+from vbatch.io.object_store_inputs import remote_input_files, remote_input_root
+from vbatch.storage.filesystem import is_object_store_uri, uri_scheme
 
 _GLOB_CHARS = frozenset("*?[")
 HF_METADATA_FILES = ("dataset_dict.json", "dataset_info.json", "state.json")
@@ -67,20 +73,32 @@ def _files_in_directory(directory: Path) -> list[Path]:
     return found
 
 
-def resolve_input_files(input: str) -> list[Path]:
+def _local_text(input: str) -> str:
+    """INPUT with a `file://` scheme removed (`file:///data/x` -> `/data/x`)."""
+    return input[len("file://"):] if uri_scheme(input) == "file" else input
+
+
+def resolve_input_files(input: str,
+                        storage_options: dict[str, Any] | None = None) -> list[InputFile]:
     """Expand INPUT (a file, a directory or a glob) into a sorted list of input files.
 
     Directories are searched recursively for supported files, skipping names that start with
     "." or "_" (`_SUCCESS`, `.cache/`) and `*.vbatch` output directories; a `datasets` directory
     saved with `save_to_disk` yields its Arrow files. Raises InputError for a missing path, a
     glob matching nothing, an unsupported file type or a directory without supported files.
-    `hf://NAME[:SPLIT]` yields the Arrow files of that Hugging Face dataset, in order.
+    `hf://NAME[:SPLIT]` yields the Arrow files of that Hugging Face dataset, in order. An
+    object-store URI yields `RemoteFile`s (read with `storage_options`, the parsed
+    `--storage-options`); `file://PATH` is PATH.
     """
     kinds = "/".join(SUPPORTED_SUFFIXES)
     if is_hf_uri(input):
         return hf_dataset_files(input)
+    if is_object_store_uri(input):
+        return remote_input_files(input, storage_options)
+    input = _local_text(input)
     if "://" in input:
-        raise InputError(f"{input}: remote URLs are not supported; pass a local path")
+        raise InputError(f"{input}: unsupported URL scheme; pass a local path, file://, or an "
+                         "s3://, gs:// or az:// URI")
     path = Path(input).expanduser()
     if is_glob(input):
         matches = sorted(Path(match) for match in glob.glob(str(path), recursive=True))
@@ -108,13 +126,16 @@ def resolve_input_files(input: str) -> list[Path]:
     return sorted(set(files), key=lambda file: file.as_posix())
 
 
-def input_root(input: str) -> Path | None:
+def input_root(input: str, storage_options: dict[str, Any] | None = None) -> Path | str | None:
     """The directory that row keys are relative to: a file's parent, the directory itself, or
-    the part of a glob before its first wildcard; None for `hf://` inputs (keys are then
-    relative to the dataset's cache folder, `read_batches`' default). Pass it to
-    `read_batches(root=...)`."""
+    the part of a glob before its first wildcard (for an object-store INPUT the same, as a
+    prefix URI); None for `hf://` inputs (keys are then relative to the dataset's cache folder,
+    `read_batches`' default). Pass it to `read_batches(root=...)`."""
     if is_hf_uri(input):
         return None
+    if is_object_store_uri(input):
+        return remote_input_root(input, storage_options)
+    input = _local_text(input)
     path = Path(input).expanduser()
     if is_glob(input):
         return glob_base(path)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.json as pa_json
 
 from vbatch.errors import InputError, one_line
+from vbatch.io.input_file import InputFile, open_input
 from vbatch.io.mixed_text import mixed_text_array
 from vbatch.io.schema import MIXED_COLUMNS
 from vbatch.io.text_lines import invalid_utf8_offset
@@ -33,12 +33,12 @@ _LINE_NOT_AN_OBJECT = re.compile(rb"^[ \t\r]*[^{ \t\r\n]|[^} \t\r\n][ \t\r]*$", 
 _MESSAGE_LIMIT = 300
 
 
-def jsonl_chunks(path: Path, block_size: int) -> Iterator[tuple[int, bytes]]:
+def jsonl_chunks(path: InputFile, block_size: int) -> Iterator[tuple[int, bytes]]:
     """Yield (number of the chunk's first line, whole lines) of about `block_size` bytes each.
 
     The last chunk runs to the end of the file, a last line without a newline included, so a
     file of at most `block_size` bytes is exactly one chunk (a truncated last line is in it)."""
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         pending, line_number = b"", 1
         data = handle.read(block_size)
         if data.startswith(b"\xef\xbb\xbf"):
@@ -59,7 +59,7 @@ def jsonl_chunks(path: Path, block_size: int) -> Iterator[tuple[int, bytes]]:
             data = following
 
 
-def jsonl_tables(path: Path, *, block_size: int, prompt_column: str | None,
+def jsonl_tables(path: InputFile, *, block_size: int, prompt_column: str | None,
                  first_only: bool = False) -> Iterator[tuple[int, pa.Table]]:
     """Yield (first line, table) per non-blank chunk of `path` (only the first with
     `first_only`). `prompt_column` (and each of `MIXED_COLUMNS`) may mix types (read as
@@ -72,7 +72,7 @@ def jsonl_tables(path: Path, *, block_size: int, prompt_column: str | None,
                 return
 
 
-def parse_jsonl_chunk(path: Path, first_line: int, chunk: bytes,
+def parse_jsonl_chunk(path: InputFile, first_line: int, chunk: bytes,
                       prompt_column: str | None) -> pa.Table | None:
     """One chunk of whole lines as a table (None when blank); see the module docstring."""
     if not chunk.strip():
@@ -134,7 +134,7 @@ def _line_at(chunk: bytes, first_line: int, offset: int) -> int:
     return first_line + chunk.count(b"\n", 0, offset)
 
 
-def _located(path: Path, first_line: int, chunk: bytes, message: str) -> InputError:
+def _located(path: InputFile, first_line: int, chunk: bytes, message: str) -> InputError:
     row = _JSON_ROW.search(message)
     line = first_line
     if row:  # pyarrow counts rows within the chunk, skipping blank lines
@@ -145,7 +145,7 @@ def _located(path: Path, first_line: int, chunk: bytes, message: str) -> InputEr
     return InputError(f"{path}: line {line}: {message}")
 
 
-def _with_mixed_columns(path: Path, first_line: int, chunk: bytes, mixable: set[str],
+def _with_mixed_columns(path: InputFile, first_line: int, chunk: bytes, mixable: set[str],
                         aside: set[str]) -> pa.Table:
     """Parse a chunk whose values in the `aside` columns are not all of one type: each line
     with Python's json, those values set aside and replaced by "" for pyarrow, then put back as

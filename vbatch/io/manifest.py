@@ -1,24 +1,30 @@
 """The job manifest (`_manifest.json`): writing it, reading it back, and what a `--resume`
 may skip.
 
-The commit protocol (Hadoop's v1 committer, one level): a part file is written under a hidden
-temporary name, fsync'd, renamed into place, and then `_manifest.json` is rewritten atomically
-listing it, with the positions of the rows it holds; a part is committed once the manifest
-lists it. The manifest also holds the job fingerprint: input files (path, size, mtime), model
-identity, and the settings that change what is generated. `_SUCCESS` is written last.
+The commit protocol: a part file is written under a hidden temporary name, fsync'd and renamed
+into place (one PUT on an object store), and then the commit log (io/commit_log.py) records it,
+with the positions of the rows it holds, in one small file per part; a part is committed once
+the log names it. The log also holds the job fingerprint: input files (path, size, mtime), model
+identity, and the settings that change what is generated. When the job finishes,
+`_manifest.json` is written once (every part, status "complete"), the log removed, and
+`_SUCCESS` written last.
 
-On `--resume`, `load_resume_state` reads the manifest, refuses a different fingerprint (naming
-what differs) unless forced, deletes part files the manifest does not list (written by a run
-killed between the rename and the manifest update; their rows are computed again) and
-temporary files, and returns the committed positions to skip and what those parts hold.
+On `--resume`, `load_resume_state` reads what was committed: a complete `_manifest.json` (it
+lists everything the log did), else the commit log, else a manifest an earlier version kept
+rewriting while it ran (status "running"). It refuses a different fingerprint (naming what
+differs) unless forced, deletes part files nothing names (written by a run killed between the
+part and its record; their rows are computed again), temporary files and log files the state
+does not need, and returns the committed positions to skip and what those parts hold.
 
 Every part entry records its rows' counts (`part_counts`: error rows, prompt and output
 tokens), so a resumed job's counts and `--max-error-rate` cover the earlier runs' rows too.
 A part's `num_rows` counts input rows (the positions it holds); with n > 1 samples a row it
 holds more output rows, `num_output_rows` (written when it differs). A
 manifest of an earlier version has no such counts: they are counted once from the committed
-part files' columns (small local Parquet reads) and recorded when the manifest is rewritten.
-A manifest is validated (io/manifest_schema.py) before anything it names is touched.
+part files' columns (small Parquet reads) and recorded in the resumed run's log.
+A manifest or log is validated (io/manifest_schema.py) before anything it names is touched.
+Every file operation goes through the directory handle (io/directory.py or an object-store
+one with the same methods).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import pyarrow.parquet as pq
 
 from vbatch.errors import VBatchUsageError
 from vbatch.io.atomic import write_json_atomically
+from vbatch.io.commit_log import is_log_file, read_log
 from vbatch.io.directory import OutputDirectory
 from vbatch.io.fingerprint import fingerprint_differences
 from vbatch.io.manifest_schema import check_manifest
@@ -57,19 +64,20 @@ def write_manifest(output_dir: OutputDirectory | str | os.PathLike[str], manifes
     if any("num_output_rows" in p for p in parts):
         output["num_output_rows"] = sum(p.get("num_output_rows", p["num_rows"]) for p in parts)
     content = {**manifest, "output": {**output, "part_files": parts}}
-    if isinstance(output_dir, OutputDirectory):     # a job's open directory handle
-        return output_dir.write_json(MANIFEST_FILE, content)
-    return write_json_atomically(Path(output_dir) / MANIFEST_FILE, content)
+    if isinstance(output_dir, (str, os.PathLike)):
+        return write_json_atomically(Path(output_dir) / MANIFEST_FILE, content)
+    return output_dir.write_json(MANIFEST_FILE, content)    # a job's open directory handle
 
 
-def read_manifest(output_dir: Path) -> dict | None:
-    """The manifest of `output_dir`, or None if there is none. Raises VBatchUsageError if it
-    cannot be parsed or is not shaped like a vbatch manifest (io/manifest_schema.py)."""
-    path = Path(output_dir) / MANIFEST_FILE
-    if not path.is_file():
-        return None
+def read_manifest(directory: OutputDirectory) -> dict | None:
+    """The manifest in the directory handle `directory`, or None if there is none. Raises
+    VBatchUsageError if it cannot be parsed or is not shaped like a vbatch manifest
+    (io/manifest_schema.py)."""
+    path = directory.path / MANIFEST_FILE
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(directory.read_bytes(MANIFEST_FILE))
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as error:
         raise VBatchUsageError(f"cannot resume: {path} is unreadable ({error})") from None
     return check_manifest(content, path)
@@ -97,12 +105,14 @@ def part_counts(table: pa.Table) -> dict[str, int]:
     return counts
 
 
-def _count_part_file(path: Path, num_rows: int) -> dict[str, int]:
-    """`part_counts` of a committed part file written without them (an earlier version, which
-    wrote one output row per input row: `num_rows` is the file's row count)."""
+def _count_part_file(directory: OutputDirectory, name: str, num_rows: int) -> dict[str, int]:
+    """`part_counts` of the committed part `name` written without them (an earlier version,
+    which wrote one output row per input row: `num_rows` is the file's row count)."""
+    path = directory.path / name
     try:
-        columns = set(pq.read_schema(path).names) & set(PART_COUNT_COLUMNS.values())
-        table = pq.read_table(path, columns=sorted(columns))
+        source = pa.BufferReader(directory.read_bytes(name))
+        columns = set(pq.read_schema(source).names) & set(PART_COUNT_COLUMNS.values())
+        table = pq.read_table(source, columns=sorted(columns))
     except (OSError, pa.ArrowException) as error:
         raise VBatchUsageError(f"cannot resume: committed part {path} is unreadable "
                                f"({error}); rerun with --overwrite") from None
@@ -148,44 +158,59 @@ class ResumeState:
         return sum(part.get("num_output_tokens", 0) for part in self.parts)
 
 
-def load_resume_state(output_dir: Path, fingerprint: dict, *, force: bool) -> ResumeState:
-    """Prepare `output_dir` for a resumed run of the job `fingerprint` (see module docstring).
+def load_resume_state(output_dir: OutputDirectory | str | os.PathLike[str], fingerprint: dict,
+                      *, force: bool) -> ResumeState:
+    """Prepare the job directory `output_dir` (its handle; a path is opened for the call) for
+    a resumed run of the job `fingerprint` (see module docstring).
 
     A missing or empty directory resumes from nothing. Raises VBatchUsageError when the
-    manifest is malformed, the fingerprint differs (unless `force`), or a committed part is
-    missing (or, without recorded counts, unreadable).
+    manifest or log is malformed, the fingerprint differs (unless `force`), or a committed part
+    is missing (or, without recorded counts, unreadable).
     """
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return ResumeState()
-    manifest = read_manifest(output_dir) or {}
-    old = manifest.get(FINGERPRINT_KEY)
-    if manifest and old is None:
-        raise VBatchUsageError(f"cannot resume: {output_dir} was written without a job "
+    if isinstance(output_dir, (str, os.PathLike)):
+        if not Path(output_dir).is_dir():
+            return ResumeState()
+        with OutputDirectory.open(output_dir) as directory:
+            return load_resume_state(directory, fingerprint, force=force)
+    directory = output_dir
+    names = directory.names()
+    manifest = read_manifest(directory) if MANIFEST_FILE in names else None
+    # A complete manifest holds all the log said (the log goes after it is written).
+    is_complete = manifest is not None and manifest.get("status") == "complete"
+    log = None if is_complete else read_log(directory, names)
+    if log is not None:
+        old, parts, source = log.fingerprint, log.parts, "its commit log"
+        unused = set(log.stale)
+    else:
+        manifest = manifest or {}
+        old, source = manifest.get(FINGERPRINT_KEY), MANIFEST_FILE
+        parts = [dict(part) for part in (manifest.get("output") or {}).get("part_files", [])]
+        unused = {name for name in names if is_log_file(name)}
+    if (log is not None or manifest) and old is None:
+        raise VBatchUsageError(f"cannot resume: {directory.path} was written without a job "
                                "fingerprint; rerun with --overwrite")
     if old is not None and not force:
         differences = fingerprint_differences(old, fingerprint)
         if differences:
-            raise VBatchUsageError(f"cannot resume {output_dir}: the job differs from the run "
-                                   f"that wrote it ({'; '.join(differences[:4])}); pass --force "
-                                   "to resume anyway or --overwrite to start over")
-    parts = [dict(part) for part in (manifest.get("output") or {}).get("part_files", [])]
+            raise VBatchUsageError(f"cannot resume {directory.path}: the job differs from the "
+                                   f"run that wrote it ({'; '.join(differences[:4])}); pass "
+                                   "--force to resume anyway or --overwrite to start over")
     listed = {part["name"] for part in parts}
-    for entry in output_dir.iterdir():
-        is_orphan_part = PART_FILE_PATTERN.fullmatch(entry.name) and entry.name not in listed
-        if is_orphan_part or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
-            entry.unlink()
-    committed = IntervalSet()
+    for name in names:
+        is_orphan_part = PART_FILE_PATTERN.fullmatch(name) and name not in listed
+        if is_orphan_part or name in unused or (name.startswith(".") and name.endswith(".tmp")):
+            directory.remove(name)
+    present = set(names)
     for part in parts:
-        if not (output_dir / part["name"]).is_file():
+        if part["name"] not in present:
             raise VBatchUsageError(f"cannot resume: committed part {part['name']} is missing "
-                                   f"from {output_dir}; rerun with --overwrite")
+                                   f"from {directory.path}; rerun with --overwrite")
         if "positions" not in part and part["num_rows"]:
-            raise VBatchUsageError(f"cannot resume: {output_dir}/{MANIFEST_FILE} does not "
+            raise VBatchUsageError(f"cannot resume: {source} in {directory.path} does not "
                                    f"record which rows {part['name']} holds; rerun with "
                                    "--overwrite")
         if any(key not in part for key in PART_COUNT_COLUMNS):
-            part.update(_count_part_file(output_dir / part["name"], part["num_rows"]))
-        committed.update(IntervalSet(part.get("positions", [])))
-    return ResumeState(committed=committed, parts=parts,
-                       was_complete=(output_dir / SUCCESS_FILE).is_file())
+            part.update(_count_part_file(directory, part["name"], part["num_rows"]))
+    # All intervals merged at once (merging part by part costs parts x intervals).
+    committed = IntervalSet(interval for part in parts for interval in part.get("positions", []))
+    return ResumeState(committed=committed, parts=parts, was_complete=SUCCESS_FILE in present)

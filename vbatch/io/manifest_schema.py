@@ -6,12 +6,14 @@ deletes a file or skips a row: part names must be vbatch part names (never a pat
 `../../x`), listed once; row counts non-negative integers; positions sorted, disjoint
 [start, end) pairs that cover exactly the part's rows and no other part's. Fields vbatch does
 not read are allowed (`extra="allow"`). A bad shape is one line naming the file and the first
-problem's place: `output.part_files[2].name missing`.
+problem's place: `output.part_files[2].name missing`. The commit log's records and checkpoints
+(io/commit_log.py) hold the same part entries and are checked the same way (`LogRecord`,
+`Checkpoint`, and `check_log_parts` over the replayed log).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -73,13 +75,13 @@ class PartEntry(_Entry):
         if self.num_error_rows is not None and self.num_error_rows > self.num_rows:
             raise ValueError(f"num_error_rows {self.num_error_rows} > num_rows {self.num_rows}")
         if self.positions is not None:
-            previous_end = -1
+            previous_end, covered = -1, 0
             for start, end in self.positions:
                 if start >= end or start < previous_end:
                     raise ValueError("positions must be sorted, disjoint [start, end) pairs "
                                      f"with start < end, got [{start}, {end}]")
                 previous_end = end
-            covered = sum(end - start for start, end in self.positions)
+                covered += end - start
             if covered != self.num_rows:
                 raise ValueError(f"positions cover {covered} rows but num_rows is "
                                  f"{self.num_rows}")
@@ -99,12 +101,37 @@ class Manifest(_Entry):
     output: OutputEntry | None = None
 
 
+class LogRecord(_Entry):
+    """One record of the commit log (io/commit_log.py): the part it commits."""
+
+    log_format: Literal[1]
+    version: Count
+    add: list[PartEntry]
+
+
+class Checkpoint(_Entry):
+    """A checkpoint of the commit log: the whole state as of its version (its part rows are
+    checked as `PartEntry`s once decoded: `check_part_entries`)."""
+
+    log_format: Literal[1]
+    version: Count
+    fingerprint: FingerprintEntry | None = None
+    committed: list[Interval] = []
+    part_columns: list[StrictStr]
+    part_rows: list[list[Any]]
+
+
+class _PartList(_Entry):
+    part_files: list[PartEntry]
+
+
 def check_manifest(content: Any, path: Path) -> dict:
     """`content` (parsed JSON of the manifest at `path`) when it has the shape above; raises
     VBatchUsageError "cannot resume: <path> is not a vbatch manifest: <first problem>"."""
     try:
         manifest = Manifest.model_validate(content, strict=True)
-        problem = _parts_problem(manifest.output.part_files if manifest.output else [])
+        problem = _parts_problem([(part.name, part.positions) for part in
+                                  (manifest.output.part_files if manifest.output else [])])
     except ValidationError as error:
         problem = _first_problem(error)
     if problem:
@@ -112,21 +139,63 @@ def check_manifest(content: Any, path: Path) -> dict:
     return content
 
 
-def _parts_problem(parts: list[PartEntry]) -> str | None:
-    """A part listed twice, or rows that two parts hold, as "output.part_files[i]: ..."."""
+def check_log_record(content: Any, where: str) -> dict:
+    """`content` (parsed JSON of the commit-log record `where`) when shaped like a
+    `LogRecord`; raises VBatchUsageError "cannot resume: <where> is not a vbatch commit log
+    file: <first problem>"."""
+    return _check_log_file(LogRecord, content, where)
+
+
+def check_checkpoint(content: Any, where: str) -> dict:
+    """`content` (parsed JSON of the checkpoint `where`) when shaped like a `Checkpoint`;
+    raises VBatchUsageError as `check_log_record` does."""
+    return _check_log_file(Checkpoint, content, where)
+
+
+def _check_log_file(model: type[_Entry], content: Any, where: str) -> dict:
+    try:
+        model.model_validate(content, strict=True)
+    except ValidationError as error:
+        raise VBatchUsageError(f"cannot resume: {where} is not a vbatch commit log file: "
+                               f"{_first_problem(error)}") from None
+    return content
+
+
+def check_part_entries(parts: list[dict], where: str) -> list[dict]:
+    """`parts` (the decoded part entries of the checkpoint `where`) when each is shaped like a
+    `PartEntry`; raises VBatchUsageError as `check_log_record` does."""
+    _check_log_file(_PartList, {"part_files": parts}, where)
+    return parts
+
+
+def check_log_parts(parts: list[dict], where: str) -> None:
+    """Refuse (VBatchUsageError) a replayed commit log (`where`) whose part entries (already
+    checked one by one) name a part twice or two parts holding the same row."""
+    problem = _parts_problem([(part["name"], part.get("positions")) for part in parts],
+                             place="parts")
+    if problem:
+        raise VBatchUsageError(f"cannot resume: the commit log in {where} is not a vbatch "
+                               f"commit log: {problem}")
+
+
+def _parts_problem(parts: list[tuple[str, list | None]],
+                   place: str = "output.part_files") -> str | None:
+    """A part listed twice, or rows that two parts hold, as "<place>[i]: ..."; `parts`: each
+    part's (name, positions)."""
     names: set[str] = set()
-    for index, part in enumerate(parts):
-        if part.name in names:
-            return f"output.part_files[{index}]: {part.name} is listed twice"
-        names.add(part.name)
-    intervals = sorted((start, end, index) for index, part in enumerate(parts)
-                       for start, end in part.positions or [])
+    for index, (name, _) in enumerate(parts):
+        if name in names:
+            return f"{place}[{index}]: {name} is listed twice"
+        names.add(name)
+    intervals = sorted((start, end, index) for index, (_, positions) in enumerate(parts)
+                       for start, end in positions or [])
     # Sorted by start, any overlap shows between neighbours.
     for (_, end, first), (start, _, second) in zip(intervals, intervals[1:]):
         if start < end:
             earlier, later = sorted((first, second))
-            return (f"output.part_files[{later}]: {parts[later].name} holds rows that "
-                    f"part_files[{earlier}] holds too")
+            short = place.rsplit(".", 1)[-1]
+            return (f"{place}[{later}]: {parts[later][0]} holds rows that "
+                    f"{short}[{earlier}] holds too")
     return None
 
 

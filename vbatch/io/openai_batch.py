@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from vbatch.errors import InputError, one_line
+from vbatch.io.input_file import open_input
 from vbatch.io.jsonl import jsonl_chunks
 
 CUSTOM_ID = "custom_id"
@@ -54,7 +55,7 @@ def looks_like_openai_batch(path: Path) -> bool:
     """True when the first non-blank line of `path` that parses as JSON is an object with
     `custom_id`, `url` and `body` (lines that do not parse are skipped, at most 20 looked at)."""
     looked = 0
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         for raw in handle:
             if not raw.strip():
                 continue
@@ -71,7 +72,7 @@ def looks_like_openai_batch(path: Path) -> bool:
 
 def openai_batch_schema(path: Path) -> pa.Schema | None:
     """`OPENAI_BATCH_SCHEMA`, or None when the file holds no line (blank)."""
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         for raw in handle:
             if raw.replace(b"\xef\xbb\xbf", b"").strip():
                 return OPENAI_BATCH_SCHEMA

@@ -15,11 +15,18 @@ file just before then gets its flock on an unlinked inode, so after locking it c
 name still refers to the inode it locked and otherwise tries again.
 
 flock is local to a host's kernel (NFS maps it to byte-range locks, which needs a working lock
-manager). Object stores have no locks at all: a later issue adds a lock *object* created
-conditionally (S3 `PutObject` with `If-None-Match: *`, GCS `ifGenerationMatch=0`) holding the
-same holder line plus a lease expiry, renewed by a heartbeat while the job runs; a second job
-is refused while the lease is live and may take over (conditional overwrite on the object's
-ETag/generation) once it has expired. The holder line and the refusal message stay the same.
+manager). On an object store (`ObjectStoreLock`) the lock is the object `.vbatch.lock` itself,
+created only if absent: a conditional write (S3 `If-None-Match: *`; fsspec's `mode="create"`),
+then read back and checked to hold this job's random token. It holds the same holder line (plus
+the token and the holder's machine identity), and a second job gets the same refusal. Nothing
+drops it when its holder dies, so a lock whose holder ran on this machine (same host name, boot
+id and pid namespace) and no longer runs (its pid is gone, or is another process now) is stale
+and taken over (on S3 by an overwrite conditional on the stale object's ETag, so two jobs
+taking it over at once cannot both win). A lock left by a job that died on another machine
+stays until deleted by hand (the refusal says which object). On stores that ignore conditional
+writes the lock is advisory: the object is looked for first and read back after writing, which
+refuses any job that starts while another runs, but two jobs starting in the same instant may
+both proceed.
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import socket
 from datetime import datetime, timezone
 
 from vbatch.errors import VBatchUsageError
 from vbatch.io.directory import OutputDirectory
+from vbatch.io.object_store_dir import ObjectStoreDirectory, ObjectStoreError
 
 #: The lock file inside the output directory (hidden: Parquet readers skip it).
 LOCK_FILE = ".vbatch.lock"
@@ -47,10 +56,23 @@ def holder_info() -> dict:
 
 def _describe_holder(fd: int) -> str:
     try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return _describe(os.pread(fd, 4096, 0))
+    except OSError:
+        return _describe(b"")
+
+
+def _describe(content: bytes) -> str:
+    try:
+        info = json.loads(content.decode() or "{}")
         return (f"pid {info['pid']} on host {info['host']}, started {info['started_at']}")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return "holder unknown: it has not written its pid yet"
+
+
+def _in_use(directory, holder: str, hint: str = "") -> VBatchUsageError:
+    return VBatchUsageError(
+        f"output directory {directory.path} is in use by another vbatch job ({holder}); wait "
+        f"for it to finish or choose another --output{hint}")
 
 
 class OutputLock:
@@ -78,9 +100,7 @@ class OutputLock:
                 os.close(fd)
                 if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                raise VBatchUsageError(
-                    f"output directory {directory.path} is in use by another vbatch job "
-                    f"({holder}); wait for it to finish or choose another --output") from None
+                raise _in_use(directory, holder) from None
             if cls._is_current(directory, fd):
                 lock = cls(directory, fd)
                 lock._write_holder()
@@ -117,3 +137,132 @@ class OutputLock:
         finally:
             os.close(self._fd)
             self._fd = -1
+
+
+def _read_file(path: str) -> str | None:
+    try:
+        with open(path) as file:
+            return file.read().strip()
+    except OSError:
+        return None
+
+
+def _machine() -> dict:
+    """What tells this machine and pid namespace apart from others with the same host name
+    (containers): the kernel's boot id and the pid namespace (Linux; None elsewhere)."""
+    try:
+        pid_namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_namespace = None
+    return {"host": socket.gethostname(),
+            "boot_id": _read_file("/proc/sys/kernel/random/boot_id"),
+            "pid_namespace": pid_namespace}
+
+
+def _process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
+    stat = _read_file(f"/proc/{pid}/stat")
+    return None if stat is None else stat.rsplit(")", 1)[-1].split()
+
+
+def _process_start(pid: int) -> str | None:
+    """Process `pid`'s start time in clock ticks since boot (Linux), which a reused pid does
+    not share; None when unknown."""
+    fields = _process_stat(pid)
+    return None if fields is None else fields[19]
+
+
+def _holder_is_gone(info: dict) -> bool:
+    """True when the lock's holder ran on this machine and has ended (see module docstring)."""
+    machine = _machine()
+    if any(info.get(key) != value for key, value in machine.items()) or None in machine.values():
+        return False
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False                    # another user's live process
+    fields = _process_stat(pid)
+    if fields is None:
+        return False
+    # a zombie (killed, not yet reaped) writes nothing; a reused pid started at another time
+    return fields[0] == "Z" or info.get("process_start") not in (None, fields[19])
+
+
+class ObjectStoreLock:
+    """The lock object of an output prefix on an object store, held until `release()` (see
+    module docstring: created only if absent, read back; a dead local holder's lock taken
+    over)."""
+
+    def __init__(self, directory: ObjectStoreDirectory, token: str) -> None:
+        self.directory = directory
+        self._token = token
+        self._is_held = True
+
+    @classmethod
+    def acquire(cls, directory: ObjectStoreDirectory) -> ObjectStoreLock:
+        """Lock the prefix `directory` for this process, without waiting. Raises
+        VBatchUsageError (one line: the same refusal as `OutputLock`, naming the lock object)
+        while another job holds it, or when the lock object cannot be written."""
+        token = secrets.token_hex(16)
+        content = (json.dumps({**holder_info(), **_machine(), "token": token,
+                               "process_start": _process_start(os.getpid())}) + "\n").encode()
+        try:
+            for _ in range(_MAX_ATTEMPTS):
+                found = directory.info(LOCK_FILE)
+                if found is None:
+                    taken = directory.create_exclusive(LOCK_FILE, content)
+                else:
+                    taken = cls._take_over_if_stale(directory, found, content)
+                if taken and cls._holds(directory, token):
+                    return cls(directory, token)
+        except ObjectStoreError as error:
+            raise VBatchUsageError(f"output directory {directory.path} is not writable: "
+                                   f"{error.reason}") from None
+        raise VBatchUsageError(f"output directory {directory.path}: could not take its lock "
+                               f"object {LOCK_FILE} (it keeps being replaced)")
+
+    @staticmethod
+    def _take_over_if_stale(directory: ObjectStoreDirectory, found: dict,
+                            content: bytes) -> bool:
+        try:
+            held = directory.read_bytes(LOCK_FILE)
+        except FileNotFoundError:
+            return False                            # released meanwhile: try again
+        try:
+            info = json.loads(held.decode())
+        except ValueError:
+            info = {}
+        if not isinstance(info, dict) or not _holder_is_gone(info):
+            raise _in_use(directory, _describe(held),
+                          f" (a job that died on another machine leaves its lock: delete "
+                          f"{directory.path / LOCK_FILE} if none runs)")
+        return directory.replace_if_unchanged(LOCK_FILE, content, found)
+
+    @staticmethod
+    def _holds(directory: ObjectStoreDirectory, token: str) -> bool:
+        try:
+            info = json.loads(directory.read_bytes(LOCK_FILE).decode())
+        except (FileNotFoundError, ValueError):
+            return False
+        return isinstance(info, dict) and info.get("token") == token
+
+    @property
+    def is_held(self) -> bool:
+        """True until `release()`."""
+        return self._is_held
+
+    def release(self) -> None:
+        """Delete the lock object if it is still this job's. Idempotent."""
+        if not self._is_held:
+            return
+        self._is_held = False
+        try:
+            if self._holds(self.directory, self._token):
+                self.directory.remove(LOCK_FILE)
+        except ObjectStoreError:
+            pass    # store unreachable: the lock stays, stale (taken over) once we have ended

@@ -1,12 +1,14 @@
-"""Arrow batches -> Parquet part files in a job directory, committed through the manifest.
+"""Arrow batches -> Parquet part files in a job directory, committed through the commit log.
 
 The same writer commits parts of another format (`write_part` + `suffix`: the OpenAI batch
 output JSON lines of `--output-format openai`), with the same protocol, names and manifest.
 
-`ParquetPartWriter` buffers rows and writes a part file (io/atomic.py: temporary name, fsync,
-rename) whenever `rows_per_file` rows are buffered; with `job_info` it rewrites the manifest
-after every part (a part is committed once the manifest lists it, io/manifest.py). `commit`
-writes the final manifest and then `_SUCCESS`. File names: io/output_dir.py.
+`ParquetPartWriter` buffers rows and writes a part file (`write_atomically` of the directory
+handle: temporary name, fsync, rename on a local disk) whenever `rows_per_file` rows are
+buffered, or at once on `flush()`; with `job_info` it then appends one record naming the part
+to the commit log (io/commit_log.py: a part is committed once the log names it; constant cost
+per part). `commit` writes the final `_manifest.json` once, removes the log, and then writes
+`_SUCCESS`. File names: io/output_dir.py.
 
 The output rows of one input position (the n samples of a row, adjacent) always go to the same
 part, so a part commits whole input rows and `--resume`, which skips committed positions, never
@@ -16,6 +18,7 @@ finds half a row's samples committed.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vbatch.io.atomic import temp_name_for
+from vbatch.io.commit_log import DEFAULT_CHECKPOINT_INTERVAL, CommitLog
 from vbatch.io.directory import OutputDirectory
 from vbatch.io.manifest import part_counts, write_manifest
 from vbatch.io.output_dir import (
@@ -44,25 +48,30 @@ class ParquetPartWriter:
     the caller closes it), or a path (created if missing, opened here and closed when the
     writer commits or aborts; see `prepare_output_dir` for an existing one).
 
-    With `job_info` (a job's writer) the directory is marked unfinished before anything else
-    is written: `_SUCCESS` is removed and the manifest rewritten with status "running" (and
-    `existing_parts`), so a resumed job killed at any point never leaves `_SUCCESS` beside
-    parts it added.
+    With `job_info` (a job's writer: {"fingerprint": ...}) the directory is marked unfinished
+    before anything else is written: `_SUCCESS` is removed first, then the commit log starts
+    (a checkpoint holding the fingerprint and `existing_parts`, every `checkpoint_interval`
+    records another) and the earlier run's `_manifest.json` is removed, so a resumed job
+    killed at any point never leaves `_SUCCESS` beside parts it added. Each part is committed
+    by one log record.
 
     `write()` takes record batches (or tables) with one schema (`schema`, or the first batch's;
     batches whose column names match are cast to it). Rows with the same position (the
     samples of one input row) must be adjacent and written in one batch; they are never split
     between two parts: a part ends at the last position boundary within `rows_per_file` rows,
     or, when one position alone has more rows, right after that position's rows (rows whose
-    position is not known are each their own). `close()` writes the remaining rows (and,
-    when no row was written at all, one empty part file so readers still see the schema).
-    `commit(manifest)` closes, then writes `_manifest.json` and `_SUCCESS`, in that order.
+    position is not known are each their own). `flush()` writes the buffered rows as a part
+    now. `close()` writes the remaining rows (and, when no row was written at all, one empty
+    part file so readers still see the schema). `commit(manifest)` closes, then writes
+    `_manifest.json`, removes the commit log and writes `_SUCCESS`, in that order.
     `abort()` drops buffered rows and temporary files and never writes `_SUCCESS`; complete
     part files stay. As a context manager: an exception aborts, a normal exit closes (the
     caller commits).
 
     `write_part(table, file)` writes one part's rows to a binary file (default: Parquet with
     `compression`), and `suffix` names its parts (`.parquet`, or `.jsonl`).
+
+    Its methods may be called from more than one thread (e.g. a timer calling `flush`).
     """
 
     def __init__(
@@ -76,10 +85,11 @@ class ParquetPartWriter:
         job_info: dict | None = None,
         write_part: Callable[[pa.Table, BinaryIO], None] | None = None,
         suffix: str = ".parquet",
+        checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL,
     ) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
-        self._owns_directory = not isinstance(output_dir, OutputDirectory)
+        self._owns_directory = isinstance(output_dir, (str, os.PathLike))
         self.directory = (OutputDirectory.open(output_dir) if self._owns_directory
                           else output_dir)
         self.output_dir = self.directory.path
@@ -103,9 +113,15 @@ class ParquetPartWriter:
         self._part_counts: list[dict[str, int]] = []
         self._is_closed = False
         self._is_finished = False  # committed or aborted
+        self._lock = threading.RLock()
+        self._log: CommitLog | None = None
         if job_info is not None:
             self.directory.remove(SUCCESS_FILE)
-            self._write_manifest({**job_info, "status": "running"})
+            self._log = CommitLog(self.directory, fingerprint=job_info.get("fingerprint"),
+                                  parts=self._existing_parts,
+                                  checkpoint_interval=checkpoint_interval)
+            # the log holds all the manifest said; a stale "complete" one must not outlive it
+            self.directory.remove(MANIFEST_FILE)
 
     @property
     def num_rows_written(self) -> int:
@@ -121,6 +137,10 @@ class ParquetPartWriter:
         """Add rows; writes every part file that fills up. A `POSITION_COLUMN` is stripped and
         recorded per part (see io/positions.py). Raises ValueError on a schema mismatch or
         after close/commit/abort."""
+        with self._lock:
+            self._write(batch)
+
+    def _write(self, batch: pa.RecordBatch | pa.Table) -> None:
         if self._is_closed:
             raise ValueError("cannot write: the writer is already closed")
         positions = None
@@ -145,6 +165,15 @@ class ParquetPartWriter:
             self._num_pending += batch.num_rows
         while self._num_pending >= self.rows_per_file:
             self._write_part(self._part_end())
+
+    def flush(self) -> None:
+        """Write the buffered rows as a part file now (committed like any part); nothing when
+        no row is buffered or the writer is closed. The buffer always ends at a position
+        boundary (`write` takes all rows of a position at once), so a row's samples stay in
+        one part."""
+        with self._lock:
+            if self._num_pending and not self._is_closed:
+                self._write_part(self._num_pending)
 
     def _positions(self) -> np.ndarray:
         positions = (np.concatenate(self._pending_positions) if self._pending_positions
@@ -182,63 +211,66 @@ class ParquetPartWriter:
         self._part_positions.append(
             IntervalSet.from_positions(part_positions).to_list()
             if part_positions.size and part_positions.min() >= 0 else None)
-        if self.job_info is not None:   # the part is committed once the manifest lists it
-            self._write_manifest({**self.job_info, "status": "running"})
+        if self._log is not None:   # the part is committed once the log names it
+            self._log.append(self._part_entry(len(self._part_files) - 1))
 
     def _write_parquet(self, table: pa.Table, file: BinaryIO) -> None:
         pq.write_table(table, file, compression=self.compression)
 
-    def _parts(self) -> list[dict]:
-        parts = list(self._existing_parts)
-        for path, num_rows, input_rows, positions, counts in zip(
-                self._part_files, self._part_num_rows, self._part_input_rows,
-                self._part_positions, self._part_counts):
-            # num_rows counts input rows (what the positions cover, what --resume skips)
-            entry: dict = {"name": path.name, "num_rows": input_rows}
-            if input_rows != num_rows:
-                entry["num_output_rows"] = num_rows
-            if positions is not None:
-                entry["positions"] = positions
-            parts.append({**entry, **counts})
-        return parts
+    def _part_entry(self, index: int) -> dict:
+        """The manifest / log entry of this run's `index`-th part."""
+        input_rows, num_rows = self._part_input_rows[index], self._part_num_rows[index]
+        # num_rows counts input rows (what the positions cover, what --resume skips)
+        entry: dict = {"name": self._part_files[index].name, "num_rows": input_rows}
+        if input_rows != num_rows:
+            entry["num_output_rows"] = num_rows
+        if self._part_positions[index] is not None:
+            entry["positions"] = self._part_positions[index]
+        return {**entry, **self._part_counts[index]}
 
-    def _write_manifest(self, manifest: dict) -> None:
-        write_manifest(self.directory, manifest, self._parts())
+    def _parts(self) -> list[dict]:
+        return self._existing_parts + [self._part_entry(i) for i in range(len(self._part_files))]
 
     def close(self) -> None:
         """Write the buffered rows as a last part file. Idempotent."""
-        if self._is_closed:
-            return
-        if self._num_pending or (not self._part_files and not self._existing_parts
-                                 and self.schema is not None):
-            self._write_part(self._num_pending)
-        self._is_closed = True
+        with self._lock:
+            if self._is_closed:
+                return
+            if self._num_pending or (not self._part_files and not self._existing_parts
+                                     and self.schema is not None):
+                self._write_part(self._num_pending)
+            self._is_closed = True
 
     def commit(self, manifest: dict) -> None:
         """Close, then write `_manifest.json` (`manifest`, status "complete", plus an "output"
-        entry listing every part file with its row count and positions) and finally
-        `_SUCCESS`, each atomically."""
-        if self._is_finished:
-            raise ValueError("cannot commit: the writer was already committed or aborted")
-        if "output" in manifest:
-            raise ValueError("the manifest key 'output' is reserved for the part file list")
-        self.close()
-        self._write_manifest({**(self.job_info or {}), **manifest, "status": "complete"})
-        self.directory.write_text(SUCCESS_FILE, "")
-        self._is_finished = True
-        self._close_own_directory()
+        entry listing every part file with its row count and positions), remove the commit
+        log (the manifest holds all it said) and finally write `_SUCCESS`, each atomically."""
+        with self._lock:
+            if self._is_finished:
+                raise ValueError("cannot commit: the writer was already committed or aborted")
+            if "output" in manifest:
+                raise ValueError("the manifest key 'output' is reserved for the part file list")
+            self.close()
+            write_manifest(self.directory, {**(self.job_info or {}), **manifest,
+                                            "status": "complete"}, self._parts())
+            if self._log is not None:
+                self._log.remove()
+            self.directory.write_text(SUCCESS_FILE, "")
+            self._is_finished = True
+            self._close_own_directory()
 
     def abort(self) -> None:
         """Stop: drop buffered rows, remove temporary files, never write `_SUCCESS`."""
-        self._pending, self._num_pending = [], 0
-        self._is_closed = self._is_finished = True
-        if not self.directory.is_open:
-            return            # already finished and its own directory closed
-        names = (part_file_name(self._first_index + len(self._part_files), self.suffix),
-                 MANIFEST_FILE, SUCCESS_FILE)
-        for name in names:  # only this writer's own temporary files
-            self.directory.remove(temp_name_for(name))
-        self._close_own_directory()
+        with self._lock:
+            self._pending, self._num_pending = [], 0
+            self._is_closed = self._is_finished = True
+            if not self.directory.is_open:
+                return            # already finished and its own directory closed
+            names = [part_file_name(self._first_index + len(self._part_files), self.suffix),
+                     MANIFEST_FILE, SUCCESS_FILE, *(self._log.temp_names() if self._log else ())]
+            for name in names:  # only this writer's own temporary files
+                self.directory.remove(temp_name_for(name))
+            self._close_own_directory()
 
     def _close_own_directory(self) -> None:
         if self._owns_directory:

@@ -15,22 +15,22 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 
 from vbatch.errors import InputError
 from vbatch.io import formats
 from vbatch.io.column_types import conform_batch, unify_input_schemas
+from vbatch.io.input_file import InputFile, default_root, row_key_prefix
 from vbatch.io.openai_batch import BODY, OPENAI, is_openai_batch_schema
 from vbatch.io.positions import POSITION_COLUMN, IntervalSet, position_array
 from vbatch.io.schema import check_input_schema
 
 
 def _scan(
-    files: Sequence[Path], prompt_column: str, id_column: str, *, exact: bool,
+    files: Sequence[InputFile], prompt_column: str, id_column: str, *, exact: bool,
     csv_infer_types: bool, allow_type_promotion: bool, input_format: str = "rows",
-) -> tuple[dict[Path, pa.Schema | None], pa.Schema]:
+) -> tuple[dict[InputFile, pa.Schema | None], pa.Schema]:
     """Check every file's schema; return each file's own schema and the unified batch schema.
     `input_format` "openai": the files are OpenAI batch files (their prompts: `body`)."""
     if not files:
@@ -65,7 +65,7 @@ def _scan(
 
 
 def validate_inputs(
-    files: Sequence[Path], prompt_column: str = "prompt", *, id_column: str = "id",
+    files: Sequence[InputFile], prompt_column: str = "prompt", *, id_column: str = "id",
     csv_infer_types: bool = False, allow_type_promotion: bool = False,
     input_format: str = "rows",
 ) -> None:
@@ -82,7 +82,7 @@ class InputScan:
     """The result of scanning the input files once: each file's own schema (None for an empty
     text file) and the unified `schema` every batch of `read_batches` has."""
 
-    file_schemas: dict[Path, pa.Schema | None]
+    file_schemas: dict[InputFile, pa.Schema | None]
     schema: pa.Schema
 
     @property
@@ -93,7 +93,7 @@ class InputScan:
 
 
 def scan_inputs(
-    files: Sequence[Path], *, prompt_column: str = "prompt", id_column: str = "id",
+    files: Sequence[InputFile], *, prompt_column: str = "prompt", id_column: str = "id",
     csv_infer_types: bool = False, allow_type_promotion: bool = False,
     input_format: str = "rows",
 ) -> InputScan:
@@ -111,7 +111,7 @@ def scan_inputs(
 
 
 def input_schema(
-    files: Sequence[Path], *, prompt_column: str = "prompt", id_column: str = "id"
+    files: Sequence[InputFile], *, prompt_column: str = "prompt", id_column: str = "id"
 ) -> pa.Schema:
     """The schema of every batch `read_batches` yields for these files (input columns plus the
     row-key column). Reads large text files fully to learn their types. Raises InputError."""
@@ -143,7 +143,7 @@ def _rebatch(batches: Iterable[pa.RecordBatch], batch_size: int) -> Iterator[pa.
 
 
 def _keyed_batches(
-    path: Path,
+    path: InputFile,
     file_schema: pa.Schema,
     schema: pa.Schema,
     *,
@@ -179,7 +179,7 @@ def _keyed_batches(
 
 
 def read_batches(
-    files: Sequence[Path],
+    files: Sequence[InputFile],
     *,
     batch_size: int = 1024,
     prompt_column: str = "prompt",
@@ -196,7 +196,8 @@ def read_batches(
     unified across files) plus the row key. When a file has no `id_column`, a string column of
     that name (first) holds `"<file path relative to root>:<0-based row in file>"`, stable
     across reruns; `root` defaults to the deepest directory holding all files (pass
-    `input_root(INPUT)` so keys do not change when files are added). Each file's schema is
+    `input_root(INPUT)` so keys do not change when files are added; for objects in a store,
+    `root` is a prefix URI). Each file's schema is
     checked before any of its rows are yielded; a batch never spans two files. Raises
     InputError (one line, naming the file and line where known) on bad input. `scan`: the
     `scan_inputs` result for these same files and columns, if the caller already has it.
@@ -212,12 +213,11 @@ def read_batches(
         scan = scan_inputs(files, prompt_column=prompt_column, id_column=id_column)
     file_schemas, schema = scan.file_schemas, scan.schema
     if root is None:
-        root = os.path.commonpath([os.path.abspath(path.parent) for path in files])
-    root_dir = os.path.abspath(root)
+        root = default_root(files)
     for index, (path, file_schema) in enumerate(file_schemas.items()):
         if file_schema is None:
             continue
-        key_prefix = Path(os.path.relpath(os.path.abspath(path), root_dir)).as_posix()
+        key_prefix = row_key_prefix(path, root)
         batches = _keyed_batches(
             path,
             file_schema,

@@ -1,7 +1,7 @@
 """Where in a text file a problem is: the line of the first byte that is not UTF-8."""
 from __future__ import annotations
 
-from pathlib import Path
+from vbatch.io.input_file import InputFile, open_input
 
 _READ_SIZE = 1 << 20
 
@@ -15,11 +15,11 @@ def invalid_utf8_offset(data: bytes) -> int | None:
     return None
 
 
-def invalid_utf8_line(path: Path) -> int | None:
+def invalid_utf8_line(path: InputFile) -> int | None:
     """1-based line of `path` that holds its first invalid UTF-8 byte, or None (read in
     pieces, so memory stays bounded)."""
     line, carry = 1, b""
-    with open(path, "rb") as handle:
+    with open_input(path) as handle:
         while True:
             data = handle.read(_READ_SIZE)
             block = carry + data

@@ -236,7 +236,10 @@ def _run(cli_values: dict[str, Any], config_path: str | None, is_dry_run: bool,
         reporter.close()
         detail = one_line(exc)
         hint = "" if is_debug_enabled() else " (set VBATCH_DEBUG=1 for the traceback)"
-        _report_error(f"internal error: {type(exc).__name__}: {detail}{hint}")
+        # a storage failure (disk full, a bucket refusing writes) says what it is; anything
+        # else is vbatch's own fault
+        label = "" if isinstance(exc, OSError) else f"internal error: {type(exc).__name__}: "
+        _report_error(f"{label}{detail}{hint}")
         return EXIT_INTERNAL_ERROR
 
 

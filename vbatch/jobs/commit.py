@@ -3,9 +3,10 @@
 `prepare_commit` runs before any model loads: it fingerprints the job (io/manifest.py) and,
 with `--resume`, reads what an earlier run committed (refusing a different job unless
 `--force`). `open_writer` creates the part writer that records every committed part, with the
-positions of its rows, in `_manifest.json` as it goes, so a job killed at any point can be
-resumed. The readers then skip `commit.skip` (the committed positions). `build_manifest` is the
-finished job's manifest content.
+positions of its rows, in the commit log as it goes (one small record per part,
+io/commit_log.py), so a job killed at any point can be resumed. The readers then skip
+`commit.skip` (the committed positions). `build_manifest` is the finished job's manifest
+content.
 """
 from __future__ import annotations
 
@@ -52,17 +53,14 @@ def generation_settings(config: JobConfig) -> dict:
 def prepare_commit(config: JobConfig, files: list[Path], output: OutputDirectory,
                    model_identity: dict) -> JobCommit:
     """Fingerprint the job; with `config.resume`, load what the job's locked directory `output`
-    already holds (refused when its path no longer names that directory).
+    already holds (through the handle: its path is never used).
     `model_identity`: the resolved model's source and fingerprint. Raises VBatchUsageError."""
     fingerprint = job_fingerprint(files=files, model=model_identity,
                                   generation=generation_settings(config),
                                   vbatch_version=vbatch.__version__)
     if not config.resume:
         return JobCommit(fingerprint)
-    # load_resume_state works on the path: make sure it still names the directory we hold
-    output.check_path_unchanged()
-    return JobCommit(fingerprint,
-                     load_resume_state(output.path, fingerprint, force=config.force))
+    return JobCommit(fingerprint, load_resume_state(output, fingerprint, force=config.force))
 
 
 def model_identity(resolved_model) -> dict:
@@ -74,8 +72,9 @@ def open_writer(config: JobConfig, output: OutputDirectory, schema: pa.Schema,
                 commit: JobCommit) -> ParquetPartWriter:
     """The `ParquetPartWriter` of this job, writing through the job's locked directory handle
     `output`: a fresh (or overwritten) directory, or the resumed one with its committed parts
-    kept. Either way `_SUCCESS` is gone and the manifest says "running" before any part is
-    written (see `ParquetPartWriter`). With `--output-format openai` its parts are OpenAI batch
+    kept. Either way `_SUCCESS` is gone and the commit log has started (its checkpoint holds
+    the fingerprint and the committed parts) before any part is written (see
+    `ParquetPartWriter`). With `--output-format openai` its parts are OpenAI batch
     output JSON lines (jobs/openai_output.py), committed the same way."""
     if not config.resume:
         clear_output_dir(output, overwrite=config.overwrite)

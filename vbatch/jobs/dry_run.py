@@ -21,17 +21,19 @@ from vbatch.io.output_dir import check_output_dir
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import output_dir_of, resolve_input_format
 from vbatch.jobs.plan import format_plan, local_resources, make_plan
+from vbatch.storage.filesystem import parse_storage_options
 
 MAX_FILES_SHOWN = 10
 
 
 def describe_job(config: JobConfig) -> str:
     """Validate `config` as far as possible without a model and return the plan as text."""
-    files = inputs.resolve_input_files(config.input)
+    storage_options = parse_storage_options(config.storage_options)
+    files = inputs.resolve_input_files(config.input, storage_options)
     config = resolve_input_format(config, files)
     output_dir = output_dir_of(config)
     check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
-                     root=config.output_root)
+                     root=config.output_root, storage_options=storage_options)
     reader.validate_inputs(files, config.prompt_column, id_column=config.id_column,
                            csv_infer_types=config.csv_infer_types,
                            allow_type_promotion=config.allow_type_promotion,

@@ -18,12 +18,14 @@ import pyarrow as pa
 from vbatch.errors import VBatchUsageError
 from vbatch.io import inputs, reader
 from vbatch.io.formats import count_rows, detect_input_format
+from vbatch.io.input_file import InputFile
 from vbatch.io.openai_batch import BODY, CUSTOM_ID, OPENAI, duplicate_custom_ids
-from vbatch.io.output_dir import check_output_dir, default_output_dir
+from vbatch.io.output_dir import check_output_dir, default_output_dir, output_path
 from vbatch.io.positions import IntervalSet
 from vbatch.io.schema import OutputColumns, output_schema
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.row_prompts import RowPrompts
+from vbatch.storage.filesystem import parse_storage_options
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,13 @@ class JobInputs:
     batch files the row id is `custom_id`): what every replica pool must run."""
 
     config: JobConfig
-    files: list[Path]
-    root: Path | None
+    files: list[InputFile]
+    root: Path | str | None
     scan: reader.InputScan
     prompt_column: str
     out_schema: pa.Schema
     total_rows: int | None
-    output_dir: Path
+    output_dir: Path | str
     skip: IntervalSet | None = None
 
     def batches(self, config: JobConfig) -> Iterator[pa.RecordBatch]:
@@ -55,9 +57,10 @@ class JobInputs:
                                    with_positions=True, skip=self.skip)
 
 
-def output_dir_of(config: JobConfig) -> Path:
-    """The job's output directory: `--output`, else named after the input."""
-    return Path(config.output) if config.output else default_output_dir(config.input)
+def output_dir_of(config: JobConfig) -> Path | str:
+    """The job's output directory: `--output` (a local Path, `file://` too, or an object-store
+    URI kept as a str), else named after the input."""
+    return output_path(config.output) if config.output else default_output_dir(config.input)
 
 
 def output_columns(config: JobConfig, input_schema: pa.Schema) -> OutputColumns:
@@ -69,7 +72,7 @@ def output_columns(config: JobConfig, input_schema: pa.Schema) -> OutputColumns:
                                  openai_requests=config.input_format == OPENAI)
 
 
-def resolve_input_format(config: JobConfig, files: list[Path]) -> JobConfig:
+def resolve_input_format(config: JobConfig, files: list[InputFile]) -> JobConfig:
     """`config` with `input_format` rows or openai (`auto` decided from `files`); OpenAI batch
     files get `custom_id` as their id column. Raises VBatchUsageError for `--output-format
     openai` over row files, InputError for files of both kinds."""
@@ -86,11 +89,12 @@ def resolve_input_format(config: JobConfig, files: list[Path]) -> JobConfig:
 def check_job_inputs(config: JobConfig) -> JobInputs:
     """Resolve and scan the inputs and check the output path (no model, nothing written).
     Raises InputError / VBatchUsageError (duplicate custom_ids of OpenAI batch files too)."""
-    files = inputs.resolve_input_files(config.input)
+    storage_options = parse_storage_options(config.storage_options)
+    files = inputs.resolve_input_files(config.input, storage_options)
     config = resolve_input_format(config, files)
     output_dir = output_dir_of(config)
     check_output_dir(output_dir, overwrite=config.overwrite, resume=config.resume,
-                     root=config.output_root)
+                     root=config.output_root, storage_options=storage_options)
     scan = reader.scan_inputs(files, prompt_column=config.prompt_column,
                               id_column=config.id_column, csv_infer_types=config.csv_infer_types,
                               allow_type_promotion=config.allow_type_promotion,
@@ -107,7 +111,7 @@ def check_job_inputs(config: JobConfig) -> JobInputs:
         # checked now, before any model loads (every replica builds the same)
         RowPrompts(prompt_column, config.id_column, config.chat, config.on_long_prompt)
     out_schema = output_schema(scan.schema, output_columns(config, scan.schema))
-    return JobInputs(config=config, files=files, root=inputs.input_root(config.input),
-                     scan=scan,
+    return JobInputs(config=config, files=files,
+                     root=inputs.input_root(config.input, storage_options), scan=scan,
                      prompt_column=prompt_column, out_schema=out_schema,
                      total_rows=count_rows(files), output_dir=output_dir)

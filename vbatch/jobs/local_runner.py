@@ -10,18 +10,23 @@ free rendezvous port per engine, so replicas never collide.
 Data flow. The driver reads input batches and hands each to the replica with the fewest
 batches waiting (each has its own task queue, at most `prefetch_per_replica` waiting), so a
 slow replica never holds the job and the driver always knows which replica holds which batch.
-Memory is bounded by the batches in flight, not by the dataset. Output batches come back on one
-result queue and the driver alone writes them. Every batch carries a hidden sequence-number
-column, added here and dropped before writing, so the driver can check that each batch came
-back once with all its rows and, with `--preserve-order`, write them in input order.
+Memory is bounded by the batches in flight, not by the dataset. Replicas send finished rows
+back as they finish (a few output batches a second, jobs/replica.py), and the driver alone
+writes them. Every batch carries hidden tags (jobs/batch_order.py: sequence number, row index),
+added here and dropped before writing, so the driver knows which rows of which batch are back
+(each exactly once, checked) and, with `--preserve-order`, writes rows in input order (holding
+back at most `_ORDER_WINDOW_PER_REPLICA` batches per replica beyond the first unfinished row:
+no batch past that window is handed out). While nothing comes back the driver still yields
+(an empty batch every second at least), so the job can commit on time.
 
 Each replica answers on its own result pipe, so a replica killed in the middle of a message garbles
 nothing but its own pipe, which is dropped with it. Failures. A replica that dies (SIGKILL, OOM) or
 raises an internal error is replaced by a new process (at most `--max-replica-restarts` times per
-replica, then the job fails naming it), and the batches it held go back to the front of the queue
-for the live replicas; whatever the dead process still had in its pipe is dropped with the pipe, so
-every batch comes back once. A user error (ValueError: a bad model, say) fails the job at once: a
-restart would fail the same way.
+replica, then the job fails naming it), and the rows it held but had not sent back go, as a
+sub-batch of each batch (`batch.take`), to the front of the queue for the live replicas; rows it
+already sent back are not computed again. Whatever the dead process still had in its pipe is
+dropped with the pipe, so every row comes back once. A user error (ValueError: a bad model, say)
+fails the job at once: a restart would fail the same way.
 
 Stopping. On success each replica gets a sentinel, reports its counters and exits. On any
 error, Ctrl-C or SIGTERM in the driver, leaving the pool sends SIGTERM to every replica (which
@@ -35,13 +40,20 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 
+import numpy as np
 import pyarrow as pa
 
 from vbatch.env import NUM_THREADS
-from vbatch.io.schema import count_input_rows
-from vbatch.jobs.batch_order import InputOrder, tag_batch, untag_batch
+from vbatch.jobs.batch_order import (
+    IDLE_INTERVAL_S,
+    InputOrder,
+    idle_batch,
+    tag_batch,
+    untag_batch,
+)
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import JobInputs
 from vbatch.jobs.plan import JobPlan
@@ -60,6 +72,30 @@ from vbatch.jobs.replica_process import (
 )
 
 _STOP_GRACE_S = 20.0
+#: With --preserve-order: batches handed out beyond the first one not yet written, per replica
+#: (bounds the rows held back for order; enough to keep every engine busy).
+_ORDER_WINDOW_PER_REPLICA = 4
+
+
+@dataclass
+class _Task:
+    """One input batch handed to a replica: its rows not yet back (tagged, a sub-batch of the
+    original after a retry) and their row indices."""
+
+    batch: pa.RecordBatch
+    remaining: set[int]
+
+    @classmethod
+    def of(cls, batch: pa.RecordBatch) -> _Task:
+        """The task of a tagged batch, all of its rows to come back."""
+        _, rows, _ = untag_batch(batch)
+        return cls(batch, set(rows.tolist()))
+
+    def rest(self) -> _Task:
+        """The rows not yet back, as a task of their own (tags kept)."""
+        _, rows, _ = untag_batch(self.batch)
+        keep = np.flatnonzero(np.isin(rows, np.fromiter(self.remaining, np.int64)))
+        return _Task(self.batch.take(pa.array(keep, pa.int64())), set(self.remaining))
 
 
 class _Slot:
@@ -71,7 +107,7 @@ class _Slot:
         self.tasks = None
         self.results = None                   # the read end of its result pipe
         self.wid = -1
-        self.held: dict[int, tuple[bytes, int]] = {}  # seq -> (payload, rows), not yet back
+        self.held: dict[int, _Task] = {}      # seq -> its rows not yet back
         self.num_waiting = 0                  # sent, not yet taken into the engine
         self.num_restarts = 0
         self.is_done = False
@@ -97,6 +133,7 @@ class LocalReplicaPool:
         self.load_time_s = 0.0
         self.num_restarts = 0
         self._source_drained = False
+        self._next_seq = 0
         self._is_stopping = False
         self._started = started
 
@@ -169,17 +206,21 @@ class LocalReplicaPool:
         yield from self._run(job.batches(self.config), reporter)
 
     def _run(self, batches: Iterable[pa.RecordBatch], reporter) -> Iterator[pa.RecordBatch]:
-        source = enumerate(batches)
-        retry: deque[tuple[int, tuple[bytes, int]]] = deque()  # failed replicas' batches
-        in_order = InputOrder()                  # preserve_order: back, waiting for earlier
+        source = iter(batches)
+        retry: deque[tuple[int, _Task]] = deque()  # failed replicas' rows not yet back
+        in_order = InputOrder() if self.config.preserve_order else None
         is_exhausted = False
+        last_yield = time.monotonic()
         while not all(slot.is_done for slot in self._slots):
-            self._dispatch(source, retry, is_exhausted)
+            if time.monotonic() - last_yield >= IDLE_INTERVAL_S:
+                last_yield = time.monotonic()
+                yield idle_batch()
+            self._dispatch(source, retry, is_exhausted, in_order)
             if not is_exhausted and not retry and self._source_drained:
                 is_exhausted = True
             if is_exhausted and not retry and not self._is_stopping \
                     and not any(slot.held for slot in self._slots):
-                self._is_stopping = True            # every batch is back: let them finish
+                self._is_stopping = True            # every row is back: let them finish
                 for slot in self._slots:
                     if not slot.is_done:
                         slot.tasks.put(None)
@@ -204,26 +245,40 @@ class LocalReplicaPool:
                 cause = str(payload).removeprefix(f"replica {slot.index}: ")
                 self._replace(slot, retry, reporter, f"failed ({cause})")
             elif kind == OUTPUT:
-                seq, out_batch = untag_batch(from_ipc(payload))
+                seq, rows, out_batch = untag_batch(from_ipc(payload))
                 if seq is None:
                     continue
-                # Only a live replica's own pipe is read, so a batch comes back from the
-                # replica that holds it, exactly once.
-                expected = slot.held.pop(seq, (None, None))[1]
-                num_rows = count_input_rows(out_batch)      # n samples of a row count once
-                if expected != num_rows:
-                    raise ReplicaFailed(f"replica {slot.index} returned batch {seq} with "
-                                        f"{num_rows} rows, not the rows sent")
-                self._rows[slot.index] += num_rows
-                if not self.config.preserve_order:
+                self._check_back(slot, seq, rows)
+                if in_order is None:
+                    last_yield = time.monotonic()
                     yield out_batch
                     continue
-                yield from in_order.release(seq, out_batch)
-        if in_order.num_held or retry or any(slot.held for slot in self._slots):
-            raise ReplicaFailed("replicas finished but some batches never came back")
+                for due in in_order.release(seq, rows, out_batch):
+                    last_yield = time.monotonic()
+                    yield due
+        if (in_order is not None and in_order.num_held) or retry \
+                or any(slot.held for slot in self._slots):
+            raise ReplicaFailed("replicas finished but some rows never came back")
 
-    def _dispatch(self, source, retry: deque, is_exhausted: bool) -> None:
-        """Send batches (retries first) to the live replicas with room, fewest waiting first."""
+    def _check_back(self, slot: _Slot, seq: int, rows: np.ndarray) -> None:
+        """Record rows `rows` of batch `seq` as back from `slot`. Only a live replica's own
+        pipe is read, so rows come back from the replica that holds them; each exactly once
+        (checked: a replica returning rows it does not hold is a bug, never written twice)."""
+        task = slot.held.get(seq)
+        back = set(np.unique(rows).tolist())
+        if task is None or not back <= task.remaining:
+            raise ReplicaFailed(f"replica {slot.index} returned rows of batch {seq} that it "
+                                "does not hold (not sent, or already back)")
+        task.remaining -= back
+        if not task.remaining:
+            del slot.held[seq]
+        self._rows[slot.index] += len(back)          # n samples of a row count once
+
+    def _dispatch(self, source, retry: deque, is_exhausted: bool,
+                  in_order: InputOrder | None) -> None:
+        """Send batches (retries first) to the live replicas with room, fewest waiting first;
+        with `in_order`, no new batch past its window."""
+        window = _ORDER_WINDOW_PER_REPLICA * len(self._slots)
         while True:
             live = [slot for slot in self._slots if not slot.is_retired and not slot.is_done
                     and slot.num_waiting < self.prefetch_per_replica]
@@ -232,18 +287,24 @@ class LocalReplicaPool:
             if retry:
                 seq, task = retry.popleft()
             elif not is_exhausted and not self._source_drained:
-                item = next(source, None)
-                if item is None:
+                if in_order is not None and self._next_seq >= in_order.next_seq + window:
+                    return
+                batch = next(source, None)
+                if batch is None:
                     self._source_drained = True
                     return
-                seq, batch = item
-                task = (to_ipc(tag_batch(batch, seq)), batch.num_rows)
+                if not batch.num_rows:
+                    continue
+                seq, self._next_seq = self._next_seq, self._next_seq + 1
+                if in_order is not None:
+                    in_order.expect(seq, batch.num_rows)
+                task = _Task.of(tag_batch(batch, seq))
             else:
                 return
             slot = min(live, key=lambda s: (s.num_waiting, len(s.held)))
             slot.held[seq] = task
             slot.num_waiting += 1
-            slot.tasks.put((seq, task[0]))
+            slot.tasks.put((seq, to_ipc(task.batch)))
 
     def _replace(self, slot: _Slot, retry: deque, reporter, cause: str) -> None:
         """Retire `slot`'s failed process, queue its batches again, start a new one."""
@@ -255,7 +316,9 @@ class LocalReplicaPool:
             if slot.process.is_alive():
                 slot.process.kill()
                 slot.process.join(timeout=5.0)
-        retry.extendleft(sorted(slot.held.items(), reverse=True))
+        # Only the rows it had not sent back: those it did were written already.
+        retry.extendleft(sorted(((seq, task.rest()) for seq, task in slot.held.items()),
+                                reverse=True, key=lambda item: item[0]))
         slot.held = {}
         if self._is_stopping:      # all batches were back: nothing left for it to do
             slot.is_done = True

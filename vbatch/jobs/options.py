@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vbatch.options import INT64_MAX, at_least, in_range, non_empty_strings, not_blank, option
+from vbatch.options import (
+    INT64_MAX,
+    at_least,
+    greater_than,
+    in_range,
+    non_empty_strings,
+    not_blank,
+    option,
+)
 
 RUNNER_CHOICES = ("auto", "ray", "local")
 #: Each replica is a process or a Ray actor with its own engine; far more than any cluster runs.
@@ -102,6 +110,11 @@ class JobOptions:
              "(0..1) errored. Default: no limit; error rows are written and the job succeeds.")
     rows_per_file: int = option(10_000, checks=at_least(1, INT64_MAX), fingerprint=False,
                                 help="Rows per output Parquet part file.")
+    commit_interval_s: float = option(
+        30.0, checks=greater_than(0), metavar="SECONDS", fingerprint=False,
+        help="Commit the rows written so far as a part file at least this often, even before "
+             "--rows-per-file rows are buffered, so a killed job loses at most this much work "
+             "(--resume continues from there).")
     batch_size: int = option(1024, checks=at_least(1, INT64_MAX), fingerprint=False,
                              help="Rows read from the input per batch handed to the engine.")
     runner: str = option(

@@ -3,7 +3,9 @@
 Counting what is written (not what replicas say they did) keeps the counts exact when a replica
 dies and is restarted, or a Ray task is retried: their own counters die with them, and a batch
 computed twice is written once. `count_ids` reads the finished output's id column back: ids that
-repeat or are null (the job runs them all, but they do not name one row each).
+repeat or are null (the job runs them all, but they do not name one row each), from a local
+directory or an object-store prefix (through its pyarrow filesystem: only the id columns'
+byte ranges are fetched).
 """
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vbatch.io.output_dir import PART_FILE_PATTERN
+from vbatch.io.directory import OutputDirectory
+from vbatch.io.object_store_dir import ObjectStoreDirectory
+from vbatch.io.output_dir import PART_FILE_PATTERN, JobDirectory
 from vbatch.io.positions import POSITION_COLUMN, IntervalSet
 from vbatch.io.schema import (
     ERROR,
@@ -96,22 +101,39 @@ class IdCounts:
                 "random draws keyed by its input position), but those ids do not name one row")
 
 
-def output_part_files(output_dir: str | Path) -> list[Path]:
-    """The Parquet part files in `output_dir`, in name order (JSON lines parts left out)."""
-    return sorted(path for path in Path(output_dir).iterdir()
-                  if PART_FILE_PATTERN.fullmatch(path.name) and path.suffix == ".parquet")
+def output_part_files(output: JobDirectory | str | Path) -> list[Path] | list[str]:
+    """The Parquet part files in `output`, in name order (JSON lines parts left out): a local
+    directory (handle or path) gives local paths; an `ObjectStoreDirectory` gives paths within
+    its `location.arrow_fs` (`bucket/key`; pass `filesystem=output_filesystem(output)` to
+    `count_ids`)."""
+    if isinstance(output, ObjectStoreDirectory):
+        prefix = output.location.path.rstrip("/")
+        return [f"{prefix}/{name}" for name in output.names() if _is_parquet_part(name)]
+    directory = output.path if isinstance(output, OutputDirectory) else Path(output)
+    return sorted(path for path in directory.iterdir() if _is_parquet_part(path.name))
 
 
-def count_ids(part_files: Sequence[Path], id_column: str) -> IdCounts:
-    """Duplicate and null ids over all input rows of `part_files` (reads only the id column,
-    and `sample_index` when there is one: the samples of a row share its id, so only each
-    row's first sample counts)."""
+def _is_parquet_part(name: str) -> bool:
+    return PART_FILE_PATTERN.fullmatch(name) is not None and name.endswith(".parquet")
+
+
+def output_filesystem(output: JobDirectory | str | Path) -> pafs.FileSystem | None:
+    """The pyarrow filesystem `output_part_files(output)`'s paths are in (None: local)."""
+    return output.location.arrow_fs if isinstance(output, ObjectStoreDirectory) else None
+
+
+def count_ids(part_files: Sequence[Path | str], id_column: str,
+              filesystem: pafs.FileSystem | None = None) -> IdCounts:
+    """Duplicate and null ids over all input rows of `part_files` (paths within `filesystem`,
+    None for local ones; reads only the id column, and `sample_index` when there is one: the
+    samples of a row share its id, so only each row's first sample counts)."""
     if not part_files:
         return IdCounts()
     columns = [id_column]
-    if SAMPLE_INDEX in pq.read_schema(part_files[0]).names:
+    if SAMPLE_INDEX in pq.read_schema(part_files[0], filesystem=filesystem).names:
         columns.append(SAMPLE_INDEX)
-    table = pq.read_table(list(part_files), columns=columns)
+    table = pq.read_table([str(path) for path in part_files], columns=columns,
+                          filesystem=filesystem)
     first = first_sample_mask(table)
     if first is not None:
         table = table.filter(pa.array(first))

@@ -31,7 +31,11 @@ class ReplicaPool(Protocol):
     once, when progress begins: before loading replicas whose states it reports, after the
     load of an in-process engine), feeds them `job.batches(config)` and yields
     output batches (columns of `job.out_schema` plus the hidden position column; input order
-    with `--preserve-order`); it raises the first user error (ValueError) or a replica failure.
+    with `--preserve-order`) as rows finish, and a batch of zero rows
+    (`batch_order.idle_batch()`) at least every `batch_order.IDLE_INTERVAL_S` while none comes
+    back, so the caller can commit on time; it raises the first user error (ValueError) or a
+    replica failure. Each input row's output rows (its n samples) come in one batch, exactly
+    once, also when a replica died and was restarted.
     After it: `model_info` (the manifest's model entry), `load_time_s` (from the job's start
     until every replica had loaded), `counters()` (one `ReplicaCounters` per replica) and
     `replica_stats()` (per-replica dicts for `_run_summary.json`).

@@ -27,11 +27,19 @@ SIGTERM stops the job with exit code 143. Ray's own progress bars are off: the j
 loaded; each actor then gets a block whenever it has room for one (at most 2 queued per actor).
 An actor drains its engine at the end of each block (`batch_size` rows), so keep blocks well
 above `max_num_seqs`.
+
+Unlike the other pools, rows come back per block (in input order), not as they finish: Ray
+Data retries a block whose actor died by replaying it and keeps only the output blocks (by
+index) that the first attempt had not delivered, which is exactly-once only when a block's
+output is the same on every attempt. The pool still yields a batch of zero rows every
+`IDLE_INTERVAL_S` while no block arrives, so the job commits buffered rows on time.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
 
@@ -43,9 +51,11 @@ from ray.data.block import BlockMetadata
 
 from vbatch.engine.executor import ray_cluster
 from vbatch.env import NUM_THREADS
+from vbatch.io.input_file import default_root, file_size
 from vbatch.io.positions import POSITION_COLUMN
 from vbatch.io.reader import InputScan, read_batches
 from vbatch.io.schema import NUM_GENERATED_TOKENS, SAMPLE_INDEX, count_input_rows
+from vbatch.jobs.batch_order import IDLE_INTERVAL_S, idle_batch
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import JobInputs
 from vbatch.jobs.plan import JobPlan
@@ -71,7 +81,7 @@ class InputDatasource(Datasource):
         self.file_indices = {path: index for index, path in enumerate(job.scan.file_schemas)}
         self.skip = job.skip
         self.schema = job.scan.schema
-        self.root = job.root if job.root is not None else _common_root(self.files)
+        self.root = job.root if job.root is not None else default_root(self.files)
 
     @property
     def supports_distributed_reads(self) -> bool:
@@ -80,13 +90,13 @@ class InputDatasource(Datasource):
         return False
 
     def estimate_inmemory_data_size(self) -> int | None:
-        return sum(path.stat().st_size for path in self.files)
+        return sum(file_size(path) for path in self.files)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
                        data_context=None) -> list[ReadTask]:
         tasks = []
         for path in self.files:
-            metadata = BlockMetadata(num_rows=None, size_bytes=path.stat().st_size,
+            metadata = BlockMetadata(num_rows=None, size_bytes=file_size(path),
                                      exec_stats=None, input_files=[str(path)])
             tasks.append(ReadTask(self._reader(path), metadata, schema=self.schema,
                                   per_task_row_limit=per_task_row_limit))
@@ -105,10 +115,6 @@ class InputDatasource(Datasource):
                                       first_file_index=file_index):
                 yield pa.Table.from_batches([batch])
         return read
-
-
-def _common_root(files) -> str:
-    return os.path.commonpath([os.path.abspath(path.parent) for path in files])
 
 
 class ReplicaLedger:
@@ -156,7 +162,12 @@ class ReplicaActor:
         ray.get(self.ledger.report.remote(self.index, dataclasses.asdict(self.replica.counters)))
         if not outputs:
             return table.slice(0, 0)
-        return pa.Table.from_batches(outputs)
+        # Rows finish in any order; Ray Data replays a retried block and keeps only the output
+        # blocks the first attempt did not deliver (by index), so the block's output must be
+        # the same whatever the order: input order (positions ascend within a block; the sort
+        # is stable, so a row's samples stay adjacent and in order).
+        output = pa.Table.from_batches(outputs)
+        return output.take(pc.sort_indices(output, [(POSITION_COLUMN, "ascending")]))
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -235,8 +246,12 @@ class RayReplicaPool:
             **resources)
         for index in range(self.plan.num_replicas):
             reporter.set_replica_state(index, "loading")
-        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow",
-                                          prefetch_batches=1):
+        tables = dataset.iter_batches(batch_size=None, batch_format="pyarrow",
+                                      prefetch_batches=1)
+        for table in _with_idle_batches(tables, IDLE_INTERVAL_S):
+            if table is None:
+                yield idle_batch()
+                continue
             if not self.model_info:
                 self.load_time_s = time.perf_counter() - self._started
                 self._refresh(reporter)
@@ -267,6 +282,44 @@ class RayReplicaPool:
             item.update(entry["counters"])
             stats.append(item)
         return stats
+
+
+def _with_idle_batches(items: Iterator, interval_s: float) -> Iterator:
+    """`items`, pulled by a helper thread, with a None whenever `interval_s` passes without
+    one (Ray's iterator blocks until a block arrives); its exception is raised here."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def pull() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        handoff.put((True, item), timeout=interval_s)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            handoff.put((False, None))
+        except BaseException as error:      # noqa: BLE001 - handed to the consumer
+            handoff.put((False, error))
+
+    threading.Thread(target=pull, name="vbatch-ray-outputs", daemon=True).start()
+    try:
+        while True:
+            try:
+                is_item, value = handoff.get(timeout=interval_s)
+            except queue.Empty:
+                yield None
+                continue
+            if not is_item:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
 
 
 def _num_output_tokens(batch: pa.RecordBatch) -> int:

@@ -1,11 +1,13 @@
 """One replica: an engine that turns input record batches into output record batches.
 
 Rows are streamed into the engine so it stays full across input-batch boundaries: up to
-`max_in_flight` sequences (a row sampled n times counts n) are queued at once, and an input
-batch is emitted (with its generation columns appended, rows in input order) as soon as its
-last row finishes. A row sampled n > 1 times becomes n adjacent output rows, `sample_index`
-0..n-1, all in the same output batch (io/schema.py), so they are written and committed
-together.
+`max_in_flight` sequences (a row sampled n times counts n) are queued at once. Finished rows
+come out as they finish, not when their whole input batch has: `process` yields small output
+batches (input columns + generation columns) of the rows finished since the last one, at most
+every `emit_interval_s` seconds or `emit_rows` rows (and at once when the engine has nothing
+left to step), one output batch per input batch that has finished rows, in finish order. A row
+sampled n > 1 times becomes n adjacent output rows, `sample_index` 0..n-1, always in the same
+output batch (io/schema.py), so they are written and committed together.
 
 A row that cannot be generated (see `row_prompts`, `row_sampling`) never reaches the engine: it
 finishes at once as an error row (`error` set, generation columns null), so one bad row never
@@ -16,6 +18,7 @@ is one output row whatever its n, its response body in the `response` column.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -55,9 +58,12 @@ _STRUCTURED_OUTPUT_ERROR: type[Exception] | None = getattr(structured_output,
 
 @dataclass
 class _PendingBatch:
+    """An input batch in the replica: its finished rows not yet emitted (finish order)."""
+
     batch: pa.RecordBatch
     columns: OutputColumns
-    results: list = field(default_factory=list)
+    ready_rows: list[int] = field(default_factory=list)
+    ready_results: list = field(default_factory=list)
     num_done: int = 0
 
 
@@ -118,6 +124,13 @@ ProgressCallback = Callable[[int, int, int], None]
 #: the engine holds rows, or those rows never finish).
 NO_BATCH_YET = object()
 
+#: What `Replica._rows` yields right before it asks its source for the next batch.
+_ASKING_SOURCE = object()
+
+#: How often, at most, a replica hands out the rows finished since last time (also bounded
+#: by rows: `Replica.process`'s `emit_rows`).
+DEFAULT_EMIT_INTERVAL_S = 0.5
+
 
 class Replica:
     """Drives one `LLMEngine` over a stream of input batches (see module docstring).
@@ -153,13 +166,20 @@ class Replica:
                                      openai_requests=self.openai is not None)
 
     def process(self, batches: Iterable[pa.RecordBatch],
-                on_progress: ProgressCallback | None = None) -> Iterator[pa.RecordBatch]:
-        """Yield one output batch per input batch, in completion order. `batches` may yield
-        `NO_BATCH_YET` (see there) between batches.
+                on_progress: ProgressCallback | None = None, *,
+                emit_interval_s: float = DEFAULT_EMIT_INTERVAL_S, emit_rows: int | None = None,
+                idle_batches: bool = False) -> Iterator[pa.RecordBatch]:
+        """Yield the finished rows as output batches (see module docstring): at most every
+        `emit_interval_s` seconds or once `emit_rows` output rows (default: `max_in_flight`)
+        are ready, at once when the engine is idle, and the rest at the end. `batches` may
+        yield `NO_BATCH_YET` (see there) between batches; batches of zero rows give nothing.
+        With `idle_batches`, an interval that finished nothing yields a batch of zero rows and
+        no columns (so the caller can act on time while long rows generate).
 
         `on_progress(num_rows, num_output_tokens, num_error_rows)` is called with increments
         as rows finish (error rows count in `num_rows` too).
         """
+        ready = _ReadyRows(emit_interval_s, emit_rows or self.max_in_flight)
         pending: dict[int, _PendingBatch] = {}
         row_queue: Iterator[_Row] = self._rows(batches, pending)
         exhausted = False
@@ -173,6 +193,12 @@ class Replica:
                     break
                 if item is NO_BATCH_YET:
                     break
+                if item is _ASKING_SOURCE:
+                    # A source fed by another process may block now: rows finished while
+                    # the engine is idle must be out first (nothing else would send them).
+                    if ready.has_rows and not engine.has_unfinished_requests():
+                        yield from ready.take()
+                    continue
                 if item.error is None:
                     try:
                         engine.add_request(item.request_id, item.token_ids, item.params,
@@ -186,13 +212,13 @@ class Replica:
                     except ValueError as refused:
                         item.error = _refusal(refused)
                 num_errors += 1
-                done = self._finish(pending, item.batch_index, item.row,
-                                    self._error_result(item))
-                if done is not None:
-                    yield done
+                self._finish(pending, ready, item.batch_index, item.row,
+                             self._error_result(item))
             if num_errors and on_progress is not None:
                 on_progress(num_errors, 0, num_errors)
             if not engine.has_unfinished_requests():
+                # Nothing finishes before more input arrives: hand out what is ready now.
+                yield from ready.take()
                 if exhausted:                           # so every row was queued
                     break
                 continue             # none ready yet and nothing to step: ask the source again
@@ -209,14 +235,14 @@ class Replica:
                 else:
                     samples = self._samples(output, pending[batch_index].columns)
                     new_tokens += sum(sample[NUM_GENERATED_TOKENS] for sample in samples)
-                done = self._finish(pending, batch_index, row, samples)
-                if done is not None:
-                    yield done
+                self._finish(pending, ready, batch_index, row, samples)
             if finished and on_progress is not None:
                 on_progress(len(finished), new_tokens, 0)
-        for batch_index in sorted(pending):   # batches of zero rows
-            entry = pending.pop(batch_index)
-            yield build_output_batch(entry.batch, entry.results, entry.columns)
+            if ready.is_due():
+                yield from ready.take()
+                if idle_batches and not ready.took_rows:
+                    yield pa.RecordBatch.from_pydict({})
+        yield from ready.take()
 
     def _engine_counts(self) -> tuple[int, int]:
         return (getattr(self.engine, "num_prompt_prefills", 0),
@@ -255,19 +281,18 @@ class Replica:
         self.counters.num_output_tokens += result[NUM_GENERATED_TOKENS]
         return result
 
-    def _finish(self, pending: dict[int, _PendingBatch], batch_index: int, row: int,
-                result: dict | list[dict]) -> pa.RecordBatch | None:
-        """Record one finished row (an error row's result, or its samples' results); return
-        its batch's output batch when that was the last."""
+    def _finish(self, pending: dict[int, _PendingBatch], ready: _ReadyRows, batch_index: int,
+                row: int, result: dict | list[dict]) -> None:
+        """Record one finished row (an error row's result, or its samples' results) as ready
+        to be emitted; its batch leaves `pending` with its last row."""
         entry = pending[batch_index]
-        entry.results[row] = result
+        num_output_rows = 1 if isinstance(result, dict) else len(result)
+        ready.add(batch_index, entry, row, result, num_output_rows)
         entry.num_done += 1
         self.counters.num_rows += 1
-        self.counters.num_output_rows += 1 if isinstance(result, dict) else len(result)
-        if entry.num_done < entry.batch.num_rows:
-            return None
-        del pending[batch_index]
-        return build_output_batch(entry.batch, entry.results, entry.columns)
+        self.counters.num_output_rows += num_output_rows
+        if entry.num_done == entry.batch.num_rows:
+            del pending[batch_index]
 
     def _error_result(self, item: _Row) -> dict:
         text = str(item.error)
@@ -279,13 +304,19 @@ class Replica:
     def _rows(self, batches: Iterable[pa.RecordBatch],
               pending: dict[int, _PendingBatch]) -> Iterator[_Row]:
         batch_index = -1
-        for batch in batches:
+        source = iter(batches)
+        while True:
+            yield _ASKING_SOURCE
+            batch = next(source, None)
+            if batch is None:
+                return
             if batch is NO_BATCH_YET:
                 yield NO_BATCH_YET
                 continue
+            if not batch.num_rows:
+                continue
             batch_index += 1
-            pending[batch_index] = _PendingBatch(batch, self.output_columns(batch.schema),
-                                                 [None] * batch.num_rows)
+            pending[batch_index] = _PendingBatch(batch, self.output_columns(batch.schema))
             keys = [str(k) for k in batch.column(self.prompts.id_column).to_pylist()]
             sample_keys = _sample_keys(batch, keys)
             if self.openai is not None:
@@ -314,6 +345,48 @@ class Replica:
                     yield _Row(batch_index, row, key, sample_key, None, None, error)
                 else:
                     yield _Row(batch_index, row, key, sample_key, token_ids, row_params, None)
+
+
+class _ReadyRows:
+    """Finished rows not yet emitted, by input batch (first finished first), and when the next
+    emission is due: `interval_s` after the last one, or once `max_rows` output rows wait."""
+
+    def __init__(self, interval_s: float, max_rows: int):
+        self.interval_s, self.max_rows = interval_s, max_rows
+        self._entries: dict[int, _PendingBatch] = {}
+        self._num_rows = 0
+        self._last = time.monotonic()
+        self.took_rows = False            # whether the last `take` emitted anything
+
+    def add(self, batch_index: int, entry: _PendingBatch, row: int, result: dict | list[dict],
+            num_output_rows: int) -> None:
+        """Record row `row` of input batch `batch_index` (`entry`) as finished."""
+        entry.ready_rows.append(row)
+        entry.ready_results.append(result)
+        self._entries.setdefault(batch_index, entry)
+        self._num_rows += num_output_rows
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether any finished row waits to be emitted."""
+        return bool(self._entries)
+
+    def is_due(self) -> bool:
+        """Whether an emission is due now."""
+        return (self._num_rows >= self.max_rows
+                or time.monotonic() - self._last >= self.interval_s)
+
+    def take(self) -> Iterator[pa.RecordBatch]:
+        """The ready rows as output batches, one per input batch, rows in finish order."""
+        entries, self._entries = self._entries, {}
+        self.took_rows = bool(entries)
+        self._num_rows = 0
+        self._last = time.monotonic()
+        for entry in entries.values():
+            rows, results = entry.ready_rows, entry.ready_results
+            entry.ready_rows, entry.ready_results = [], []
+            yield build_output_batch(entry.batch.take(pa.array(rows, pa.int64())), results,
+                                     entry.columns)
 
 
 def _refusal(refused: ValueError) -> RowError:

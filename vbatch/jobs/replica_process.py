@@ -8,7 +8,8 @@ driver drops with it), each tagged with the process's worker id `wid`:
     (READY, wid, model_info)        the engine is loaded
     (TAKEN, wid, seq)               batch `seq` entered the engine
     (PROGRESS, wid, increments)     rows / output tokens / error rows finished since last time
-    (OUTPUT, wid, ipc bytes)        one finished output batch (with the hidden seq column)
+    (OUTPUT, wid, ipc bytes)        finished rows of one input batch, as they finish (with
+                                    the hidden batch tags, jobs/batch_order.py)
     (DONE, wid, counters)           the sentinel (None) arrived and everything is out
     (ERROR, wid, exception)         it failed; a ValueError is the user's, anything else ours
 

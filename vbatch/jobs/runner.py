@@ -10,7 +10,9 @@ Order of work, the same for every runner:
 2. fingerprint the job and, with `--resume`, read what earlier runs committed;
 3. start the replica pool the plan asks for (`jobs/pool.py`: in this process, local
    processes, or Ray actors) and write every output batch it yields with our part writer (this
-   process is the only writer), counting what is written and checking the error budget;
+   process is the only writer; rows arrive as they finish, and buffered rows are committed
+   as a part at least every `--commit-interval-s`), counting what is written and checking
+   the error budget;
 4. refuse to commit when the input rows written differ from the rows to compute (a row
    sampled n times is one input row, its n output rows written together);
 5. `_run_summary.json`, `_manifest.json`, and `_SUCCESS` last.
@@ -27,17 +29,22 @@ from datetime import datetime, timezone
 
 from vbatch.engine.loader import resolve_model
 from vbatch.errors import TooManyRowErrors
-from vbatch.io.directory import OutputDirectory
-from vbatch.io.output_dir import SUMMARY_FILE, locked_output_dir
+from vbatch.io.output_dir import SUMMARY_FILE, JobDirectory, locked_output_dir
 from vbatch.jobs.commit import build_manifest, model_identity, open_writer, prepare_commit
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import JobInputs, check_job_inputs
-from vbatch.jobs.output_tally import OutputTally, count_ids, output_part_files
+from vbatch.jobs.output_tally import (
+    OutputTally,
+    count_ids,
+    output_filesystem,
+    output_part_files,
+)
 from vbatch.jobs.plan import JobPlan, local_resources, make_plan
 from vbatch.jobs.pool import make_pool
 from vbatch.jobs.progress import JobStats, ProgressReporter
 from vbatch.jobs.row_errors import ErrorBudget
 from vbatch.jobs.run_summary import build_run_summary, merge_counters
+from vbatch.storage.filesystem import parse_storage_options
 
 
 def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
@@ -54,16 +61,32 @@ def run_job(config: JobConfig, reporter: ProgressReporter) -> JobStats:
     config = job.config      # the input format resolved: what the replicas run
     # Locked, held open and probed before the model resolves, so a second job on the same
     # directory or an unwritable one fails in seconds; every write goes through `output`.
-    with locked_output_dir(job.output_dir, root=config.output_root) as output:
+    with locked_output_dir(job.output_dir, root=config.output_root,
+                           storage_options=parse_storage_options(config.storage_options)
+                           ) as output:
         return _run_locked(config, reporter, plan, job, output, started=started,
                            started_at=started_at)
 
 
+def _commit_on_time(part_writer, committed: tuple[float, int],
+                    interval_s: float) -> tuple[float, int]:
+    """Flush `part_writer`'s buffered rows as a part when `interval_s` passed since the last
+    part (`committed`: when, and how many parts this run had by then); the new `committed`."""
+    now, num_parts = time.monotonic(), len(part_writer.part_files)
+    if num_parts != committed[1]:                   # a full part was just written
+        return now, num_parts
+    if now - committed[0] < interval_s:
+        return committed
+    part_writer.flush()
+    return now, len(part_writer.part_files)
+
+
 def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, job: JobInputs,
-                output: OutputDirectory, *, started: float, started_at: datetime) -> JobStats:
+                output: JobDirectory, *, started: float, started_at: datetime) -> JobStats:
     """`run_job` from the model on, writing only through the locked directory `output`."""
     resolved = resolve_model(config.model, allow_pickle=config.allow_pickle,
-                             trust_remote_code=config.trust_remote_code)
+                             trust_remote_code=config.trust_remote_code,
+                             storage_options=config.storage_options)
     commit = prepare_commit(config, job.files, output, model_identity(resolved))
     earlier = commit.resumed
     num_resumed = earlier.num_committed_rows
@@ -77,12 +100,17 @@ def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, jo
     with make_pool(config, plan, started=started) as pool:
         part_writer = None
         try:
+            committed = (time.monotonic(), 0)       # when, and parts written by then
             for batch in pool.outputs(job, reporter):
-                if part_writer is None:   # the first result: every replica loaded fine
-                    part_writer = open_writer(config, output, job.out_schema, commit)
-                batch = tally.accept(batch, config.id_column)
-                part_writer.write(batch)
-                budget.check_progress(tally)
+                if batch.num_rows:        # pools also yield empty batches while rows run
+                    if part_writer is None:   # the first result: every replica loaded fine
+                        part_writer = open_writer(config, output, job.out_schema, commit)
+                    batch = tally.accept(batch, config.id_column)
+                    part_writer.write(batch)
+                    budget.check_progress(tally)
+                if part_writer is not None:
+                    committed = _commit_on_time(part_writer, committed,
+                                                config.commit_interval_s)
             if part_writer is None:
                 part_writer = open_writer(config, output, job.out_schema, commit)
             # Counts from what was written: exact even when a replica died and was restarted
@@ -106,7 +134,8 @@ def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, jo
         if job.total_rows is not None and tally.num_rows != job.total_rows:
             raise RuntimeError(f"{job.total_rows} input rows to compute but {tally.num_rows} "
                                "were written; not committing")
-        ids = count_ids(output_part_files(part_writer.output_dir), config.id_column)
+        ids = count_ids(output_part_files(output), config.id_column,
+                        filesystem=output_filesystem(output))
         id_warning = ids.warning(config.id_column)
         # The job's totals: this run's rows plus the rows earlier runs committed.
         stats = JobStats(num_rows=num_resumed + counters.num_rows,
