@@ -165,8 +165,9 @@ class LLMEngine:
         if self.config.kv_cache_memory_gb is not None:
             budget = int(self.config.kv_cache_memory_gb * (1 << 30))
         else:
-            available = self.executor.collective_rpc("available_kv_cache_bytes",
-                                                     DEFAULT_GPU_MEMORY_UTILIZATION)
+            available = self.executor.collective_rpc(
+                "available_kv_cache_bytes", DEFAULT_GPU_MEMORY_UTILIZATION,
+                self.max_num_batched_tokens, self.config.max_num_seqs)
             budget = (int(DEFAULT_CPU_KV_CACHE_GB * (1 << 30)) if available[0] is None
                       else min(available))
         # Never more than every running sequence at full length could use.

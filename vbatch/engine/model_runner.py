@@ -9,7 +9,7 @@ import torch
 from vbatch.engine.layers.attention import AttentionMetadata, allocate_kv_cache
 from vbatch.engine.logprobs import SampledLogprobs, prompt_logprobs
 from vbatch.engine.penalties import apply_penalties
-from vbatch.engine.sampler import SamplingMetadata, sample
+from vbatch.engine.sampler import SamplingMetadata, sample, to_device
 from vbatch.engine.sequence import PromptLogprobs, ScheduledSequence, StepInput, StepOutput
 from vbatch.parallel.comm import GroupCoordinator
 from vbatch.parallel.pipeline import StageLink
@@ -59,6 +59,37 @@ class ModelRunner:
             layer.bind_cache(allocate_kv_cache(num_blocks, self.block_size, layer.num_kv_heads,
                                                layer.head_dim, self.dtype, self.device))
 
+    def profile_run(self, num_tokens: int, num_seqs: int, max_len: int) -> int:
+        """One step at the engine's limits (`num_tokens` new tokens over `num_seqs` dummy
+        prompts of at most `max_len` tokens (more prompts when needed), sampled) on a
+        throwaway cache just large enough for it, so the device's peak
+        memory includes the activations of the largest step; the cache is unbound and freed
+        after. Every rank of the engine must run it together (its collectives run). Returns the
+        bytes of the throwaway cache (to leave out of the measured peak)."""
+        num_seqs = max(1, min(max(num_seqs, -(-num_tokens // max_len)), num_tokens))
+        lengths = [num_tokens // num_seqs + (index < num_tokens % num_seqs)
+                   for index in range(num_seqs)]
+        block_tables, next_block = [], 1                      # block 0: the null block
+        for length in lengths:
+            count = -(-length // self.block_size)
+            block_tables.append(list(range(next_block, next_block + count)))
+            next_block += count
+        layers = self.model.attention_layers()
+        caches = [allocate_kv_cache(next_block, self.block_size, layer.num_kv_heads,
+                                    layer.head_dim, self.dtype, self.device) for layer in layers]
+        for layer, cache in zip(layers, caches):
+            layer.bind_cache(cache)
+        seqs = [ScheduledSequence(seq_id=index, token_ids=[0] * length, start_position=0,
+                                  block_table=table, temperature=0.0, top_p=1.0, top_k=0,
+                                  min_p=0.0, seed=0, row_key="profile", output_index=0)
+                for index, (length, table) in enumerate(zip(lengths, block_tables))]
+        try:
+            self.execute_model(StepInput(seqs, [], None))
+        finally:
+            for layer in layers:
+                layer.kv_cache = None
+        return sum(cache.numel() * cache.element_size() for cache in caches)
+
     @torch.inference_mode()
     def execute_model(self, step: StepInput) -> StepOutput | None:
         """Run the step's new tokens through the model; sample each sequence's token(s).
@@ -75,21 +106,23 @@ class ModelRunner:
             len(seqs[i].token_ids) > 1, seqs[i].start_position + len(seqs[i].token_ids)))
         seqs = [seqs[i] for i in order]
         input_ids, positions, meta, logits_index = self._prepare(seqs)
+        # the sampling settings go to the device before the forward is queued behind them
+        sampling = (SamplingMetadata.build(seqs, self.device)
+                    if self.is_driver and self.stage.is_last else None)
         hidden = self._run_stage(input_ids, positions, meta)
         output = None
         if hidden is not None:
             prompt_results = self._prompt_logprobs(seqs, hidden, input_ids, logits_index)
             logits = self.model.compute_logits(hidden[logits_index])
             if self.is_driver:
-                output = self._sample(seqs, logits, step.grammar_bitmask)
+                output = self._sample(seqs, logits, step.grammar_bitmask, sampling)
                 output = _unsort(output, order, prompt_results)
         self.step_times.append((self._compute_start, time.monotonic()))
         return output
 
     def _sample(self, seqs: list[ScheduledSequence], logits: torch.Tensor,
-                grammar_bitmask) -> StepOutput:
+                grammar_bitmask, meta: SamplingMetadata) -> StepOutput:
         """Token ids (and their logprobs) for each sequence, in `seqs` order."""
-        meta = SamplingMetadata.build(seqs, self.device)
         if meta.logits_rows is not None:
             logits = logits.index_select(0, meta.logits_rows)
             rows = [s for s in seqs for _ in range(s.num_samples)]
@@ -193,13 +226,19 @@ class ModelRunner:
         offset_in_seq = torch.arange(len(input_ids)) - cu_q[seq_index]
         positions = torch.tensor(starts, dtype=torch.int64)[seq_index] + offset_in_seq
         slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
+        # every int64 input of the step in one host buffer: one copy (pinned, asynchronous on
+        # a GPU) instead of one synchronous copy per tensor
+        parts = [input_ids, positions, slot_mapping, seq_index, positions + 1, cu_q + q_lens - 1,
+                 q_lens, torch.tensor(context_lens, dtype=torch.int64), block_tables.view(-1)]
+        on_device = to_device(torch.cat(parts), device).split([len(p) for p in parts])
+        (input_ids, positions, slot_mapping, seq_index, token_context_lens, logits_index,
+         q_lens, ctx_lens, flat_tables) = on_device
         meta = AttentionMetadata.build(
-            slot_mapping=slot_mapping.to(device), block_tables=block_tables.to(device),
-            token_seq_index=seq_index.to(device), token_context_lens=(positions + 1).to(device),
-            query_lens=query_lens, context_lens=context_lens, block_size=bs,
-            rows_per_chunk=ROWS_PER_CHUNK)
-        logits_index = (cu_q + q_lens - 1).to(device)
-        return input_ids.to(device), positions.to(device), meta, logits_index
+            slot_mapping=slot_mapping, block_tables=flat_tables.view(block_tables.shape),
+            token_seq_index=seq_index, token_context_lens=token_context_lens,
+            query_lens=query_lens, context_lens=context_lens, query_lens_tensor=q_lens,
+            context_lens_tensor=ctx_lens, block_size=bs, rows_per_chunk=ROWS_PER_CHUNK)
+        return input_ids, positions, meta, logits_index
 
 
 def _unsort(output: StepOutput, order: list[int], prompt_results: dict[int, PromptLogprobs]

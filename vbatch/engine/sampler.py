@@ -59,18 +59,27 @@ class SamplingMetadata:
         uniforms = [0.0 if r.temperature == 0 else
                     row_uniform(r.seed, r.row_key, r.output_index, sample)
                     for r, sample in zip(rows, sample_indices)]
+        # One float64 host buffer, one copy (pinned and asynchronous on a GPU): every value is
+        # exact in float64 (float32 settings, top_k < 2^53), so the casts below change nothing.
+        host = torch.tensor([[r.temperature for r in rows], [r.top_k for r in rows],
+                             [r.top_p for r in rows], [r.min_p for r in rows], uniforms],
+                            dtype=torch.float64)
+        values = to_device(host, device)
         return SamplingMetadata(
-            temperatures=torch.tensor([r.temperature for r in rows], dtype=torch.float32,
-                                      device=device),
-            top_ks=torch.tensor([r.top_k for r in rows], dtype=torch.int64, device=device),
-            top_ps=torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=device),
-            min_ps=torch.tensor([r.min_p for r in rows], dtype=torch.float32, device=device),
-            uniforms=torch.tensor(uniforms, dtype=torch.float64, device=device),
-            all_greedy=all_greedy,
+            temperatures=values[0].float(), top_ks=values[1].long(), top_ps=values[2].float(),
+            min_ps=values[3].float(), uniforms=values[4], all_greedy=all_greedy,
             needs_sort=any(r.temperature > 0 and (r.top_k > 0 or r.top_p < 1) for r in rows),
             needs_min_p=any(r.temperature > 0 and r.min_p > 0 for r in rows),
             logits_rows=logits_rows,
         )
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` (a CPU tensor) on `device`: itself on the CPU; on a GPU through pinned memory
+    with a non-blocking copy (ordered on the current stream before any kernel reading it)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

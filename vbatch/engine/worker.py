@@ -73,17 +73,27 @@ class Worker:
     def kv_cache_bytes_per_block(self) -> int:
         return self.model_runner.kv_cache_bytes_per_block()
 
-    def available_kv_cache_bytes(self, memory_utilization: float) -> int | None:
-        """On CUDA: what this rank can give the KV cache; None on CPU (the budget is explicit)."""
+    def available_kv_cache_bytes(self, memory_utilization: float, max_num_batched_tokens: int,
+                                 max_num_seqs: int) -> int | None:
+        """On CUDA: what this rank can give the KV cache; None on CPU (the budget is explicit).
+
+        Measured, not guessed: one profile step at the engine's limits runs first (every rank
+        together), so the peak of torch's allocations covers the weights and the activations
+        of the largest step, and memory outside torch's allocator (the CUDA context, NCCL
+        communicators, cuBLAS workspaces) is whatever the device reports in use beyond what
+        torch reserved. budget = total * utilization - outside torch - peak."""
         if self.device.type != "cuda":
             return None
         torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        profile_cache = self.model_runner.profile_run(max_num_batched_tokens, max_num_seqs,
+                                                      self.spec.max_position)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - profile_cache
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        in_use_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        activation_headroom = 1 << 30
-        budget = total * memory_utilization - in_use_by_others \
-            - torch.cuda.memory_reserved(self.device) - activation_headroom
-        return max(0, int(budget))
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        return max(0, int(total * memory_utilization - outside_torch - peak))
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.model_runner.init_kv_cache(num_blocks)

@@ -144,11 +144,17 @@ class AttentionMetadata:
     def build(cls, *, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
               token_seq_index: torch.Tensor, token_context_lens: torch.Tensor,
               query_lens: list[int], context_lens: list[int], block_size: int,
-              rows_per_chunk: int) -> AttentionMetadata:
+              rows_per_chunk: int, query_lens_tensor: torch.Tensor | None = None,
+              context_lens_tensor: torch.Tensor | None = None) -> AttentionMetadata:
         """The step's metadata for sequences in the given order (`query_lens`, `context_lens`
-        per sequence; tensors already on the step's device). A chunk holds at most
-        `rows_per_chunk` consecutive sequences, all decodes or all prefills."""
+        per sequence, as lists, and optionally already as int64 tensors on the step's device;
+        the other tensors on that device). A chunk holds at most `rows_per_chunk` consecutive
+        sequences, all decodes or all prefills."""
         device = block_tables.device
+        if query_lens_tensor is None:
+            query_lens_tensor = torch.tensor(query_lens, dtype=torch.int64, device=device)
+        if context_lens_tensor is None:
+            context_lens_tensor = torch.tensor(context_lens, dtype=torch.int64, device=device)
         chunks, start, token_start = [], 0, 0
         while start < len(query_lens):
             is_decode = query_lens[start] == 1
@@ -160,8 +166,7 @@ class AttentionMetadata:
             chunks.append(AttentionChunk(
                 start, end, -(-max(context_lens[start:end]) // block_size), token_start,
                 token_start + num_tokens, max(query_lens[start:end]),
-                torch.tensor(query_lens[start:end], dtype=torch.int64, device=device),
-                torch.tensor(context_lens[start:end], dtype=torch.int64, device=device)))
+                query_lens_tensor[start:end], context_lens_tensor[start:end]))
             start, token_start = end, token_start + num_tokens
         return cls(slot_mapping, block_tables, token_seq_index, token_context_lens,
                    block_tables.shape[1] * block_size, chunks)
