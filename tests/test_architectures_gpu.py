@@ -1,6 +1,7 @@
-"""Every architecture on CUDA equals the CPU engine (the GPU runs the PyTorch path of each layer:
-SDPA or the float32 matmul path with the sliding-window mask and softcaps, the MoE's sparse
-expert loop): greedy tokens identical and prompt logprobs within 1e-3, float32 with TF32 off."""
+"""Every architecture on CUDA equals the CPU engine, with attention through the Triton paged
+kernel and through the PyTorch path (SDPA or the float32 matmul path with the sliding-window
+mask and softcaps), the MoE's sparse expert loop: greedy tokens identical and prompt logprobs
+within 1e-3, float32 with TF32 off."""
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,10 @@ def _run(path, device):
         llm.llm_engine.shutdown()
 
 
+@pytest.mark.parametrize("triton", ["1", "0"], ids=["triton", "torch-ops"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cuda_matches_cpu(arch, tmp_path, monkeypatch):
+def test_cuda_matches_cpu(arch, triton, tmp_path, monkeypatch):
+    monkeypatch.setenv("VBATCH_TRITON_ATTENTION", triton)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     path = save_arch_checkpoint(tmp_path / arch, arch)

@@ -64,3 +64,13 @@ def test_vbatch_device_pins_cpu_on_a_gpu_host(monkeypatch):
     monkeypatch.setenv("VBATCH_DEVICE", "gpu")
     with pytest.raises(VBatchUsageError, match="VBATCH_DEVICE must be cpu, cuda or cuda:N"):
         resolve_device(None)
+
+
+def test_co_located_ray_ranks_see_each_others_gpus():
+    from vbatch.engine.executor.ray_executor import co_located_gpus
+
+    nodes = ["a", "a", "b", "a", "b"]
+    gpus = [["3"], ["1"], ["0"], ["10"], ["2"]]
+    assert co_located_gpus(nodes, gpus) == [("1,3,10", 1), ("1,3,10", 0), ("0,2", 0),
+                                            ("1,3,10", 2), ("0,2", 1)]
+    assert co_located_gpus(["a", "a"], [[], []]) == [None, None]     # CPU ranks: unchanged

@@ -119,7 +119,7 @@ def test_rank_that_raises_is_named(tiny_models, ray_instance, tmp_path):
     from vbatch.engine.executor.ray_executor import RayExecutor
     llm = _llm(tiny_models["gpt2"], 1)
     spec = llm.llm_engine.executor.worker.spec
-    spec.model_dir = str(tmp_path / "missing")             # every rank fails to load
+    spec.model_dir = spec.model_source = str(tmp_path / "missing")   # every rank fails
     with pytest.raises(WorkerError, match=r"worker rank \d failed: \w+"):
         RayExecutor(spec, tp_size=2, pp_size=1)
     assert _wait_until(lambda: _all_cpus_free(ray_instance))

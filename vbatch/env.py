@@ -109,6 +109,10 @@ NUM_THREADS = EnvVar(
 CPU_KERNELS = EnvVar(
     "VBATCH_CPU_KERNELS", _BOOLEAN, _parse_bool, True,
     "Use the native C kernels for CPU attention and norms (0: PyTorch ops only).")
+TRITON_ATTENTION = EnvVar(
+    "VBATCH_TRITON_ATTENTION", _BOOLEAN, _parse_bool, True,
+    "On CUDA, attend straight from the paged KV cache with vbatch's Triton kernel (0: gather "
+    "the blocks and use PyTorch's scaled_dot_product_attention).")
 PACK_WEIGHTS = EnvVar(
     "VBATCH_PACK_WEIGHTS", _BOOLEAN, _parse_bool, True,
     "Pre-pack bfloat16 linear weights into oneDNN's layout on CPU (0: plain F.linear).")
@@ -132,8 +136,8 @@ API_KEY = EnvVar(
     "`vbatch serve`: the API key clients must send (as --api-key; the flag wins).")
 
 #: Every variable declared here, in the order `check_environment` checks them.
-ENV_VARS: tuple[EnvVar, ...] = (NUM_THREADS, CPU_KERNELS, PACK_WEIGHTS, PP_LAYER_PARTITION,
-                                DEBUG, CACHE_DIR, DEVICE, API_KEY)
+ENV_VARS: tuple[EnvVar, ...] = (NUM_THREADS, CPU_KERNELS, TRITON_ATTENTION, PACK_WEIGHTS,
+                                PP_LAYER_PARTITION, DEBUG, CACHE_DIR, DEVICE, API_KEY)
 
 
 def check_environment(environ: Mapping[str, str] | None = None) -> None:

@@ -228,6 +228,7 @@ class ModelRunner:
         slot_mapping = block_tables[seq_index, positions // bs] * bs + positions % bs
         # every int64 input of the step in one host buffer: one copy (pinned, asynchronous on
         # a GPU) instead of one synchronous copy per tensor
+        host_seq_index, host_context_lens = seq_index, positions + 1
         parts = [input_ids, positions, slot_mapping, seq_index, positions + 1, cu_q + q_lens - 1,
                  q_lens, torch.tensor(context_lens, dtype=torch.int64), block_tables.view(-1)]
         on_device = to_device(torch.cat(parts), device).split([len(p) for p in parts])
@@ -237,7 +238,8 @@ class ModelRunner:
             slot_mapping=slot_mapping, block_tables=flat_tables.view(block_tables.shape),
             token_seq_index=seq_index, token_context_lens=token_context_lens,
             query_lens=query_lens, context_lens=context_lens, query_lens_tensor=q_lens,
-            context_lens_tensor=ctx_lens, block_size=bs, rows_per_chunk=ROWS_PER_CHUNK)
+            context_lens_tensor=ctx_lens, block_size=bs, rows_per_chunk=ROWS_PER_CHUNK,
+            host_token_seq_index=host_seq_index, host_token_context_lens=host_context_lens)
         return input_ids, positions, meta, logits_index
 
 

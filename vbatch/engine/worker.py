@@ -127,17 +127,21 @@ class Worker:
 
 
 def start_worker(spec: WorkerSpec, *, world_rank: int, tp_size: int, pp_size: int,
-                 init_method: str, single_node: bool = False) -> Worker:
+                 init_method: str, single_node: bool = False,
+                 device_index: int | None = None) -> Worker:
     """Build rank `world_rank` of a tp_size x pp_size engine in this process: join the process
     groups at `init_method`, then load this rank's shard. Shared by the mp and ray executors.
     `single_node`: every rank runs on this node (their sockets stay on loopback).
 
-    On CUDA the rank uses device `cuda:<world_rank mod visible devices>`: with the ray executor
-    each actor sees exactly one GPU (cuda:0); with mp the engine's GPUs are all visible.
+    On CUDA the rank uses device `cuda:<device_index>` (the ray executor: its own GPU among
+    those of the node's ranks), else `cuda:<world_rank mod visible devices>` (mp: the engine's
+    GPUs are all visible).
     """
     device = torch.device(spec.device)
     if device.type == "cuda":
-        device = torch.device("cuda", world_rank % max(1, torch.cuda.device_count()))
+        index = (world_rank % max(1, torch.cuda.device_count()) if device_index is None
+                 else device_index)
+        device = torch.device("cuda", index)
         spec.device = str(device)
     ps = init_parallel_state(world_rank=world_rank, tp_size=tp_size, pp_size=pp_size,
                              init_method=init_method, device=device,

@@ -46,6 +46,12 @@ class RankActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def gpu_ids(self) -> list[str]:
+        """The GPUs Ray assigned to this actor (physical ids on its node; none on CPU). Reading
+        them does not initialise CUDA, so `start` can still widen CUDA_VISIBLE_DEVICES."""
+        import ray  # noqa: PLC0415 - optional dependency (vbatch[ray])
+        return [str(gpu) for gpu in ray.get_gpu_ids()]
+
     def free_port(self) -> int:
         """A TCP port that is free on this actor's node (for the torch.distributed rendezvous)."""
         with socket.socket() as sock:
@@ -64,15 +70,21 @@ class RankActor:
             self.rendezvous.close()
 
     def start(self, spec: WorkerSpec, world_rank: int, tp_size: int, pp_size: int,
-              init_method: str, single_node: bool = False) -> None:
+              init_method: str, single_node: bool = False,
+              gpus: tuple[str, int] | None = None) -> None:
         """Join the engine's process groups and load this rank's shard (`single_node`: every
-        rank is on this node; sockets on loopback)."""
+        rank is on this node; sockets on loopback). `gpus`: (the GPU ids of every rank of the
+        engine on this node, this rank's index among them), so co-located ranks see each
+        other's GPUs and NCCL can use peer-to-peer between them."""
+        if gpus is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
         if torch.device(spec.device).type == "cuda" and torch.cuda.device_count() < 1:
             raise RuntimeError(f"rank {world_rank} sees no GPU (CUDA_VISIBLE_DEVICES="
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         self.worker = start_worker(spec, world_rank=world_rank, tp_size=tp_size,
                                    pp_size=pp_size, init_method=init_method,
-                                   single_node=single_node)
+                                   single_node=single_node,
+                                   device_index=None if gpus is None else gpus[1])
 
     def execute_method(self, method: str, *args):
         """`Worker.<method>(*args)` on this rank."""
@@ -132,7 +144,10 @@ class RayExecutor(Executor):
         else:
             port = self._gather([self.actors[0].free_port.remote()])[0]
             init_method = f"tcp://{ray_cluster.node_ip(ray, self.node_ids[0])}:{port}"
-        self._gather([actor.start.remote(spec, rank, tp_size, pp_size, init_method, single_node)
+        gpus = co_located_gpus(self.node_ids,
+                               self._gather([a.gpu_ids.remote() for a in self.actors]))
+        self._gather([actor.start.remote(spec, rank, tp_size, pp_size, init_method, single_node,
+                                         gpus[rank])
                       for rank, actor in enumerate(self.actors)])
 
     def submit(self, method: str, *args) -> PendingResult:
@@ -211,6 +226,21 @@ class RayExecutor(Executor):
     def __del__(self):
         if getattr(self, "actors", None):
             self.shutdown()
+
+
+def co_located_gpus(node_ids: list[str], gpu_ids: list[list[str]]
+                    ) -> list[tuple[str, int] | None]:
+    """Per rank: (CUDA_VISIBLE_DEVICES listing the GPUs of every rank on its node, the index of
+    its own first GPU in that list), or None for a rank without a GPU. Ray gives each actor
+    only its own GPU, which hides co-located ranks' GPUs from NCCL's peer-to-peer path; as in
+    vLLM, every rank of a node sees them all and selects its own by index."""
+    by_node: dict[str, list[str]] = {}
+    for node, ids in zip(node_ids, gpu_ids):
+        by_node.setdefault(node, []).extend(ids)
+    visible = {node: sorted(set(ids), key=lambda gpu: (len(gpu), gpu))
+               for node, ids in by_node.items()}
+    return [(",".join(visible[node]), visible[node].index(ids[0])) if ids else None
+            for node, ids in zip(node_ids, gpu_ids)]
 
 
 def _describe(failures: dict[int, tuple[str, str]]) -> str:

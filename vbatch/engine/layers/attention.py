@@ -19,6 +19,10 @@ q: [num_kv_heads * B, 1, group * Lq, d] against k, v: [num_kv_heads * B, 1, Lk, 
 path attends in `AttentionChunk`s of consecutive sequences (all decodes or all prefills), each
 padded to its own longest query and context, its masks built on first use on the device.
 
+On CUDA (unless `VBATCH_TRITON_ATTENTION=0`) the keys/values are written as above and every
+token attends straight from the cache blocks with the Triton kernel of
+kernels/triton_attention.py (the native CPU kernel's contract: no gather, no mask, no padding).
+
 On CPU, when the native kernels are available (kernels/cpu_kernels.py), the kernels write the
 new keys/values and every token attends straight from the cache blocks over its own causal
 context (`token_seq_index`, `token_context_lens`), without gathering or masks. Measured on the
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vbatch.engine.kernels.cpu_kernels import CpuKernels, cpu_kernels_for
+from vbatch.env import TRITON_ATTENTION
 
 
 @dataclass
@@ -139,13 +144,18 @@ class AttentionMetadata:
     token_context_lens: torch.Tensor
     max_context: int
     chunks: list[AttentionChunk]
+    host_token_seq_index: torch.Tensor | None = None       # the same two, on the host
+    host_token_context_lens: torch.Tensor | None = None
+    step_cache: dict = field(default_factory=dict, repr=False)   # per-step, for every layer
 
     @classmethod
     def build(cls, *, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
               token_seq_index: torch.Tensor, token_context_lens: torch.Tensor,
               query_lens: list[int], context_lens: list[int], block_size: int,
               rows_per_chunk: int, query_lens_tensor: torch.Tensor | None = None,
-              context_lens_tensor: torch.Tensor | None = None) -> AttentionMetadata:
+              context_lens_tensor: torch.Tensor | None = None,
+              host_token_seq_index: torch.Tensor | None = None,
+              host_token_context_lens: torch.Tensor | None = None) -> AttentionMetadata:
         """The step's metadata for sequences in the given order (`query_lens`, `context_lens`
         per sequence, as lists, and optionally already as int64 tensors on the step's device;
         the other tensors on that device). A chunk holds at most `rows_per_chunk` consecutive
@@ -169,7 +179,8 @@ class AttentionMetadata:
                 query_lens_tensor[start:end], context_lens_tensor[start:end]))
             start, token_start = end, token_start + num_tokens
         return cls(slot_mapping, block_tables, token_seq_index, token_context_lens,
-                   block_tables.shape[1] * block_size, chunks)
+                   block_tables.shape[1] * block_size, chunks, host_token_seq_index,
+                   host_token_context_lens)
 
 
 def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -214,12 +225,18 @@ class PagedAttention(nn.Module):
         self.group = num_heads // num_kv_heads
         self.kv_cache: torch.Tensor | None = None
         self.kernels: CpuKernels | None = None
+        self.triton = None            # the Triton kernels' module, on a CUDA cache
 
     def bind_cache(self, kv_cache: torch.Tensor) -> None:
         """Attach this layer's cache, as made by `allocate_kv_cache` (and pick the native CPU
         kernels when they are built and support its dtype and head size)."""
         self.kv_cache = kv_cache
         self.kernels = cpu_kernels_for(kv_cache.device, kv_cache.dtype, self.head_dim)
+        self.triton = None
+        if kv_cache.device.type == "cuda" and TRITON_ATTENTION.read():
+            from vbatch.engine.kernels import triton_attention  # noqa: PLC0415 - triton loads only for CUDA caches
+            if triton_attention.is_available(kv_cache.device):
+                self.triton = triton_attention
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -238,6 +255,12 @@ class PagedAttention(nn.Module):
                 k.view(num_tokens, hkv, d).transpose(0, 1)
             v_cache.view(hkv, -1, d)[:, meta.slot_mapping] = \
                 v.view(num_tokens, hkv, d).transpose(0, 1)
+            if self.triton is not None:
+                return self.triton.paged_attention(
+                    q, self.kv_cache, meta.block_tables, meta.token_seq_index,
+                    meta.token_context_lens, meta.max_context, self.num_heads, self.scale,
+                    window=self.sliding_window or 0, softcap=self.logit_softcap or 0.0,
+                    tiles=self._triton_tiles(meta))
         block_size = k_cache.shape[2]
         q = q.view(num_tokens, hkv, group, d)
         out = torch.empty(num_tokens, hkv * group * d, dtype=q.dtype, device=q.device)
@@ -264,6 +287,23 @@ class PagedAttention(nn.Module):
             out[chunk.token_start:chunk.token_end] = (attended if lq == 1
                                                       else attended[chunk.unpad_index()])
         return out
+
+    def _triton_tiles(self, meta: AttentionMetadata):
+        """The Triton kernel's query-tile table of this step for this layer's head layout,
+        built once per step from the host tensors and shared by the step's layers (None
+        without host tensors: the kernel then builds and checks it itself)."""
+        if meta.host_token_seq_index is None:
+            return None
+        block_q = self.triton.prefill_tile_tokens(self.num_heads, self.num_kv_heads,
+                                                  self.head_dim)
+        key = ("triton_tiles", block_q)
+        tiles = meta.step_cache.get(key)
+        if tiles is None:
+            tiles = self.triton.checked_tile_table(
+                meta.host_token_seq_index, meta.host_token_context_lens, block_q,
+                meta.block_tables.shape[0], meta.max_context).to(meta.block_tables.device)
+            meta.step_cache[key] = tiles
+        return tiles
 
 
 def _matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
