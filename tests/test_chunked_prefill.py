@@ -109,3 +109,37 @@ def test_prompt_logprobs_are_computed_in_one_step_beside_chunked_rows(tiny_model
         assert got == pytest.approx(want, abs=1e-5)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         _engine(tiny_models, longest - 1).generate(PROMPTS, params)
+
+
+def test_a_6000_token_prompt_under_a_1024_token_budget_equals_hf(tmp_path):
+    """The issue's case: a 6,000-token prompt with max_num_batched_tokens=1024 (six chunks),
+    beside short prompts that decode while it is prefilled: greedy tokens identical to HF's."""
+    from conftest import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.2)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=generator).tolist()
+               for n in (6000, 5, 40)]
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory_gb=0.05,
+              max_num_batched_tokens=1024)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for prompt, output in zip(prompts, outputs):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            expected = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                      pad_token_id=tokenizer.pad_token_id)
+        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
