@@ -96,6 +96,7 @@ def _engine_decision(monkeypatch, requested, world, *, visible, in_group, ray) -
         patch.setattr(torch.cuda, "device_count", lambda: visible)
         patch.setattr(backend, "in_ray_placement_group", lambda: in_group)
         patch.setattr(backend, "ray_is_available", lambda: ray)
+        patch.delenv("VBATCH_DEVICE", raising=False)     # a GPU host's default, not the suite's
         device = resolve_device(None)                 # the engine's default (JobConfig's)
         return factory.choose_backend(requested, world_size=world, device=device)
 

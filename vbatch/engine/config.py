@@ -43,6 +43,11 @@ class EngineConfig:
         "auto", choices=DTYPE_CHOICES, case_sensitive=False, env="VBATCH_DTYPE",
         help="Weight and activation dtype. auto: bfloat16 on GPUs and on CPUs with AMX or "
              "AVX512-BF16, else float32. float32 gives reference-exact results.")
+    quantization: str | None = option(
+        None, choices=("int8",), env="VBATCH_QUANTIZATION",
+        help="int8: dynamic W8A8 on CPU (weights int8 per output channel at load, activations "
+             "per token at run time, int32 accumulation; LM head kept in --dtype). Needs "
+             "AVX512-VNNI, AVX-VNNI or AMX-INT8. Default: none (weights in --dtype).")
     seed: int = option(
         0, checks=at_least(0, UINT64_MAX),     # torch.manual_seed takes a uint64
         help="Job seed; each row's sampling is seeded from (seed, row id), so outputs do not "

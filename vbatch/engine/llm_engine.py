@@ -28,6 +28,7 @@ from vbatch.engine.sequence import ScheduledSequence, Sequence, StepInput
 from vbatch.engine.stop_checker import StopChecker
 from vbatch.engine.worker import WorkerSpec
 from vbatch.env import NUM_THREADS, check_environment
+from vbatch.parallel.int8_linear import check_int8_supported
 from vbatch.parallel.pipeline import layer_partition
 
 
@@ -145,7 +146,10 @@ class LLMEngine:
                           num_threads=NUM_THREADS.read(), model_source=self.config.model or "",
                           model_fingerprint=self.resolved_model.fingerprint,
                           storage_options=self.config.storage_options,
-                          allow_pickle=self.config.allow_pickle)
+                          allow_pickle=self.config.allow_pickle,
+                          quantization=self.config.quantization)
+        if self.config.quantization is not None:  # refused here, before any worker starts
+            check_int8_supported(self.device)
         return make_executor(spec, tp_size=tp_size, pp_size=pp_size,
                              backend=self.executor_backend)
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from vbatch.engine.loader.weights import iter_checkpoint_tensors, load_slice, shape_of
 from vbatch.engine.models.registry import model_class_for
+from vbatch.parallel.int8_linear import check_int8_supported
 from vbatch.parallel.state import ParallelState
 
 
@@ -23,8 +24,14 @@ class CheckpointTensor:
 
 
 def load_model(model_dir: Path, hf_config, ps: ParallelState, dtype: torch.dtype,
-               max_position: int) -> nn.Module:
-    """Instantiate the model on `ps.device` in `dtype` and load this rank's weight shards."""
+               max_position: int, quantization: str | None = None) -> nn.Module:
+    """Instantiate the model on `ps.device` in `dtype` and load this rank's weight shards.
+
+    `quantization="int8"`: each linear layer then replaces its own shard by int8 weights
+    (parallel/int8_linear.py; the LM head and MoE experts stay in `dtype`); ValueError where
+    the device cannot run it."""
+    if quantization is not None:
+        check_int8_supported(ps.device)
     model_cls = model_class_for(hf_config)
     with torch.device(ps.device):
         model = model_cls(hf_config, ps, dtype, max_position)
@@ -34,6 +41,8 @@ def load_model(model_dir: Path, hf_config, ps: ParallelState, dtype: torch.dtype
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
-        if hasattr(module, "pack_weight"):  # CPU bf16: weights into oneDNN's layout, once
+        if quantization is not None and hasattr(module, "quantize_weight"):
+            module.quantize_weight(quantization)
+        elif hasattr(module, "pack_weight"):  # CPU bf16: weights into oneDNN's layout, once
             module.pack_weight()
     return model.eval()

@@ -35,6 +35,7 @@ class WorkerSpec:
     model_fingerprint: str | None = None
     storage_options: str | None = None
     allow_pickle: bool = False
+    quantization: str | None = None
 
 
 def local_model_dir(spec: WorkerSpec) -> Path:
@@ -65,7 +66,7 @@ class Worker:
         torch.manual_seed(spec.seed)
         self.parallel_state = parallel_state or ParallelState.single(self.device)
         model = load_model(local_model_dir(spec), spec.hf_config, self.parallel_state, spec.dtype,
-                           spec.max_position)
+                           spec.max_position, quantization=spec.quantization)
         self.model_runner = ModelRunner(model, block_size=spec.block_size, device=self.device,
                                         dtype=spec.dtype, is_driver=self.parallel_state.is_driver,
                                         pp_group=self.parallel_state.pp)

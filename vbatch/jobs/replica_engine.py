@@ -41,6 +41,11 @@ def model_info(engine: LLMEngine) -> dict:
 
 
 def dtype_name(engine: LLMEngine) -> str:
-    """`bfloat16`, or `bfloat16 (auto)` when the dtype was chosen by `--dtype auto`."""
+    """`bfloat16`, or `bfloat16 (auto)` when the dtype was chosen by `--dtype auto`; with
+    `--quantization int8`, `bfloat16 + int8 W8A8`."""
     name = str(engine.dtype).removeprefix("torch.")
-    return f"{name} (auto)" if engine.config.dtype == "auto" else name
+    if engine.config.dtype == "auto":
+        name += " (auto)"
+    if engine.config.quantization:
+        name += f" + {engine.config.quantization} W8A8"
+    return name

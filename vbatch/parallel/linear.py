@@ -12,6 +12,10 @@ Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that copi
 slice out of a checkpoint tensor. `loaded` is anything with `.shape` and
 `.narrow(dim, start, length) -> Tensor` (a torch.Tensor, or a lazy checkpoint view that reads just
 that slice from disk), so a rank only ever reads its own 1/tp of each weight.
+
+After loading, `quantize_weight("int8")` (with `--quantization int8`) replaces this rank's
+shard by an `Int8Weight` (int8_linear.py), else `pack_weight()` pre-packs a bf16 one for
+oneDNN (cpu_packed.py); either way `_linear` runs whichever the layer holds.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch import nn
 
 from vbatch.parallel.comm import GroupCoordinator
 from vbatch.parallel.cpu_packed import PackedWeight, can_pack
+from vbatch.parallel.int8_linear import Int8Weight
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -52,7 +57,17 @@ class LinearBase(nn.Module):
         self.tp_rank = tp_group.rank_in_group
         self.tp_size = tp_group.world_size
         self.device = torch.device(device)
-        self.packed_weight: PackedWeight | None = None
+        self.packed_weight: PackedWeight | Int8Weight | None = None
+
+    def quantize_weight(self, method: str) -> None:
+        """After loading: replace this rank's (already sharded) weight by its `method`
+        quantization; only "int8" exists (dynamic W8A8, see int8_linear.py). The float weight
+        is released."""
+        if method != "int8":
+            raise ValueError(f"unknown quantization {method!r}; the only choice is int8")
+        if self.packed_weight is None and self.weight is not None:
+            self.packed_weight = Int8Weight(self.weight)
+            self.weight = None
 
     def pack_weight(self) -> None:
         """After loading: move the weight into oneDNN's layout where that helps (CPU bf16, see
