@@ -279,17 +279,23 @@ def _mixed_text_column(schema: pa.Schema) -> str | None:
                  and field.name not in MIXED_COLUMNS), None)
 
 
-def file_batches(path: InputFile, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
+def file_batches(path: InputFile, schema: pa.Schema, batch_size: int, *,
+                 row_groups: Sequence[int] | None = None) -> Iterator[pa.RecordBatch]:
     """Yield `path`'s rows as batches with the file's own types: `schema` is what
     `file_schema(path, exact=True)` returned. Parquet batches hold at most `batch_size` rows;
-    other formats yield their blocks as they come. Raises InputError on malformed data."""
+    other formats yield their blocks as they come. `row_groups` (Parquet only): read just
+    these row groups, in order. Raises InputError on malformed data."""
     suffix = path.suffix.lower()
+    if row_groups is not None and (suffix not in PARQUET_SUFFIXES
+                                   or is_openai_batch_schema(schema)):
+        raise ValueError(f"{path}: row groups exist only in Parquet files")
     with input_errors(path), _csv_utf8_errors(path):
         if is_openai_batch_schema(schema):
             yield from openai_batch_batches(path, batch_size)
         elif suffix in PARQUET_SUFFIXES:
             with _parquet_file(path) as parquet_file:
-                yield from parquet_file.iter_batches(batch_size=batch_size)
+                yield from parquet_file.iter_batches(batch_size=batch_size,
+                                                     row_groups=row_groups)
         elif suffix in ARROW_SUFFIXES:
             yield from _arrow_batches(path)[1]
         elif suffix in CSV_SUFFIXES:
@@ -303,6 +309,16 @@ def file_batches(path: InputFile, schema: pa.Schema, batch_size: int) -> Iterato
             for _, table in jsonl_tables(path, block_size=BLOCK_SIZE,
                                          prompt_column=prompt_column):
                 yield from table.to_batches()
+
+
+def parquet_row_group_rows(path: InputFile) -> list[int] | None:
+    """The row count of each row group of `path` (from its footer), or None when `path` is
+    not a Parquet file. Raises InputError on an unreadable file."""
+    if path.suffix.lower() not in PARQUET_SUFFIXES:
+        return None
+    with input_errors(path), _parquet_file(path) as parquet_file:
+        metadata = parquet_file.metadata
+        return [metadata.row_group(index).num_rows for index in range(metadata.num_row_groups)]
 
 
 def count_rows(files: Sequence[InputFile]) -> int | None:

@@ -3,7 +3,9 @@
 Layout of a finished job directory::
 
     part-00000.parquet  part-00001.parquet  ...   (at most rows_per_file rows each; with
-                                                   --output-format openai part-00000.jsonl ...)
+                                                   --output-format openai part-00000.jsonl ...;
+                                                   part-r0-<token>-00000.parquet ... when Ray
+                                                   replicas write their own parts)
     _manifest.json                                 (the job's manifest plus the part list;
                                                     written once, when the job finishes)
     _run_summary.json                              (counts, timings, plan, per-replica stats;
@@ -53,8 +55,11 @@ JobDirectory = OutputDirectory | ObjectStoreDirectory
 SUCCESS_FILE = "_SUCCESS"
 MANIFEST_FILE = "_manifest.json"
 SUMMARY_FILE = "_run_summary.json"
-#: Part files: Parquet, or OpenAI batch output JSON lines (`--output-format openai`).
-PART_FILE_PATTERN = re.compile(r"part-\d{5,}\.(parquet|jsonl)")
+#: Part files: Parquet, or OpenAI batch output JSON lines (`--output-format openai`); named
+#: `part-NNNNN.*` by the job's own writer, `part-rR-<token>-NNNNN.*` by a Ray replica that
+#: writes its parts itself (`replica_part_file_name`: unique per replica attempt).
+_PART_STEM = r"part-(?:\d{5,}|r\d+-[0-9a-f]{8}-\d{5,})"
+PART_FILE_PATTERN = re.compile(_PART_STEM + r"\.(parquet|jsonl)")
 PART_SUFFIXES = (".parquet", ".jsonl")
 #: The commit log (io/commit_log.py): one record per committed part and, every K records, a
 #: checkpoint of the whole state; both named by their zero-padded version.
@@ -62,7 +67,7 @@ LOG_RECORD_PATTERN = re.compile(r"_log\.(\d{20})\.json")
 CHECKPOINT_PATTERN = re.compile(r"_checkpoint\.(\d{20})\.json")
 #: The temporary names (io/atomic.py) of the files above.
 TEMP_FILE_PATTERN = re.compile(
-    r"\.(part-\d{5,}\.(parquet|jsonl)|_manifest\.json|_run_summary\.json|_SUCCESS"
+    r"\.(" + _PART_STEM + r"\.(parquet|jsonl)|_manifest\.json|_run_summary\.json|_SUCCESS"
     r"|_log\.\d{20}\.json|_checkpoint\.\d{20}\.json)\.tmp")
 #: Created and removed again to check that a job's directory can be written.
 WRITE_PROBE_FILE = ".vbatch.write-probe"
@@ -80,8 +85,20 @@ def part_file_name(index: int, suffix: str = ".parquet") -> str:
 
 
 def part_file_index(name: str) -> int:
-    """The index of part file `name` (the inverse of `part_file_name`)."""
-    return int(name.removeprefix("part-").split(".", 1)[0])
+    """The index of part file `name` (the inverse of `part_file_name`); -1 for a part a
+    replica named (`replica_part_file_name`), which takes no index of the job's sequence."""
+    stem = name.removeprefix("part-").split(".", 1)[0]
+    return int(stem) if stem.isdigit() else -1
+
+
+def replica_part_file_name(replica: int, token: str, index: int,
+                           suffix: str = ".parquet") -> str:
+    """Name of the index-th part file written by replica `replica` in its attempt `token` (8
+    lowercase hex digits, random per replica process): `part-r1-0a1b2c3d-00000.parquet`. A
+    restarted replica draws a new token, so no attempt ever writes over another's part."""
+    if not re.fullmatch(r"[0-9a-f]{8}", token):
+        raise ValueError(f"a replica's part token is 8 lowercase hex digits, not {token!r}")
+    return f"part-r{replica}-{token}-{part_file_name(index, suffix).removeprefix('part-')}"
 
 
 def _is_vbatch_file(name: str) -> bool:

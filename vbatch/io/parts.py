@@ -13,6 +13,14 @@ per part). `commit` writes the final `_manifest.json` once, removes the log, and
 The output rows of one input position (the n samples of a row, adjacent) always go to the same
 part, so a part commits whole input rows and `--resume`, which skips committed positions, never
 finds half a row's samples committed.
+
+Parts written elsewhere: on the Ray runner with an object-store output each replica writes its
+own parts (a writer of its own, without `job_info`, naming them with `part_name`: unique per
+replica attempt) and sends the job's writer only their entries (`entries()`); the job's writer
+commits each with `commit_written_part` (one log record, as for its own parts). A part file
+whose entry never arrived or was refused (a replica killed before its block returned, a
+retried block) is named by no record: `remove_uncommitted_parts` deletes it at the end of the
+job (and `--resume` does, io/manifest.py).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from vbatch.io.directory import OutputDirectory
 from vbatch.io.manifest import part_counts, write_manifest
 from vbatch.io.output_dir import (
     MANIFEST_FILE,
+    PART_FILE_PATTERN,
     SUCCESS_FILE,
     part_file_index,
     part_file_name,
@@ -69,7 +78,13 @@ class ParquetPartWriter:
     caller commits).
 
     `write_part(table, file)` writes one part's rows to a binary file (default: Parquet with
-    `compression`), and `suffix` names its parts (`.parquet`, or `.jsonl`).
+    `compression`), and `suffix` names its parts (`.parquet`, or `.jsonl`); `part_name(index)`
+    names the index-th part (default `part_file_name(index, suffix)`, indices continuing after
+    `existing_parts`).
+
+    `entries()` are the part entries of this run's own parts (what their log records say);
+    `commit_written_part(entry)` commits a part written by another writer (see the module
+    docstring); `remove_uncommitted_parts()` deletes part files nothing commits.
 
     Its methods may be called from more than one thread (e.g. a timer calling `flush`).
     """
@@ -86,6 +101,7 @@ class ParquetPartWriter:
         write_part: Callable[[pa.Table, BinaryIO], None] | None = None,
         suffix: str = ".parquet",
         checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL,
+        part_name: Callable[[int], str] | None = None,
     ) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
@@ -99,6 +115,7 @@ class ParquetPartWriter:
         self._write_rows = write_part or self._write_parquet
         self.suffix = suffix
         part_file_name(0, suffix)      # checks the suffix
+        self._part_name = part_name or (lambda index: part_file_name(index, suffix))
         self.job_info = job_info
         self._existing_parts = list(existing_parts or [])
         self._first_index = 1 + max(
@@ -111,6 +128,7 @@ class ParquetPartWriter:
         self._part_input_rows: list[int] = []
         self._part_positions: list[list[list[int]] | None] = []
         self._part_counts: list[dict[str, int]] = []
+        self._written_parts: list[dict] = []     # committed for other writers
         self._is_closed = False
         self._is_finished = False  # committed or aborted
         self._lock = threading.RLock()
@@ -125,13 +143,52 @@ class ParquetPartWriter:
 
     @property
     def num_rows_written(self) -> int:
-        """Output rows in complete part files of this run (buffered rows not included)."""
-        return sum(self._part_num_rows)
+        """Output rows in complete part files of this run (buffered rows not included), parts
+        committed with `commit_written_part` included."""
+        return sum(self._part_num_rows) + sum(
+            part.get("num_output_rows", part["num_rows"]) for part in self._written_parts)
 
     @property
     def part_files(self) -> list[Path]:
-        """Complete part files of this run, in the order they were written."""
-        return list(self._part_files)
+        """Complete part files of this run, in the order they were written (then the parts
+        committed with `commit_written_part`, in commit order)."""
+        return self._part_files + [self.directory.path / part["name"]
+                                   for part in self._written_parts]
+
+    def entries(self, start: int = 0) -> list[dict]:
+        """The part entries of this run's own complete parts from the `start`-th on, in the
+        order they were written (name, `num_rows` input rows, `num_output_rows` when it
+        differs, positions, counts)."""
+        with self._lock:
+            return [self._part_entry(index) for index in range(start, len(self._part_files))]
+
+    def commit_written_part(self, entry: dict) -> None:
+        """Commit the part file another writer wrote into this directory (`entry`: its
+        `entries()` item): one commit-log record, as for this writer's own parts. The caller
+        checks that its positions are not committed yet (`OutputTally.accept_part`). Raises
+        ValueError when this is not a job's writer, it is closed, or `entry` names no part."""
+        with self._lock:
+            if self._log is None:
+                raise ValueError("cannot commit a written part: this writer keeps no commit log")
+            if self._is_closed:
+                raise ValueError("cannot commit a written part: the writer is already closed")
+            if not PART_FILE_PATTERN.fullmatch(str(entry.get("name"))):
+                raise ValueError(f"not a part file entry: {entry!r}")
+            self._log.append(entry)
+            self._written_parts.append(dict(entry))
+
+    def remove_uncommitted_parts(self) -> list[str]:
+        """Delete the part files in the directory that no part entry of this writer names
+        (earlier runs' parts, its own, those committed with `commit_written_part`): orphans
+        of writers that never had their part committed. Returns the names removed. Call it
+        once no other writer can still be writing (at the end of the job)."""
+        with self._lock:
+            named = {part["name"] for part in self._parts()}
+            orphans = [name for name in self.directory.names()
+                       if PART_FILE_PATTERN.fullmatch(name) and name not in named]
+            for name in orphans:
+                self.directory.remove(name)
+            return orphans
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         """Add rows; writes every part file that fills up. A `POSITION_COLUMN` is stripped and
@@ -200,7 +257,7 @@ class ParquetPartWriter:
         self._pending_positions = [positions[num_rows:]] if rest.num_rows else []
         self._num_pending = rest.num_rows
         final_path = self.directory.write_atomically(
-            part_file_name(self._first_index + len(self._part_files), self.suffix),
+            self._part_name(self._first_index + len(self._part_files)),
             lambda file: self._write_rows(table.slice(0, num_rows), file))
         part_positions = positions[:num_rows]
         part = table.slice(0, num_rows)
@@ -229,7 +286,8 @@ class ParquetPartWriter:
         return {**entry, **self._part_counts[index]}
 
     def _parts(self) -> list[dict]:
-        return self._existing_parts + [self._part_entry(i) for i in range(len(self._part_files))]
+        return (self._existing_parts + [self._part_entry(i) for i in range(len(self._part_files))]
+                + self._written_parts)
 
     def close(self) -> None:
         """Write the buffered rows as a last part file. Idempotent."""
@@ -237,6 +295,7 @@ class ParquetPartWriter:
             if self._is_closed:
                 return
             if self._num_pending or (not self._part_files and not self._existing_parts
+                                     and not self._written_parts
                                      and self.schema is not None):
                 self._write_part(self._num_pending)
             self._is_closed = True
@@ -266,7 +325,7 @@ class ParquetPartWriter:
             self._is_closed = self._is_finished = True
             if not self.directory.is_open:
                 return            # already finished and its own directory closed
-            names = [part_file_name(self._first_index + len(self._part_files), self.suffix),
+            names = [self._part_name(self._first_index + len(self._part_files)),
                      MANIFEST_FILE, SUCCESS_FILE, *(self._log.temp_names() if self._log else ())]
             for name in names:  # only this writer's own temporary files
                 self.directory.remove(temp_name_for(name))

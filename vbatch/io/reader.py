@@ -152,13 +152,16 @@ def _keyed_batches(
     batch_size: int,
     file_index: int | None = None,
     skip: IntervalSet | None = None,
+    row_groups: Sequence[int] | None = None,
+    first_row: int = 0,
 ) -> Iterator[pa.RecordBatch]:
     """`path`'s batches with row keys added (when it has no `id_column`), cast to `schema`;
     with a `file_index`, a last column `POSITION_COLUMN` of row positions, and the rows whose
-    positions are in `skip` left out."""
+    positions are in `skip` left out. `row_groups` (Parquet): only those, whose first row is
+    row `first_row` of the file (keys and positions count from there)."""
     needs_keys = id_column not in file_schema.names
-    num_rows_read = 0
-    for batch in formats.file_batches(path, file_schema, batch_size):
+    num_rows_read = first_row
+    for batch in formats.file_batches(path, file_schema, batch_size, row_groups=row_groups):
         if needs_keys:
             rows = range(num_rows_read, num_rows_read + batch.num_rows)
             keys = pa.array([f"{key_prefix}:{row}" for row in rows], type=pa.string())
@@ -229,3 +232,30 @@ def read_batches(
             skip=skip,
         )
         yield from _rebatch(batches, batch_size)
+
+
+def read_row_groups(
+    path: InputFile,
+    row_groups: Sequence[int],
+    first_row: int,
+    *,
+    scan: InputScan,
+    file_index: int,
+    batch_size: int = 1024,
+    id_column: str = "id",
+    root: str | os.PathLike[str],
+    skip: IntervalSet | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """The rows of consecutive row groups `row_groups` of the Parquet file `path` (the
+    `file_index`-th input file of `scan`), whose first row is row `first_row` of the file, as
+    `read_batches(..., with_positions=True, skip=skip)` yields them for the whole file: the
+    same schema, row keys and positions, so a file split over several readers gives exactly
+    the rows of one read. Raises InputError on bad input."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    file_schema = scan.file_schemas[path]
+    batches = _keyed_batches(path, file_schema, scan.schema, id_column=id_column,
+                             key_prefix=row_key_prefix(path, root), batch_size=batch_size,
+                             file_index=file_index, skip=skip, row_groups=list(row_groups),
+                             first_row=first_row)
+    yield from _rebatch(batches, batch_size)

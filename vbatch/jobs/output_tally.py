@@ -2,10 +2,12 @@
 
 Counting what is written (not what replicas say they did) keeps the counts exact when a replica
 dies and is restarted, or a Ray task is retried: their own counters die with them, and a batch
-computed twice is written once. `count_ids` reads the finished output's id column back: ids that
-repeat or are null (the job runs them all, but they do not name one row each), from a local
-directory or an object-store prefix (through its pyarrow filesystem: only the id columns'
-byte ranges are fetched).
+computed twice is written once. Parts that Ray replicas wrote themselves are counted from
+their part entries instead (`accept_part`: the same counts, recorded per part), and refused
+when any of their positions was written or committed before. `count_ids` reads the finished
+output's id column back: ids that repeat or are null (the job runs them all, but they do not
+name one row each), from a local directory or an object-store prefix (through its pyarrow
+filesystem: only the id columns' byte ranges are fetched).
 """
 from __future__ import annotations
 
@@ -39,9 +41,12 @@ class OutputTally:
     rows of one position (the n samples of a row) are dropped or kept together.
 
     `num_rows` counts input rows (error rows included), `num_output_rows` the rows written
-    (one per sample); prompt tokens count once per input row, output tokens of every sample."""
+    (one per sample); prompt tokens count once per input row, output tokens of every sample.
 
-    def __init__(self) -> None:
+    `committed_before`: the positions earlier runs committed (a resumed job); `accept_part`
+    refuses a part holding any of them as it refuses one holding rows this run wrote."""
+
+    def __init__(self, committed_before: IntervalSet | None = None) -> None:
         self.num_rows = 0
         self.num_output_rows = 0
         self.num_error_rows = 0
@@ -50,6 +55,41 @@ class OutputTally:
         self.num_duplicate_rows = 0
         self.first_error: str | None = None
         self.written = IntervalSet()
+        self.committed_before = committed_before or IntervalSet()
+
+    def accept_part(self, entry: dict, first_error: str | None = None) -> bool:
+        """Count the part another writer wrote (`entry`: its part entry, with `positions`,
+        `num_rows`, `num_output_rows` when it differs and the `part_counts`) and return True,
+        or return False (counting nothing but `num_duplicate_rows`) when any of its positions
+        was written or committed before: a retried block whose first attempt's part arrived
+        too. `first_error`: the part's first error row ("row <key>: <error>"), if any."""
+        intervals = IntervalSet(entry.get("positions") or [])
+        if len(intervals) != entry["num_rows"]:
+            raise ValueError(f"part {entry.get('name')} lists {entry['num_rows']} rows but "
+                             f"positions covering {len(intervals)}")
+        if self._overlaps(intervals):
+            self.num_duplicate_rows += entry["num_rows"]
+            return False
+        self.written.update(intervals)
+        self.num_rows += entry["num_rows"]
+        self.num_output_rows += entry.get("num_output_rows", entry["num_rows"])
+        self.num_error_rows += entry.get("num_error_rows", 0)
+        self.num_prompt_tokens += entry.get("num_prompt_tokens", 0)
+        self.num_output_tokens += entry.get("num_output_tokens", 0)
+        if first_error is not None and self.first_error is None:
+            self.first_error = first_error
+        return True
+
+    def _overlaps(self, intervals: IntervalSet) -> bool:
+        """True when `intervals` shares a position with what is written or committed (their
+        union is smaller than the sizes added; O(intervals), never O(positions))."""
+        for known in (self.written, self.committed_before):
+            if len(known) and len(intervals):
+                union = IntervalSet(known.to_list())
+                union.update(intervals)
+                if len(union) != len(known) + len(intervals):
+                    return True
+        return False
 
     def accept(self, batch: pa.RecordBatch, id_column: str) -> pa.RecordBatch:
         """`batch` without rows already written; counts what it returns."""

@@ -1,17 +1,36 @@
 """The Ray runner: a Ray Data pipeline of input blocks through a pool of replica actors.
 
-    read_datasource(InputDatasource)            one read task per input file, streaming the
-                                                file through vbatch's own reader
+    read_datasource(InputDatasource)            one read task per input file (a Parquet file:
+                                                per range of row groups), streaming it through
+                                                vbatch's own reader
       -> map_batches(ReplicaActor, concurrency=N)  each actor owns one LLMEngine via `Replica`
-      -> iter_batches() in the driver           written by our ParquetPartWriter (not
-                                                ray's write_parquet: we keep our commit protocol)
+      -> iter_batches() in the driver           output rows written by our ParquetPartWriter,
+                                                or (object-store output) only part entries,
+                                                committed by it (not ray's write_parquet: we
+                                                keep our commit protocol)
 
-Reading goes through `io/reader.py` inside Ray read tasks (not `ray.data.read_json/read_csv`)
-so that the rows, their types (unified across files) and the derived row keys
-(`<file>:<row>`) are exactly those of the local runner. Ray Data streams blocks with
-backpressure, so memory is bounded by the blocks in flight. Read tasks run on the driver's node
-(where the inputs were checked; other nodes need not see the files) and reserve no CPU: the
-replica actors may hold every CPU of a node.
+Reading goes through `io/reader.py` inside Ray read tasks (jobs/ray_inputs.py, not
+`ray.data.read_json/read_csv`) so that the rows, their types (unified across files) and the
+derived row keys (`<file>:<row>`) are exactly those of the local runner. Ray Data streams
+blocks with backpressure, so memory is bounded by the blocks in flight. Read tasks reserve no
+CPU (the replica actors may hold every CPU of a node), so at most `2 x replicas` run at once
+(each a Ray worker process: unbounded, a file of many row groups would start dozens). With
+every input file in an object store they run on any node and a Parquet file is split by
+row-group ranges; local inputs are read on the driver's node.
+
+Writing: with a local `--output` the driver writes every row (a replica on another node cannot
+write the driver's disk), so every output row passes through it. With an object-store
+`--output` each replica writes its own parts straight to the store and the driver receives and
+commits only their part entries (jobs/ray_parts.py: names unique per replica attempt, orphans
+of killed attempts removed, entries overlapping committed rows refused), so the bytes the
+driver receives grow with the number of parts (a few hundred bytes each), not with the rows'
+bytes; `transfer_stats()` counts them (the summary's "transfer"). Parts are then cut per block
+(at most `batch_size` rows; a block's rows are committed together when it returns, so
+`--commit-interval-s` does not apply: a replica cannot commit rows of a block Ray may still
+replay), and `--preserve-order` keeps driver-side writing. The actor then runs its two queued
+blocks in two threads (`max_concurrent_calls_per_actor=2`), the engine taken by one at a time,
+so a block's parts upload while the next block generates; the ledger records per replica its
+engine time (`busy_s`), upload time (`write_s`) and first-to-last block span (`active_s`).
 
 Each actor reserves tp x pp GPUs (tp x pp CPUs on CPU-only clusters) and runs its ranks as local
 processes (the mp executor); with `--distributed-executor-backend ray` the actor reserves nothing
@@ -46,20 +65,25 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data import DataContext, Datasource, ReadTask
-from ray.data.block import BlockMetadata
+from ray.data import DataContext
 
 from vbatch.engine.executor import ray_cluster
 from vbatch.env import NUM_THREADS
-from vbatch.io.input_file import default_root, file_size
 from vbatch.io.positions import POSITION_COLUMN
-from vbatch.io.reader import InputScan, read_batches
 from vbatch.io.schema import NUM_GENERATED_TOKENS, SAMPLE_INDEX, count_input_rows
 from vbatch.jobs.batch_order import IDLE_INTERVAL_S, idle_batch
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import JobInputs
 from vbatch.jobs.plan import JobPlan
 from vbatch.jobs.progress import ProgressReporter
+from vbatch.jobs.ray_inputs import InputDatasource
+from vbatch.jobs.ray_parts import (
+    PART_REPORT_COLUMN,
+    ReplicaPartWriter,
+    WrittenParts,
+    parse_reports,
+    writes_on_replicas,
+)
 from vbatch.jobs.replica import ReplicaCounters
 from vbatch.jobs.replica_engine import model_info, start_replica
 
@@ -68,71 +92,36 @@ from vbatch.jobs.replica_engine import model_info, start_replica
 ACTOR_START_TIMEOUT_S = 900
 
 
-class InputDatasource(Datasource):
-    """The job's input files as a Ray Data source: one read task per file, each streaming that
-    file with `reader.read_batches` (same batches, schema and row keys as the local runner)."""
-
-    def __init__(self, config: JobConfig, job):
-        super().__init__()
-        self.config = config
-        self.files = [path for path, schema in job.scan.file_schemas.items() if schema]
-        self.file_schemas = job.scan.file_schemas
-        # Positions number the files as the local reader does (io/positions.py).
-        self.file_indices = {path: index for index, path in enumerate(job.scan.file_schemas)}
-        self.skip = job.skip
-        self.schema = job.scan.schema
-        self.root = job.root if job.root is not None else default_root(self.files)
-
-    @property
-    def supports_distributed_reads(self) -> bool:
-        """False: read on the driver's node, where the inputs were checked (other nodes need
-        not see the files); blocks reach the replicas through the object store."""
-        return False
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return sum(file_size(path) for path in self.files)
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
-                       data_context=None) -> list[ReadTask]:
-        tasks = []
-        for path in self.files:
-            metadata = BlockMetadata(num_rows=None, size_bytes=file_size(path),
-                                     exec_stats=None, input_files=[str(path)])
-            tasks.append(ReadTask(self._reader(path), metadata, schema=self.schema,
-                                  per_task_row_limit=per_task_row_limit))
-        return tasks
-
-    def _reader(self, path):
-        config, root, skip = self.config, self.root, self.skip
-        scan = InputScan({path: self.file_schemas[path]}, self.schema)
-        file_index = self.file_indices[path]
-
-        def read() -> Iterator[pa.Table]:
-            for batch in read_batches([path], batch_size=config.batch_size,
-                                      prompt_column=config.prompt_column,
-                                      id_column=config.id_column, root=root, scan=scan,
-                                      with_positions=True, skip=skip,
-                                      first_file_index=file_index):
-                yield pa.Table.from_batches([batch])
-        return read
-
-
 class ReplicaLedger:
     """Where replica actors register (getting their index) and report their counters."""
 
     def __init__(self):
         self.replicas: list[dict] = []
+        self._spans: list[list[float | None]] = []
 
     def register(self, node_id: str, pid: int, model: dict, counters: dict) -> int:
         self.replicas.append({"index": len(self.replicas), "node_id": node_id, "pid": pid,
                               "model": model, "state": "running", "num_calls": 0,
+                              "busy_s": 0.0, "write_s": 0.0, "active_s": 0.0,
                               "counters": counters})
+        self._spans.append([None, None])
         return len(self.replicas) - 1
 
-    def report(self, index: int, counters: dict) -> None:
+    def report(self, index: int, counters: dict, span: tuple[float, float] = (0.0, 0.0),
+               busy_s: float = 0.0, write_s: float = 0.0) -> None:
+        """A replica finished a block: its counters; when it started and ended the block
+        (`span`, wall-clock seconds), the seconds its engine spent on it (`busy_s`) and those
+        it spent writing the block's parts (`write_s`, overlapping the next block's)."""
         entry = self.replicas[index]
         entry["num_calls"] += 1
         entry["counters"] = counters
+        entry["busy_s"] = round(entry["busy_s"] + busy_s, 3)
+        entry["write_s"] = round(entry["write_s"] + write_s, 3)
+        first, last = self._spans[index]
+        first = span[0] if first is None else min(first, span[0])
+        last = span[1] if last is None else max(last, span[1])
+        self._spans[index] = [first, last]
+        entry["active_s"] = round(last - first, 3)    # first block's start to last's end
 
     def snapshot(self) -> list[dict]:
         return [dict(entry) for entry in self.replicas]
@@ -140,10 +129,13 @@ class ReplicaLedger:
 
 class ReplicaActor:
     """One replica as a Ray Data callable class: loads the engine once, then turns each input
-    block into its output block (`Replica.process` on that block's batches)."""
+    block into its output block (`Replica.process` on that block's batches). With `output_uri`
+    (an object-store output) it writes the output rows as part files there itself and its
+    output block holds only their reports (jobs/ray_parts.py)."""
 
     def __init__(self, config: JobConfig, prompt_column: str, input_schema: pa.Schema,
-                 ledger, num_threads: int | None):
+                 ledger, num_threads: int | None, output_uri: str | None = None,
+                 out_schema: pa.Schema | None = None):
         if num_threads and NUM_THREADS.read() is None:
             os.environ[NUM_THREADS.name] = str(num_threads)
         self.input_schema = input_schema
@@ -154,12 +146,29 @@ class ReplicaActor:
         self.index = ray.get(ledger.register.remote(
             node_id, os.getpid(), model_info(self.engine),
             dataclasses.asdict(self.replica.counters)))
+        self.part_writer = (None if output_uri is None else
+                            ReplicaPartWriter(config, output_uri, out_schema, self.index))
+        self._engine_lock = threading.Lock()
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        started_at = time.time()
+        with self._engine_lock:       # two calls at once when writing: one engine at a time
+            started = time.perf_counter()
+            output = self._process(table)
+            generated = time.perf_counter()
+            counters = dataclasses.asdict(self.replica.counters)
+        if self.part_writer is not None:     # overlaps the next block's generation
+            output = self.part_writer.write_block(output)
+        done = time.perf_counter()
+        ray.get(self.ledger.report.remote(self.index, counters,
+                                          (started_at, started_at + done - started),
+                                          generated - started, done - generated))
+        return output
+
+    def _process(self, table: pa.Table) -> pa.Table:
         if not table.schema.equals(self.input_schema):
             table = table.select(self.input_schema.names).cast(self.input_schema)
         outputs = list(self.replica.process(table.combine_chunks().to_batches()))
-        ray.get(self.ledger.report.remote(self.index, dataclasses.asdict(self.replica.counters)))
         if not outputs:
             return table.slice(0, 0)
         # Rows finish in any order; Ray Data replays a retried block and keeps only the output
@@ -186,6 +195,8 @@ class RayReplicaPool:
         self._ledger = None
         self._ledger_snapshot: list[dict] = []
         self._rows_written = 0
+        self._received_bytes = self._received_blocks = 0
+        self._writes_on_replicas = False
         self.model_info: dict = {}
         self.load_time_s = 0.0
 
@@ -208,8 +219,23 @@ class RayReplicaPool:
         if self._owns_ray:
             ray.shutdown()
 
-    def outputs(self, job: JobInputs, reporter: ProgressReporter) -> Iterator[pa.RecordBatch]:
-        """Run the pipeline; yield output batches (input order with `preserve_order`)."""
+    def writes_parts(self, job: JobInputs) -> bool:
+        """True when the replicas write `job`'s part files themselves (an object-store
+        output): `outputs` then yields `WrittenParts` (and idle batches), never rows, and the
+        caller's part writer must be open before the replicas start."""
+        return writes_on_replicas(self.config, job.output_dir)
+
+    def transfer_stats(self) -> dict:
+        """What the driver received from the replicas: blocks, their bytes (`nbytes`, counted
+        as they arrive) and who wrote the parts ("replicas" or "driver")."""
+        return {"driver_received_bytes": self._received_bytes,
+                "driver_received_blocks": self._received_blocks,
+                "parts_written_by": "replicas" if self._writes_on_replicas else "driver"}
+
+    def outputs(self, job: JobInputs,
+                reporter: ProgressReporter) -> Iterator[pa.RecordBatch | WrittenParts]:
+        """Run the pipeline; yield output batches (input order with `preserve_order`), or with
+        `writes_parts(job)` the `WrittenParts` of each finished block."""
         reporter.start(job.total_rows)
         context = DataContext.get_current()
         context.enable_progress_bars = False
@@ -229,9 +255,15 @@ class RayReplicaPool:
             resources = {"num_gpus": world, "num_cpus": 1}
         else:
             resources = {"num_cpus": world}
-        dataset = ray.data.read_datasource(InputDatasource(self.config, job), num_cpus=0)
+        self._writes_on_replicas = self.writes_parts(job)
+        dataset = ray.data.read_datasource(InputDatasource(self.config, job), num_cpus=0,
+                                           concurrency=2 * self.plan.num_replicas)
+        # Writing its parts, an actor runs its two blocks in two threads, so one block's parts
+        # upload while the next generates (the engine itself is taken by one at a time).
+        concurrency = ({"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
+                       if self._writes_on_replicas else {})
         pool = ray.data.ActorPoolStrategy(size=self.plan.num_replicas,
-                                          max_tasks_in_flight_per_actor=2)
+                                          max_tasks_in_flight_per_actor=2, **concurrency)
         dataset = dataset.map_batches(
             ReplicaActor, batch_size=self.config.batch_size, batch_format="pyarrow",
             compute=pool, zero_copy_batch=True,
@@ -242,7 +274,10 @@ class RayReplicaPool:
                                    "input_schema": job.scan.schema.append(
                                        pa.field(POSITION_COLUMN, pa.int64())),
                                    "ledger": self._ledger,
-                                   "num_threads": None if on_gpu else 1},
+                                   "num_threads": None if on_gpu else 1,
+                                   "output_uri": (str(job.output_dir) if self._writes_on_replicas
+                                                  else None),
+                                   "out_schema": job.out_schema},
             **resources)
         for index in range(self.plan.num_replicas):
             reporter.set_replica_state(index, "loading")
@@ -252,9 +287,17 @@ class RayReplicaPool:
             if table is None:
                 yield idle_batch()
                 continue
+            self._received_bytes += table.nbytes
+            self._received_blocks += 1
             if not self.model_info:
                 self.load_time_s = time.perf_counter() - self._started
                 self._refresh(reporter)
+            if PART_REPORT_COLUMN in table.schema.names:
+                written = WrittenParts(parse_reports(table))
+                self._rows_written += written.num_rows
+                reporter.update(written.num_rows, written.num_output_tokens)
+                yield written
+                continue
             for batch in table.combine_chunks().to_batches():
                 num_rows = count_input_rows(batch)      # n samples of a row count once
                 self._rows_written += num_rows

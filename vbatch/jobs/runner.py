@@ -12,7 +12,11 @@ Order of work, the same for every runner:
    processes, or Ray actors) and write every output batch it yields with our part writer (this
    process is the only writer; rows arrive as they finish, and buffered rows are committed
    as a part at least every `--commit-interval-s`), counting what is written and checking
-   the error budget;
+   the error budget; on the Ray runner with an object-store output the replicas write the
+   parts themselves and the pool yields only their part entries (jobs/ray_parts.py), which
+   the part writer commits (opened before the replicas start, so their parts are not
+   cleared by `--overwrite`), the tally counting each part once; part files nothing
+   committed (a killed replica's) are removed at the end;
 4. refuse to commit when the input rows written differ from the rows to compute (a row
    sampled n times is one input row, its n output rows written together);
 5. `_run_summary.json`, `_manifest.json`, and `_SUCCESS` last.
@@ -42,6 +46,7 @@ from vbatch.jobs.output_tally import (
 from vbatch.jobs.plan import JobPlan, local_resources, make_plan
 from vbatch.jobs.pool import make_pool
 from vbatch.jobs.progress import JobStats, ProgressReporter
+from vbatch.jobs.ray_parts import WrittenParts
 from vbatch.jobs.row_errors import ErrorBudget
 from vbatch.jobs.run_summary import build_run_summary, merge_counters
 from vbatch.storage.filesystem import parse_storage_options
@@ -81,6 +86,15 @@ def _commit_on_time(part_writer, committed: tuple[float, int],
     return now, len(part_writer.part_files)
 
 
+def _commit_written_parts(part_writer, tally: OutputTally, written: WrittenParts) -> None:
+    """Commit each part a replica wrote, unless the tally refuses it (its positions are
+    committed already: a retried block whose first attempt's part arrived too; its file stays
+    an orphan, removed at the end)."""
+    for report in written.reports:
+        if tally.accept_part(report["entry"], report.get("first_error")):
+            part_writer.commit_written_part(report["entry"])
+
+
 def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, job: JobInputs,
                 output: JobDirectory, *, started: float, started_at: datetime) -> JobStats:
     """`run_job` from the model on, writing only through the locked directory `output`."""
@@ -96,13 +110,20 @@ def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, jo
     budget.check_start()
     job = dataclasses.replace(job, skip=commit.skip, total_rows=None if job.total_rows is None
                               else job.total_rows - num_resumed)
-    tally = OutputTally()
+    tally = OutputTally(committed_before=commit.skip)
     with make_pool(config, plan, started=started) as pool:
         part_writer = None
+        # Pools whose replicas write the parts (jobs/ray_parts.py) need the writer first.
+        replicas_write = getattr(pool, "writes_parts", lambda job: False)(job)
         try:
+            if replicas_write:
+                part_writer = open_writer(config, output, job.out_schema, commit)
             committed = (time.monotonic(), 0)       # when, and parts written by then
             for batch in pool.outputs(job, reporter):
-                if batch.num_rows:        # pools also yield empty batches while rows run
+                if isinstance(batch, WrittenParts):
+                    _commit_written_parts(part_writer, tally, batch)
+                    budget.check_progress(tally)
+                elif batch.num_rows:      # pools also yield empty batches while rows run
                     if part_writer is None:   # the first result: every replica loaded fine
                         part_writer = open_writer(config, output, job.out_schema, commit)
                     batch = tally.accept(batch, config.id_column)
@@ -130,6 +151,8 @@ def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, jo
             raise
         reporter.close()
         part_writer.close()
+        if replicas_write:      # every replica is done: what no record names is an orphan
+            part_writer.remove_uncommitted_parts()
         # Input rows (distinct positions), not output rows: a row sampled n times is one.
         if job.total_rows is not None and tally.num_rows != job.total_rows:
             raise RuntimeError(f"{job.total_rows} input rows to compute but {tally.num_rows} "
@@ -154,12 +177,15 @@ def _run_locked(config: JobConfig, reporter: ProgressReporter, plan: JobPlan, jo
                          num_resumed_output_tokens=earlier.num_output_tokens,
                          num_duplicate_ids=ids.duplicate_ids, num_null_ids=ids.null_ids,
                          warnings=() if id_warning is None else (id_warning,))
-        output.write_json(SUMMARY_FILE, build_run_summary(
+        summary = build_run_summary(
             config, plan, stats, started_at=started_at, replicas=pool.replica_stats(),
             output_rows=earlier.num_output_rows + counters.num_output_rows,
             this_run_output_rows=counters.num_output_rows,
             prompt_prefills=counters.num_prompt_prefills,
-            prefill_tokens=counters.num_prefill_tokens))
+            prefill_tokens=counters.num_prefill_tokens)
+        if hasattr(pool, "transfer_stats"):     # the Ray pool: what reached the driver
+            summary["transfer"] = pool.transfer_stats()
+        output.write_json(SUMMARY_FILE, summary)
         part_writer.commit(build_manifest(config, pool.model_info, counters, job.files,
                                           resumed=earlier))
     return stats
