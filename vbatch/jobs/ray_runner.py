@@ -50,14 +50,14 @@ above `max_num_seqs`.
 Unlike the other pools, rows come back per block (in input order), not as they finish: Ray
 Data retries a block whose actor died by replaying it and keeps only the output blocks (by
 index) that the first attempt had not delivered, which is exactly-once only when a block's
-output is the same on every attempt. The pool still yields a batch of zero rows every
-`IDLE_INTERVAL_S` while no block arrives, so the job commits buffered rows on time.
+output is the same on every attempt. Ray's iterator is consumed in the main thread (a thread
+pulling from it outlives a SIGTERM's Ray shutdown and logs the executor's tracebacks), so
+time-based commits (`--commit-interval-s`) happen when a block arrives.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -71,7 +71,6 @@ from vbatch.engine.executor import ray_cluster
 from vbatch.env import NUM_THREADS
 from vbatch.io.positions import POSITION_COLUMN
 from vbatch.io.schema import NUM_GENERATED_TOKENS, SAMPLE_INDEX, count_input_rows
-from vbatch.jobs.batch_order import IDLE_INTERVAL_S, idle_batch
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.job_inputs import JobInputs
 from vbatch.jobs.plan import JobPlan
@@ -283,10 +282,7 @@ class RayReplicaPool:
             reporter.set_replica_state(index, "loading")
         tables = dataset.iter_batches(batch_size=None, batch_format="pyarrow",
                                       prefetch_batches=1)
-        for table in _with_idle_batches(tables, IDLE_INTERVAL_S):
-            if table is None:
-                yield idle_batch()
-                continue
+        for table in tables:
             self._received_bytes += table.nbytes
             self._received_blocks += 1
             if not self.model_info:
@@ -325,44 +321,6 @@ class RayReplicaPool:
             item.update(entry["counters"])
             stats.append(item)
         return stats
-
-
-def _with_idle_batches(items: Iterator, interval_s: float) -> Iterator:
-    """`items`, pulled by a helper thread, with a None whenever `interval_s` passes without
-    one (Ray's iterator blocks until a block arrives); its exception is raised here."""
-    handoff: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def pull() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        handoff.put((True, item), timeout=interval_s)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            handoff.put((False, None))
-        except BaseException as error:      # noqa: BLE001 - handed to the consumer
-            handoff.put((False, error))
-
-    threading.Thread(target=pull, name="vbatch-ray-outputs", daemon=True).start()
-    try:
-        while True:
-            try:
-                is_item, value = handoff.get(timeout=interval_s)
-            except queue.Empty:
-                yield None
-                continue
-            if not is_item:
-                if value is not None:
-                    raise value
-                return
-            yield value
-    finally:
-        stop.set()
 
 
 def _num_output_tokens(batch: pa.RecordBatch) -> int:
