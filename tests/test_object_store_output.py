@@ -8,11 +8,11 @@ job with the local refusal, is created conditionally (If-None-Match), taken over
 holder died on this machine and kept when the holder runs elsewhere; a prefix holding a job or
 foreign objects is refused as a local directory is, and `--output-root` takes a prefix. Real
 `vbatch run` jobs into the bucket write every row exactly once with the same texts as the same
-job on a local disk (in-process and with `--runner ray`), leave `_SUCCESS`, `_manifest.json`
-and no lock; a job SIGKILLed after committing parts resumes with `--resume` to exactly once,
-its committed parts untouched (same ETags); and a bucket that starts refusing writes mid-job
-(a deny policy, which moto enforces) ends the job with exit code 1, one line naming the object,
-and no `_SUCCESS`.
+job on a local disk (the Ray runner's S3 jobs: tests/test_ray_distributed_io.py), leave
+`_SUCCESS`, `_manifest.json` and no lock; a job SIGKILLed after committing parts resumes
+with `--resume` to exactly once, its committed parts untouched (same ETags); and a bucket that
+starts refusing writes mid-job (a deny policy, which moto enforces) ends the job with exit code
+1, one line naming the object, and no `_SUCCESS`.
 """
 from __future__ import annotations
 
@@ -305,13 +305,3 @@ def test_bucket_refusing_writes_mid_job_fails_it_cleanly(job_input, tiny_models,
     assert "internal error" not in message
     assert "Forbidden" in message
     assert "out/_SUCCESS" not in s3_bucket.keys("out/")
-
-
-@pytest.mark.slow
-def test_ray_job_writes_every_row_once_to_s3(job_input, tiny_models, local_texts, s3_bucket):
-    pytest.importorskip("ray")
-    result = _run(_job(job_input, tiny_models["llama-gqa-untied"], s3_bucket.uri("out/"),
-                       "--runner", "ray", "--replicas", "1"))
-    assert result.returncode == 0, result.stderr
-    assert _bucket_texts(s3_bucket, "out/") == local_texts
-    assert {"out/_SUCCESS", "out/_manifest.json"} <= set(s3_bucket.keys("out/"))
