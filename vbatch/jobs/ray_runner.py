@@ -220,7 +220,7 @@ class RayReplicaPool:
 
     def writes_parts(self, job: JobInputs) -> bool:
         """True when the replicas write `job`'s part files themselves (an object-store
-        output): `outputs` then yields `WrittenParts` (and idle batches), never rows, and the
+        output): `outputs` then yields `WrittenParts`, never rows, and the
         caller's part writer must be open before the replicas start."""
         return writes_on_replicas(self.config, job.output_dir)
 
