@@ -22,26 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def chat_prompts(count: int) -> list[list[dict]]:
-    rows = [json.loads(line) for line in
-            (REPO_ROOT / "examples" / "prompts.jsonl").read_text().splitlines()]
-    texts = [row.get("prompt") or row["messages"][-1]["content"] for row in rows]
-    return [[{"role": "user", "content": texts[i % len(texts)]}] for i in range(count)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_throughput import conversations, cpu_name  # noqa: E402 (the same prompts and CPU line)
 
 
 def run_steps(engine, steps: int, arrive=None) -> tuple[float, list[float]]:
@@ -79,7 +65,7 @@ def main() -> int:
               max_num_batched_tokens=args.max_num_batched_tokens)
     engine = llm.llm_engine
     running = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
-    for index, messages in enumerate(chat_prompts(args.running)):
+    for index, messages in enumerate(conversations(args.running)):
         engine.add_request(f"run-{index}", engine.encode_prompt(messages=messages), running)
     while not all(seq.has_prefilled for seq in engine.scheduler.running) \
             or engine.scheduler.waiting:
@@ -88,7 +74,7 @@ def main() -> int:
 
     pure_s, pure_times = run_steps(engine, args.steps)
     filler = engine.encode_prompt(" ".join(
-        m[0]["content"] for m in chat_prompts(64)))[:args.prompt_tokens]
+        m[0]["content"] for m in conversations(64)))[:args.prompt_tokens]
     scoring = SamplingParams(temperature=0, max_tokens=1)
     added = 0
 
