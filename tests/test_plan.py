@@ -12,14 +12,19 @@ CPU = Resources(num_cpus=2)
 EIGHT_GPUS = Resources(num_cpus=64, gpu_ids=tuple("01234567"))
 
 
-def _plan(resources, *, ray=True, **fields):
+def _plan(resources, *, ray=True, cluster=CPU, **fields):
+    """The plan on this node's `resources`; a cluster address, if any, has `cluster`'s."""
     calls = []
 
     def ray_available():
         calls.append(1)
         return ray
+
+    def cluster_resources(address):
+        assert address == fields["ray_address"]
+        return cluster
     plan = make_plan(JobConfig(input="x.jsonl", **fields).validate(), resources,
-                     ray_available=ray_available)
+                     ray_available=ray_available, cluster_resources=cluster_resources)
     return plan, len(calls)
 
 
@@ -67,3 +72,29 @@ def test_format_plan_names_every_replica_group():
     plan, _ = _plan(CPU, runner="ray", replicas=2, tensor_parallel_size=2,
                     distributed_executor_backend="ray")
     assert "placement group of 2 bundle(s)" in "\n".join(format_plan(plan))
+
+
+def test_a_ray_cluster_is_planned_from_its_own_gpus_not_the_driver_node():
+    """A GPU-less head node: the plan counts the workers' GPUs, per node."""
+    cluster = Resources(num_cpus=40, gpus_per_node=(0, 4, 4, 1))
+    plan, _ = _plan(CPU, cluster=cluster, ray_address="head:6379")
+    assert (plan.runner, plan.num_replicas, plan.device, plan.executor) == \
+        ("ray", 9, "cuda", "uni")
+    assert "1 GPU(s) reserved by its Ray actor" in "\n".join(format_plan(plan))
+    # whole replicas per node when one fits on a node: 2 + 2 + 0, not 9 // 2
+    plan, _ = _plan(CPU, cluster=cluster, ray_address="head:6379", tensor_parallel_size=2)
+    assert (plan.num_replicas, plan.executor) == (4, "mp")
+    # larger than any node: its ranks become Ray actors (vLLM's rule), or mp is refused
+    plan, _ = _plan(CPU, cluster=cluster, ray_address="head:6379", tensor_parallel_size=8)
+    assert (plan.num_replicas, plan.executor) == (1, "ray")
+    with pytest.raises(VBatchUsageError, match="needs 8 GPUs; 4 visible"):
+        _plan(CPU, cluster=cluster, ray_address="head:6379", tensor_parallel_size=8,
+              distributed_executor_backend="mp")
+    with pytest.raises(VBatchUsageError, match="need 12 GPUs but the Ray cluster at head:6379 "
+                                               "has 9"):
+        _plan(CPU, cluster=cluster, ray_address="head:6379", tensor_parallel_size=4,
+              replicas=3)
+    # a CPU-only cluster plans CPU replicas whatever the driver node has
+    plan, _ = _plan(EIGHT_GPUS, cluster=Resources(num_cpus=8, gpus_per_node=(0, 0)),
+                    ray_address="head:6379")
+    assert (plan.num_replicas, plan.device) == (1, "cpu")

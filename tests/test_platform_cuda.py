@@ -19,8 +19,17 @@ from vbatch.parallel import state
 def test_auto_dtype_follows_compute_capability(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # emulation
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve_dtype("auto", torch.device("cuda", 0)) == expected
     assert resolve_dtype("float32", torch.device("cuda", 0)) == torch.float32
+
+
+def test_auto_dtype_without_a_visible_gpu_is_refused_not_guessed(monkeypatch):
+    """The ray executor's engine on a GPU-less node cannot read its ranks' capability."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="sees 0 CUDA GPU.*explicit --dtype"):
+        resolve_dtype("auto", torch.device("cuda", 0))
+    assert resolve_dtype("bfloat16", torch.device("cuda", 0)) == torch.bfloat16
 
 
 def test_rank_sets_its_gpu_before_joining_the_nccl_group(monkeypatch):

@@ -21,7 +21,12 @@ from vbatch.engine.loader import resolve_model
 from vbatch.engine.models.registry import check_supported, longrope_original_length, model_class_for
 from vbatch.engine.output_processor import OutputProcessor
 from vbatch.engine.outputs import RequestOutput
-from vbatch.engine.platform import resolve_block_size, resolve_device, resolve_dtype
+from vbatch.engine.platform import (
+    check_device_visible,
+    resolve_block_size,
+    resolve_device,
+    resolve_dtype,
+)
 from vbatch.engine.sampling_params import SamplingParams
 from vbatch.engine.scheduler import Scheduler, SchedulerOutput
 from vbatch.engine.sequence import ScheduledSequence, Sequence, StepInput
@@ -74,6 +79,11 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir,
                                                        trust_remote_code=config.trust_remote_code)
         self.device = resolve_device(config.device)
+        self.executor_backend = choose_backend(
+            config.distributed_executor_backend, device=self.device,
+            world_size=config.tensor_parallel_size * config.pipeline_parallel_size)
+        if self.executor_backend != "ray":       # Ray rank actors get their own GPUs
+            check_device_visible(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = resolve_block_size(config.block_size, self.device)
         self.max_model_len = self._derive_max_model_len()
@@ -138,8 +148,6 @@ class LLMEngine:
         tp_size = self.config.tensor_parallel_size
         pp_size = self.config.pipeline_parallel_size
         self._check_parallel_sizes(tp_size, pp_size)
-        self.executor_backend = choose_backend(self.config.distributed_executor_backend,
-                                               world_size=tp_size * pp_size, device=self.device)
         spec = WorkerSpec(model_dir=str(model_dir), hf_config=self.hf_config, dtype=self.dtype,
                           device=str(self.device), block_size=self.block_size,
                           max_position=self.max_model_len, seed=self.config.seed,

@@ -5,6 +5,8 @@ flags) never imports torch.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from vbatch.env import DEVICE
@@ -29,6 +31,17 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
+def check_device_visible(device: torch.device, hint: str = "") -> None:
+    """ValueError (ending with `hint`) unless this process can use `device`: a cuda device
+    needs a GPU it sees, so a replica planned on GPUs neither quietly runs on CPU nor fails
+    deep inside torch."""
+    if device.type == "cuda" and torch.cuda.device_count() <= (device.index or 0):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"device {device} was asked for, but this process sees "
+                         f"{torch.cuda.device_count()} CUDA GPU(s) (CUDA_VISIBLE_DEVICES="
+                         f"{visible!r}, torch {torch.__version__}){hint}")
+
+
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs whose matmuls run natively in bfloat16 (AMX or AVX512-BF16)."""
     cpu = torch.cpu
@@ -47,10 +60,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 on GPUs of compute capability >= 8.0 (float16 on older ones) and on CPUs
     with AMX / AVX512-BF16, else float32.
 
-    Explicit names are honoured as given (float32 is the reference-exact setting).
+    Explicit names are honoured as given (float32 is the reference-exact setting). Raises
+    ValueError for `auto` on cuda in a process that sees no GPU (the ray executor's engine on
+    a GPU-less node: its ranks' GPUs decide, and it cannot query them).
     """
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
+        if torch.cuda.device_count() == 0:
+            check_device_visible(device, hint="; an engine whose ranks are Ray actors on "
+                                 "GPU nodes needs an explicit --dtype (bfloat16, or float16 "
+                                 "below compute capability 8.0)")
         return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

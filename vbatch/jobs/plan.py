@@ -4,6 +4,10 @@ A replica is one `LLMEngine` over its own group of tp x pp devices (its ranks). 
 
 - **replicas**: `--replicas` when given, else as many as fit (GPUs // (tp x pp)) on a GPU
   machine, 1 on a CPU machine (one engine already uses every core).
+- **resources**: this node's, except on the Ray runner with a cluster address: there the
+  cluster's (every alive node's GPUs, read by connecting once), so a GPU-less head node still
+  plans for the workers' GPUs, and a replica whose tp x pp ranks are local processes (the mp
+  executor) must fit on one node.
 - **runner**: `local` (replica processes on this node) or `ray` (Ray Data actors). `auto` picks
   `ray` when Ray is importable and a cluster address is set (`--ray-address` / `RAY_ADDRESS`) or
   the job needs more GPUs than this node has; otherwise `local`. Ray is imported only when the
@@ -39,14 +43,26 @@ RAY_INSTALL_HINT = "pip install 'vbatch[ray]'"
 
 @dataclass(frozen=True, slots=True)
 class Resources:
-    """Devices a job may use: `gpu_ids` in `CUDA_VISIBLE_DEVICES` naming (empty on CPU)."""
+    """Devices a job may use. This node's: `gpu_ids` in `CUDA_VISIBLE_DEVICES` naming (empty
+    on CPU). A Ray cluster's: `gpus_per_node`, each alive node's GPU count (`gpu_ids` empty:
+    Ray assigns them)."""
 
     num_cpus: int
     gpu_ids: tuple[str, ...] = ()
+    gpus_per_node: tuple[int, ...] | None = None
 
     @property
     def num_gpus(self) -> int:
-        """Number of usable GPUs."""
+        """Number of usable GPUs (on a cluster: of all its nodes)."""
+        if self.gpus_per_node is not None:
+            return sum(self.gpus_per_node)
+        return len(self.gpu_ids)
+
+    @property
+    def max_gpus_per_node(self) -> int:
+        """The most GPUs one node has: the largest replica whose ranks share a node."""
+        if self.gpus_per_node is not None:
+            return max(self.gpus_per_node, default=0)
         return len(self.gpu_ids)
 
 
@@ -63,6 +79,19 @@ def local_resources() -> Resources:
     else:
         ids = [str(index) for index in range(num_gpus)]
     return Resources(num_cpus=os.cpu_count() or 1, gpu_ids=tuple(ids))
+
+
+def ray_cluster_resources(address: str) -> Resources:
+    """The Ray cluster at `address`'s resources (every alive node's CPUs and GPUs; no GPUs
+    with `VBATCH_DEVICE=cpu`), read by connecting to it and disconnecting. Raises ValueError
+    (one line) when it cannot connect."""
+    from vbatch.engine.executor import ray_cluster  # noqa: PLC0415 - Ray is optional
+
+    ray = ray_cluster.import_ray()
+    num_cpus, gpus_per_node = ray_cluster.cluster_nodes(ray, address)
+    if DEVICE.read() == "cpu":
+        gpus_per_node = tuple(0 for _ in gpus_per_node)
+    return Resources(num_cpus=num_cpus, gpus_per_node=gpus_per_node)
 
 
 def is_ray_importable() -> bool:
@@ -96,17 +125,28 @@ class JobPlan:
 
 
 def make_plan(config: JobConfig, resources: Resources, *,
-              ray_available: Callable[[], bool] = is_ray_importable) -> JobPlan:
-    """The plan for `config` on `resources`. `ray_available` is called at most once, and only
+              ray_available: Callable[[], bool] = is_ray_importable,
+              cluster_resources: Callable[[str], Resources] = ray_cluster_resources
+              ) -> JobPlan:
+    """The plan for `config` on this node's `resources`, or on the Ray runner with a cluster
+    address on `cluster_resources(address)`. `ray_available` is called at most once, and only
     when the runner or executor choice depends on it. Raises VBatchUsageError for an
     impossible plan (an executor the engine would refuse included)."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     world = tp * pp
-    on_gpu = resources.num_gpus > 0
     ray_available = functools.cache(ray_available)        # asked once for runner + executor
-    replicas = config.replicas or (max(1, resources.num_gpus // world) if on_gpu else 1)
-    needed_gpus = replicas * world if on_gpu else 0
+    replicas = _num_replicas(config, resources)
+    needed_gpus = replicas * world if resources.num_gpus else 0
     runner, reason = _choose_runner(config, resources, needed_gpus, ray_available)
+    if runner == "ray" and config.ray_address:
+        try:
+            resources = cluster_resources(config.ray_address)
+        except ValueError as error:
+            raise VBatchUsageError(str(error)) from None
+        replicas = _num_replicas(config, resources)
+        _check_fits_cluster(config, resources, replicas)
+    on_gpu = resources.num_gpus > 0
+    needed_gpus = replicas * world if on_gpu else 0
     groups: tuple[tuple[str, ...], ...] = tuple(() for _ in range(replicas))
     if runner == "local" and on_gpu:
         if needed_gpus > resources.num_gpus:
@@ -121,14 +161,43 @@ def make_plan(config: JobConfig, resources: Resources, *,
                    ray_address=config.ray_address if runner == "ray" else None)
 
 
+def _num_replicas(config: JobConfig, resources: Resources) -> int:
+    """`--replicas`, else as many as fit: on a cluster, whole replicas per node when one fits
+    on a node (its ranks are then local processes)."""
+    world = config.tensor_parallel_size * config.pipeline_parallel_size
+    if config.replicas:
+        return config.replicas
+    if not resources.num_gpus:
+        return 1
+    if resources.gpus_per_node is not None and world <= resources.max_gpus_per_node:
+        return max(1, sum(count // world for count in resources.gpus_per_node))
+    return max(1, resources.num_gpus // world)
+
+
+def _check_fits_cluster(config: JobConfig, resources: Resources, replicas: int) -> None:
+    """VBatchUsageError when a GPU cluster cannot hold `replicas` replicas at once (Ray
+    would wait for the missing GPUs until the actor start timeout). A replica larger than a
+    node is the executor rule's business (`_choose_executor`)."""
+    if not resources.num_gpus:
+        return
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    world = tp * pp
+    if replicas * world > resources.num_gpus:
+        raise VBatchUsageError(
+            f"{replicas} replica(s) x tp {tp} x pp {pp} need {replicas * world} GPUs but the Ray "
+            f"cluster at {config.ray_address} has {resources.num_gpus}; use fewer --replicas")
+
+
 def _choose_executor(config: JobConfig, resources: Resources, runner: str, replicas: int,
                      ray_available: Callable[[], bool]) -> str:
     """The backend each replica's engine will pick where it runs (see module docstring)."""
     world = config.tensor_parallel_size * config.pipeline_parallel_size
     if runner == "local" and replicas == 1:        # the fast path: the engine runs here
         visible, in_group = resources.num_gpus, backend_rule.in_ray_placement_group()
-    else:          # a replica process (its device group) or a Ray actor (the GPUs it reserves)
-        visible, in_group = (world if resources.num_gpus else 0), False
+    else:          # a replica process (its device group) or a Ray actor (the GPUs it reserves,
+        # on one node: a replica larger than any node needs Ray actors for its ranks)
+        visible = min(world, resources.max_gpus_per_node) if resources.num_gpus else 0
+        in_group = False
     try:
         return backend_rule.choose_backend(
             config.distributed_executor_backend, world_size=world,

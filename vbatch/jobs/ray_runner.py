@@ -69,6 +69,7 @@ from ray.data import DataContext
 
 from vbatch.engine.executor import ray_cluster
 from vbatch.env import NUM_THREADS
+from vbatch.errors import VBatchUsageError
 from vbatch.io.positions import POSITION_COLUMN
 from vbatch.io.schema import NUM_GENERATED_TOKENS, SAMPLE_INDEX, count_input_rows
 from vbatch.jobs.config import JobConfig
@@ -97,9 +98,21 @@ class ReplicaLedger:
     def __init__(self):
         self.replicas: list[dict] = []
         self._spans: list[list[float | None]] = []
+        self.start_errors: list[str] = []
 
-    def register(self, node_id: str, pid: int, model: dict, counters: dict) -> int:
+    def start_failed(self, message: str) -> None:
+        """A replica's engine refused to start with a user error (ValueError): `message`."""
+        self.start_errors.append(message)
+
+    def first_start_error(self) -> str | None:
+        """The first start failure reported, if any."""
+        return self.start_errors[0] if self.start_errors else None
+
+    def register(self, node_id: str, pid: int, model: dict, counters: dict,
+                 gpu_ids: list[str]) -> int:
+        """A replica loaded its engine on `node_id` with Ray's `gpu_ids` (empty on CPU)."""
         self.replicas.append({"index": len(self.replicas), "node_id": node_id, "pid": pid,
+                              "gpu_ids": gpu_ids,
                               "model": model, "state": "running", "num_calls": 0,
                               "busy_s": 0.0, "write_s": 0.0, "active_s": 0.0,
                               "counters": counters})
@@ -133,18 +146,23 @@ class ReplicaActor:
     output block holds only their reports (jobs/ray_parts.py)."""
 
     def __init__(self, config: JobConfig, prompt_column: str, input_schema: pa.Schema,
-                 ledger, num_threads: int | None, output_uri: str | None = None,
+                 ledger, num_threads: int | None, device: str, output_uri: str | None = None,
                  out_schema: pa.Schema | None = None):
         if num_threads and NUM_THREADS.read() is None:
             os.environ[NUM_THREADS.name] = str(num_threads)
         self.input_schema = input_schema
-        self.replica = start_replica(config, prompt_column)
+        try:
+            self.replica = start_replica(config, prompt_column, device)
+        except ValueError as error:       # the driver reports it as the job's one-line error
+            ray.get(ledger.start_failed.remote(str(error)))
+            raise
         self.engine = self.replica.engine
         self.ledger = ledger
-        node_id = ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
         self.index = ray.get(ledger.register.remote(
-            node_id, os.getpid(), model_info(self.engine),
-            dataclasses.asdict(self.replica.counters)))
+            context.get_node_id(), os.getpid(), model_info(self.engine),
+            dataclasses.asdict(self.replica.counters),
+            [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]))
         self.part_writer = (None if output_uri is None else
                             ReplicaPartWriter(config, output_uri, out_schema, self.index))
         self._engine_lock = threading.Lock()
@@ -274,6 +292,7 @@ class RayReplicaPool:
                                        pa.field(POSITION_COLUMN, pa.int64())),
                                    "ledger": self._ledger,
                                    "num_threads": None if on_gpu else 1,
+                                   "device": self.plan.device,
                                    "output_uri": (str(job.output_dir) if self._writes_on_replicas
                                                   else None),
                                    "out_schema": job.out_schema},
@@ -282,6 +301,19 @@ class RayReplicaPool:
             reporter.set_replica_state(index, "loading")
         tables = dataset.iter_batches(batch_size=None, batch_format="pyarrow",
                                       prefetch_batches=1)
+        try:
+            yield from self._received(tables, reporter)
+        except Exception:
+            # A replica refusing to start (bad model or config) kills its actor; Ray then
+            # raises ActorDiedError with the whole remote traceback: report the reason.
+            start_error = ray.get(self._ledger.first_start_error.remote())
+            if start_error is not None:
+                raise VBatchUsageError(f"a replica could not start: {start_error}") from None
+            raise
+        self._refresh(reporter, state="done")
+
+    def _received(self, tables, reporter: ProgressReporter
+                  ) -> Iterator[pa.RecordBatch | WrittenParts]:
         for table in tables:
             self._received_bytes += table.nbytes
             self._received_blocks += 1
@@ -299,7 +331,6 @@ class RayReplicaPool:
                 self._rows_written += num_rows
                 reporter.update(num_rows, _num_output_tokens(batch))
                 yield batch
-        self._refresh(reporter, state="done")
 
     def _refresh(self, reporter, state: str = "running") -> None:
         self._ledger_snapshot = ray.get(self._ledger.snapshot.remote())

@@ -1,6 +1,8 @@
 """One replica's engine and the `Replica` that drives it, built the same way by every pool."""
 from __future__ import annotations
 
+import dataclasses
+
 from vbatch.engine.llm_engine import LLMEngine
 from vbatch.jobs.config import JobConfig
 from vbatch.jobs.openai_rows import OpenAIRows
@@ -8,12 +10,14 @@ from vbatch.jobs.replica import Replica
 from vbatch.jobs.row_prompts import RowPrompts
 
 
-def start_replica(config: JobConfig, prompt_column: str) -> Replica:
+def start_replica(config: JobConfig, prompt_column: str, device: str | None = None) -> Replica:
     """Load the engine of `config` and wrap it in the job's `Replica` (its engine is
     `replica.engine`; the caller shuts it down). `prompt_column`: the column the input scan
-    found the prompts in (`--prompt-column`, or `messages`). A job over OpenAI batch files
-    (`input_format` "openai") translates each line's body (jobs/openai_rows.py)."""
-    engine = LLMEngine(config.engine_config())
+    found the prompts in (`--prompt-column`, or `messages`). `device`: the plan's ("cuda",
+    "cpu"; None: the engine's default), so a replica planned on GPUs that sees none fails
+    instead of running on CPU. A job over OpenAI batch files (`input_format` "openai")
+    translates each line's body (jobs/openai_rows.py)."""
+    engine = LLMEngine(dataclasses.replace(config.engine_config(), device=device))
     try:
         openai = None
         if config.input_format == "openai":

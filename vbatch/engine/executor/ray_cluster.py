@@ -83,6 +83,22 @@ def connect_to_cluster(ray, address: str) -> None:
                          f"{_first_line(str(error))}") from None
 
 
+def cluster_nodes(ray, address: str) -> tuple[int, tuple[int, ...]]:
+    """The cluster at `address`: its CPUs, and each alive node's GPU count, read by connecting
+    (`connect_to_cluster`: its errors) and disconnecting again; a process already connected
+    stays so."""
+    connected_before = ray.is_initialized()
+    if not connected_before:
+        connect_to_cluster(ray, address)
+    try:
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        num_cpus = sum(int(node["Resources"].get("CPU", 0)) for node in nodes)
+        return num_cpus, tuple(int(node["Resources"].get("GPU", 0)) for node in nodes)
+    finally:
+        if not connected_before:
+            ray.shutdown()
+
+
 def check_cluster_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """ValueError naming `address` unless it is ``auto`` / ``local`` or a ``[ray://]HOST:PORT``
     whose host resolves and accepts a TCP connection within `timeout_s`."""
