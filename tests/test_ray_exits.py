@@ -1,8 +1,11 @@
 """How a Ray job ends when it is stopped or cannot reach its cluster.
 
-Proves, through the installed `vbatch` command: SIGTERM to a generating `--runner ray` job exits
-143 with one "Terminated." line (no traceback, no stack dump from Ray's C++ signal handler),
-nothing promoted to `_SUCCESS`, and every process of the job's tree gone shortly after; a SIGTERM
+Proves, through the installed `vbatch` command: a generating `--runner ray
+--distributed-executor-backend ray --tp 2` job on its private Ray listens on loopback only (the
+listening TCP sockets of its whole tree sampled while it runs: GCS, raylet, workers, agents,
+replica actors and their rank actors), and SIGTERM to it exits 143 with one "Terminated." line
+(no traceback, no stack dump from Ray's C++ signal handler), nothing promoted to `_SUCCESS`, and
+every process of the job's tree gone shortly after; a SIGTERM
 that lands while `ray.init` runs (Ray's own handler then raises SystemExit(15)) still reaches the
 caller's handler, which is back in place afterwards; a `RAY_ADDRESS` whose host does not resolve
 and a `--ray-address` where nothing listens fail within seconds (exit 2, one line naming the
@@ -18,6 +21,7 @@ import time
 
 import pytest
 from conftest import vbatch_command, write_prompt_jsonl
+from test_listening_sockets import _assert_loopback_only, _listeners
 
 from vbatch.engine.executor import ray_cluster
 
@@ -40,7 +44,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_a_ray_job_with_143(tiny_models, tmp_path):
+def test_ray_job_listens_on_loopback_only_and_sigterm_stops_it_with_143(tiny_models, tmp_path):
     pytest.importorskip("ray")
     source = write_prompt_jsonl(tmp_path / "in.jsonl", 2000)
     out = tmp_path / "out"
@@ -48,12 +52,15 @@ def test_sigterm_stops_a_ray_job_with_143(tiny_models, tmp_path):
     with open(stderr_path, "w") as stderr:
         process = subprocess.Popen(
             vbatch_command() + ["run", str(source), "--model", str(tiny_models["gpt2"]),
-                                "--runner", "ray", "--max-tokens", "32", "--ignore-eos",
+                                "--runner", "ray", "--tp", "2",
+                                "--distributed-executor-backend", "ray",
+                                "--max-tokens", "32", "--ignore-eos",
                                 "--batch-size", "16", "--rows-per-file", "16",
                                 "--output", str(out)],
             stdout=subprocess.DEVNULL, stderr=stderr, env=_env(), start_new_session=True)
     root = psutil.Process(process.pid)
     tree: set[int] = set()
+    listeners: set = set()
     try:
         deadline = time.monotonic() + 240
         while (process.poll() is None and time.monotonic() < deadline
@@ -62,9 +69,13 @@ def test_sigterm_stops_a_ray_job_with_143(tiny_models, tmp_path):
                 tree |= {child.pid for child in root.children(recursive=True)}
             except psutil.NoSuchProcess:
                 break
-            time.sleep(0.2)
+            listeners |= _listeners(root)
+            time.sleep(0.1)
         assert process.poll() is None, stderr_path.read_text()
         assert list(out.glob("part-*.parquet")), "the job wrote no part in time"
+        _assert_loopback_only(listeners, must_include="gcs_server")
+        assert any("raylet" in name for *_, name in listeners), listeners
+        assert any("RankActor" in name for *_, name in listeners), listeners
         tree |= {child.pid for child in root.children(recursive=True)}
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
