@@ -134,6 +134,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {kind: save_tiny_model(root / kind, kind) for kind in kinds}
 
 
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """(model, tokenizer): the default model as transformers' own GGUF loader dequantizes it,
+    float32, eval mode; the test oracle of several modules, loaded once (~20 s). Read-only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vbatch.engine.loader import default_model_file
+    gguf = default_model_file()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """(ray, cluster): a head and a worker raylet with one CPU each; this process connected."""

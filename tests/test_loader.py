@@ -479,7 +479,7 @@ def smollm2(tmp_path_factory):
     return gguf_file, resolved
 
 
-def test_smollm2_default_model_config_and_tokenizer(smollm2):
+def test_smollm2_default_model_config_and_tokenizer(smollm2, hf_smollm2):
     gguf_file, resolved = smollm2
     assert resolved.format == "gguf" and resolved.source == str(gguf_file.resolve())
     assert len(resolved.fingerprint) == 64
@@ -496,8 +496,7 @@ def test_smollm2_default_model_config_and_tokenizer(smollm2):
     names = {name for name, _ in iter_checkpoint_tensors(resolved.path)}
     assert "lm_head.weight" not in names and len(names) == 272
     ours = transformers.AutoTokenizer.from_pretrained(resolved.path)
-    theirs = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent),
-                                                        gguf_file=gguf_file.name)
+    theirs = hf_smollm2[1]                  # transformers' own tokenizer from the GGUF
     assert ours.chat_template == theirs.chat_template and "<|im_start|>" in ours.chat_template
     assert ((ours.bos_token_id, ours.eos_token_id)
             == (theirs.bos_token_id, theirs.eos_token_id) == (1, 2))
@@ -512,11 +511,9 @@ def test_smollm2_default_model_config_and_tokenizer(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_weights_match_transformers_gguf_loader(smollm2):
+def test_smollm2_weights_match_transformers_gguf_loader(smollm2, hf_smollm2):
     gguf_file, resolved = smollm2
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
-    ).eval()
+    reference = hf_smollm2[0]
     ref_sd = reference.state_dict()
     ours = load_file(resolved.path / "model.safetensors")
     assert set(ref_sd) == set(ours) | {"lm_head.weight"}

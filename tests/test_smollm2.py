@@ -29,11 +29,8 @@ def _varied_prompts() -> list[str]:
 
 
 @pytest.mark.slow
-def test_greedy_matches_hf_generate_on_chat_prompts():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_greedy_matches_hf_generate_on_chat_prompts(hf_smollm2):
     from vbatch import LLM, SamplingParams
-    from vbatch.engine.loader import default_model_file
 
     prompts = _varied_prompts()
     assert len(prompts) == NUM_PROMPTS
@@ -41,11 +38,7 @@ def test_greedy_matches_hf_generate_on_chat_prompts():
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     ours = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS))
 
-    gguf = default_model_file()
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                              dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.padding_side = "left"
+    hf, tokenizer = hf_smollm2
     eos = tokenizer.eos_token_id
     agree = 0
     for conv, output in zip(conversations, ours):

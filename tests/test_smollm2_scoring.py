@@ -21,17 +21,11 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 
 @pytest.fixture(scope="module")
-def models():
-    from transformers import AutoModelForCausalLM
-
+def models(hf_smollm2):
     from vbatch import LLM
-    from vbatch.engine.loader import default_model_file
 
     llm = LLM(dtype="float32", kv_cache_memory_gb=0.25, max_model_len=1024)
-    gguf = default_model_file()
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                              dtype=torch.float32).eval()
-    yield llm, hf
+    yield llm, hf_smollm2[0]
     llm.llm_engine.shutdown()
 
 
