@@ -28,6 +28,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # paths of the kernels stay tested. Read by libgomp when torch loads: set before any import of
 # torch here (and inherited by every process a test starts).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The modules that take longest (measured: `--durations=0` on 2 cores, slowest first). CI runs
+# `pytest -n 2 --dist loadfile`, which hands whole modules to workers in collection order:
+# starting with these keeps the last minutes from being one worker alone on a long module.
+SLOWEST_MODULES = [
+    "test_ray_distributed_io", "test_pipeline_parallel", "test_architectures", "test_cli_e2e",
+    "test_smollm2", "test_resume", "test_lm_eval", "test_replica_restarts",
+    "test_commit_on_time", "test_object_store_output", "test_resume_counts",
+    "test_bad_input_cli", "test_runners_cli", "test_ray_executor", "test_cpu_kernels",
+    "test_output_dir_safety", "test_ray_exits", "test_loader", "test_runners",
+    "test_tensor_parallel", "test_ray_samples", "test_server_lm_eval", "test_remote_model",
+    "test_openai_batch", "test_ray_multinode", "test_smollm2_scoring", "test_ray_gpu_plan",
+    "test_structured_engine", "test_job_samples", "test_server_parallel",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the slowest modules first (each module's tests keep their order)."""
+    rank = {name: index for index, name in enumerate(SLOWEST_MODULES)}
+    position = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(Path(str(item.fspath)).stem, len(rank)),
+                                 position[id(item)]))
 # A suite started in the background of a non-interactive shell (`.ci/run &`, nohup) inherits
 # SIGINT ignored, and so would every job a test starts: the Ctrl-C tests would then fail (the
 # job never sees the signal) and leave their jobs running. Give the tests, and the processes

@@ -252,7 +252,7 @@ def _replica_actor_pid() -> int | None:
 
 
 def _wait_for_a_committed_part(directory: ObjectStoreDirectory, process) -> list[dict]:
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not (parts := committed_parts(directory)):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "no part was committed"

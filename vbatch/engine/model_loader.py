@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vbatch.engine.kernels.cpu_kernels import cpu_kernels
 from vbatch.engine.loader.weights import iter_checkpoint_tensors, load_slice, shape_of
 from vbatch.engine.models.registry import model_class_for
 from vbatch.parallel.int8_linear import check_int8_supported
@@ -38,11 +39,12 @@ def load_model(model_dir: Path, hf_config, ps: ParallelState, dtype: torch.dtype
     tensors = ((name, CheckpointTensor(source))
                for name, source in iter_checkpoint_tensors(Path(model_dir)))
     model.load_weights(tensors)
+    kernels = cpu_kernels() if quantization is not None else None
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
         if quantization is not None and hasattr(module, "quantize_weight"):
-            module.quantize_weight(quantization)
+            module.quantize_weight(quantization, kernels)
         elif hasattr(module, "pack_weight"):  # CPU bf16: weights into oneDNN's layout, once
             module.pack_weight()
     return model.eval()

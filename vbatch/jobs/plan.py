@@ -196,7 +196,9 @@ def _choose_executor(config: JobConfig, resources: Resources, runner: str, repli
         visible, in_group = resources.num_gpus, backend_rule.in_ray_placement_group()
     else:          # a replica process (its device group) or a Ray actor (the GPUs it reserves,
         # on one node: a replica larger than any node needs Ray actors for its ranks)
-        visible = min(world, resources.max_gpus_per_node) if resources.num_gpus else 0
+        visible = world if resources.num_gpus else 0
+        if resources.gpus_per_node is not None:         # a cluster: the largest node bounds it
+            visible = min(visible, resources.max_gpus_per_node)
         in_group = False
     try:
         return backend_rule.choose_backend(

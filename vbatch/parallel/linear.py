@@ -59,14 +59,14 @@ class LinearBase(nn.Module):
         self.device = torch.device(device)
         self.packed_weight: PackedWeight | Int8Weight | None = None
 
-    def quantize_weight(self, method: str) -> None:
+    def quantize_weight(self, method: str, kernels=None) -> None:
         """After loading: replace this rank's (already sharded) weight by its `method`
-        quantization; only "int8" exists (dynamic W8A8, see int8_linear.py). The float weight
-        is released."""
+        quantization; only "int8" exists (dynamic W8A8, see int8_linear.py), using the native
+        CPU `kernels` when given. The float weight is released."""
         if method != "int8":
             raise ValueError(f"unknown quantization {method!r}; the only choice is int8")
         if self.packed_weight is None and self.weight is not None:
-            self.packed_weight = Int8Weight(self.weight)
+            self.packed_weight = Int8Weight(self.weight, kernels)
             self.weight = None
 
     def pack_weight(self) -> None:

@@ -1,12 +1,13 @@
-"""Native CPU kernels (cpu_attention.c, cpu_ops.c): built with the system C compiler on first
-use, cached, and called through ctypes.
+"""Native CPU kernels (cpu_attention.c, cpu_ops.c, cpu_logprobs.c, cpu_int8.c): built with the
+system C compiler on first use, cached, and called through ctypes.
 
 Why C: on CPU, paged attention in PyTorch ops must first gather every sequence's cached blocks
 into a padded tensor (an `index_select` per layer and step that copies all of the batch's keys
 and values) and write new keys/values with advanced indexing; both cost more than the attention
 arithmetic itself. The kernel reads the blocks in place through the block table instead. The
 LLaMA layer's elementwise chains (residual add + RMSNorm, SiLU-and-multiply, rotary embedding)
-are each one pass over memory instead of 4-8 PyTorch ops with their temporaries.
+are each one pass over memory instead of 4-8 PyTorch ops with their temporaries; so are the
+activation quantization and int32 rescaling around `--quantization int8`'s int8 GEMM.
 
 The library is compiled with `$CC` (default `cc`) using `-O3 -march=native -fopenmp`, into
 `<vbatch cache>/kernels/<key>/`, where the key hashes the source, the flags, the compiler's
@@ -37,7 +38,7 @@ from vbatch.env import CPU_KERNELS
 logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent
-SOURCES = ("cpu_attention.c", "cpu_ops.c", "cpu_logprobs.c")
+SOURCES = ("cpu_attention.c", "cpu_ops.c", "cpu_logprobs.c", "cpu_int8.c")
 HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 LIBRARY_NAME = "libvbatch_cpu.so"
@@ -51,6 +52,8 @@ _RMS_NORM_ARGS = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _f32, _i
 _SILU_ARGS = [_ptr, _i64, _ptr, _i64, _i64, _i64, _int]
 _ROTARY_ARGS = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
 _LOGPROB_STATS_ARGS = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _int]
+_QUANTIZE_ROWS_ARGS = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+_DEQUANT_INT32_ARGS = [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _int]
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -114,6 +117,8 @@ class CpuKernels:
         self._silu_and_mul = _typed(lib, "vbatch_silu_and_mul", _SILU_ARGS)
         self._rotary = _typed(lib, "vbatch_rotary", _ROTARY_ARGS)
         self._logprob_stats = _typed(lib, "vbatch_logprob_stats", _LOGPROB_STATS_ARGS)
+        self._quantize_rows = _typed(lib, "vbatch_quantize_rows", _QUANTIZE_ROWS_ARGS)
+        self._dequant_int32 = _typed(lib, "vbatch_dequant_int32", _DEQUANT_INT32_ARGS)
 
     @staticmethod
     def supports(dtype: torch.dtype, head_dim: int | None = None) -> bool:
@@ -182,6 +187,45 @@ class CpuKernels:
             torch.get_num_threads())
         return maxima, log_sums, top_ids, top_values
 
+    def quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric int8 of each row of x [R, C] (float32 or bfloat16, contiguous rows):
+        (q int8 [R, C], scale float32 [R]), bit-equal to int8_linear.quantize_per_row (whose
+        scale is [R, 1]); see cpu_int8.c."""
+        _check_dtype(x.dtype)
+        if x.dim() != 2:
+            raise ValueError(f"quantize_rows: expected a 2-D tensor, got {tuple(x.shape)}")
+        rows, cols = x.shape
+        _check_rows(x, cols, x.dtype)
+        q = torch.empty((rows, cols), dtype=torch.int8)
+        scales = torch.empty(rows)
+        self._quantize_rows[x.dtype](q.data_ptr(), scales.data_ptr(), x.data_ptr(), x.stride(0),
+                                     rows, cols, torch.get_num_threads())
+        return q, scales
+
+    def dequant_int32(self, acc: torch.Tensor, x_scales: torch.Tensor, w_scales: torch.Tensor,
+                      bias: torch.Tensor | None = None, *,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """acc int32 [M, N] (contiguous) -> ((float32(acc) * x_scales[m]) * w_scales[n]
+        (+ bias[n])) in `dtype` (float32 or bfloat16), [M, N]; the scales and bias are
+        contiguous float32 [M], [N], [N]. Bit-equal to acc.float().mul_(x_scales[:, None])
+        .mul_(w_scales).add_(bias).to(dtype); see cpu_int8.c."""
+        _check_dtype(dtype)
+        if acc.dtype != torch.int32 or acc.dim() != 2 or not acc.is_contiguous() \
+                or acc.device.type != "cpu":
+            raise ValueError(f"dequant_int32: expected a contiguous CPU int32 [M, N] "
+                             f"accumulator, got {acc.dtype} {tuple(acc.shape)} on {acc.device}")
+        rows, cols = acc.shape
+        _check_vector(x_scales, rows, "x_scales")
+        _check_vector(w_scales, cols, "w_scales")
+        if bias is not None:
+            _check_vector(bias, cols, "bias")
+        out = torch.empty((rows, cols), dtype=dtype)
+        self._dequant_int32[dtype](out.data_ptr(), out.stride(0), acc.data_ptr(), rows, cols,
+                                   x_scales.data_ptr(), w_scales.data_ptr(),
+                                   None if bias is None else bias.data_ptr(),
+                                   torch.get_num_threads())
+        return out
+
     def write_kv_cache(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
         """kv_cache [2, Hkv, blocks, block, d]: slot slot_mapping[t] of every KV head <- k[t],
@@ -240,6 +284,13 @@ def _check_rows(x: torch.Tensor, row_size: int, dtype: torch.dtype) -> None:
             or x.stride(1) != 1:
         raise ValueError(f"expected a CPU {dtype} tensor [T, {row_size}] with contiguous rows, "
                          f"got {x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}")
+
+
+def _check_vector(v: torch.Tensor, size: int, what: str) -> None:
+    if v.device.type != "cpu" or v.dtype != torch.float32 or v.numel() != size \
+            or not v.is_contiguous():
+        raise ValueError(f"dequant_int32: {what} must be a contiguous CPU float32 tensor of "
+                         f"{size} elements, got {v.dtype} {tuple(v.shape)} on {v.device}")
 
 
 @functools.cache
