@@ -41,8 +41,9 @@ the layers promise (see benchmarks/int8.py). With cpu_int8.c, measured per layer
 2-core AVX512-VNNI EPYC, loaded (load average ~8, so 1 thread; 2-thread timings were noise), bf16
 activations, medians of interleaved samples, M = 1..256 rows at (N, K) = (1536, 576),
 (576, 1536), (960, 576): `linear` 1.3-1.6x faster than with PyTorch ops, and 1.05-1.6x the
-pre-packed bf16 linear (1.05-1.3x at 1-16 rows, 1.35-1.6x at 64-256). End to end not yet
-re-measured.
+pre-packed bf16 linear (1.05-1.3x at 1-16 rows, 1.35-1.6x at 64-256). End to end
+(benchmarks/int8.py, idle, 2 threads): 1.22x bf16's generation tok/s (796 vs 655); the
+target is 1.6x.
 """
 from __future__ import annotations
 
