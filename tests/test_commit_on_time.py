@@ -24,6 +24,8 @@ import pytest
 from conftest import run_offline, vbatch_command
 from test_replica_restarts import _replica_pids
 
+from vbatch.io.commit_log import committed_parts
+
 NUM_ROWS = 960
 
 
@@ -79,8 +81,9 @@ def _committed(output: Path) -> int:
     return max((int(name.name.split(".")[1]) for name in names), default=0)
 
 
-def _kill_when(args: list[str], output: Path, num_parts: int) -> None:
-    """Run `args`; SIGKILL its process group once `num_parts` parts are committed."""
+def _kill_when(args: list[str], output: Path, num_parts: int) -> int:
+    """Run `args`; SIGKILL its process group once `num_parts` parts are committed; the rows
+    committed when it died."""
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, start_new_session=True, env=_env())
     try:
@@ -92,6 +95,7 @@ def _kill_when(args: list[str], output: Path, num_parts: int) -> None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     assert not (output / "_SUCCESS").exists()
+    return sum(part["num_rows"] for part in committed_parts(output))
 
 
 def _resume_exactly_once(args: list[str], output: Path, expected: dict[str, str]) -> dict:
@@ -107,18 +111,19 @@ def test_killed_job_keeps_the_parts_it_committed_while_running(source, tiny_mode
                                                               tmp_path):
     output = tmp_path / "out"
     args = _args(source, tiny_models["llama-gqa-untied"], output, "--rows-per-file", "40")
-    _kill_when(args, output, num_parts=3)     # of 24: all 960 rows are one input batch
+    committed = _kill_when(args, output, num_parts=3)   # of 24: all 960 rows one input batch
     counts = _resume_exactly_once(args, output, expected)
-    assert counts["resumed_rows"] >= 80 and counts["this_run"]["rows"] < NUM_ROWS
+    # 3 parts of 40 rows (or fewer, had one been committed on time): kept whole
+    assert counts["resumed_rows"] == committed >= 3 and counts["this_run"]["rows"] < NUM_ROWS
 
 
 def test_commit_interval_commits_before_rows_per_file(source, tiny_models, expected, tmp_path):
     output = tmp_path / "out"
     args = _args(source, tiny_models["llama-gqa-untied"], output, "--rows-per-file", "100000",
                  "--commit-interval-s", "1")
-    _kill_when(args, output, num_parts=1)
+    committed = _kill_when(args, output, num_parts=1)
     counts = _resume_exactly_once(args, output, expected)
-    assert 0 < counts["resumed_rows"] < NUM_ROWS
+    assert 0 < counts["resumed_rows"] == committed < NUM_ROWS
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds replica processes in /proc")

@@ -81,14 +81,16 @@ def test_killed_job_resumes_exactly_once(replica_args, job_input, tiny_models, u
     os.killpg(process.pid, signal.SIGKILL)       # the driver and every replica/worker
     process.wait(timeout=30)
     assert not (output / "_SUCCESS").exists(), "the job finished before it could be killed"
-    committed = _num_committed_parts(output)
+    committed_rows = sum(part["num_rows"] for part in committed_parts(output))
 
     resumed = _run(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert "committed by an earlier run (resumed)" in resumed.stderr + resumed.stdout
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["counts"]["resumed_rows"] >= 4 * committed
+    # what the killed run committed is kept, whole (parts of 4 rows, or fewer when the job
+    # outlasts --commit-interval-s, as on a loaded machine)
+    assert manifest["counts"]["resumed_rows"] == committed_rows >= 2
     # counts are the job's totals; what this run computed is counts["this_run"]
     assert manifest["counts"]["rows"] == NUM_ROWS
     assert manifest["counts"]["this_run"]["rows"] + manifest["counts"]["resumed_rows"] == NUM_ROWS
