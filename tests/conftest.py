@@ -157,6 +157,32 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def portable_kernels(tmp_path_factory):
+    """The native CPU kernels built without AVX-512 (x86 only), once per session."""
+    from vbatch.engine.kernels import cpu_kernels as ck
+    return ck.CpuKernels(ck.build_library(tmp_path_factory.mktemp("portable"), "cc",
+                                          ("-mno-avx512f",)))
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def kernels(request):
+    """The native CPU kernels as built for this CPU, and (on x86) built without AVX-512: the
+    code CPUs without it run (bf16 rounding in integer arithmetic instead of vcvtneps2bf16,
+    16-lane vectors split over AVX2 registers)."""
+    import platform
+
+    from vbatch.engine.kernels import cpu_kernels as ck
+    built = ck.cpu_kernels()
+    if built is None:
+        pytest.skip("native CPU kernels unavailable (no C compiler, or VBATCH_CPU_KERNELS=0)")
+    if request.param == "native":
+        return built
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable variant is built by disabling AVX-512 (x86 only)")
+    return request.getfixturevalue("portable_kernels")
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2():
     """(model, tokenizer): the default model as transformers' own GGUF loader dequantizes it,
     float32, eval mode; the test oracle of several modules, loaded once (~20 s). Read-only."""

@@ -18,7 +18,6 @@ rounding in float32; and the PyTorch fallback of the rotary embedding against th
 from __future__ import annotations
 
 import math
-import platform
 import subprocess
 import sys
 
@@ -28,22 +27,6 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from vbatch.engine.kernels import cpu_kernels as ck
-
-
-@pytest.fixture(scope="module", params=["native", "portable"])
-def kernels(request, tmp_path_factory):
-    """The kernels as built for this CPU, and (on x86) built without AVX-512: the code CPUs
-    without it run (bf16 rounding in integer arithmetic instead of vcvtneps2bf16, 16-lane
-    vectors split over AVX2 registers)."""
-    built = ck.cpu_kernels()
-    if built is None:
-        pytest.skip("native CPU kernels unavailable (no C compiler?)")
-    if request.param == "native":
-        return built
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the portable variant is built by disabling AVX-512 (x86 only)")
-    return ck.CpuKernels(ck.build_library(tmp_path_factory.mktemp("portable"), "cc",
-                                          ("-mno-avx512f",)))
 
 
 def reference_attention(q, cache, block_tables, token_seq, token_context, num_heads, scale,

@@ -20,8 +20,6 @@ bit for bit (float32 and bfloat16, with and without bias).
 """
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 from conftest import last_stage_logits
@@ -180,20 +178,6 @@ def test_option_is_fingerprinted_and_refused_where_unsupported(tiny_models, monk
     monkeypatch.setattr(int8_linear, "cpu_has_int8_dot", lambda: False)
     with pytest.raises(ValueError, match="--quantization int8 needs a CPU with AVX512-VNNI"):
         _llm(tiny_models["llama-gqa-untied"], quantization="int8")
-
-
-@pytest.fixture(scope="module", params=["native", "portable"])
-def kernels(request, tmp_path_factory):
-    """cpu_int8.c as built for this CPU, and (x86) built without AVX-512 (AVX2 vectors)."""
-    built = ck.cpu_kernels()
-    if built is None:
-        pytest.skip("native CPU kernels unavailable (no C compiler, or VBATCH_CPU_KERNELS=0)")
-    if request.param == "native":
-        return built
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the portable variant is built by disabling AVX-512 (x86 only)")
-    return ck.CpuKernels(ck.build_library(tmp_path_factory.mktemp("portable"), "cc",
-                                          ("-mno-avx512f",)))
 
 
 def _rows_to_quantize(cols: int, dtype: torch.dtype) -> torch.Tensor:

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_offline, small_job_command
+from test_replica_restarts import _oldest_descendant_matching
 
 from vbatch.io.commit_log import committed_parts
 from vbatch.io.object_store_dir import ObjectStoreDirectory
@@ -232,23 +233,7 @@ def test_replicas_write_their_parts_to_s3_exactly_once(bucket, cluster, tiny_mod
 
 def _replica_actor_pid() -> int | None:
     """The oldest process of this test's Ray cluster running a replica actor."""
-    me = os.getpid()
-    parents, started, commands = {}, {}, {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            commands[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        parents[int(entry.name)], started[int(entry.name)] = int(fields[1]), int(fields[19])
-    tree, frontier = set(), {me}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
-        tree |= frontier
-    matching = [pid for pid in tree if "MapBatches(ReplicaActor)" in commands.get(pid, "")]
-    return min(matching, key=started.__getitem__) if matching else None
+    return _oldest_descendant_matching(os.getpid(), "MapBatches(ReplicaActor)")
 
 
 def _wait_for_a_committed_part(directory: ObjectStoreDirectory, process) -> list[dict]:
